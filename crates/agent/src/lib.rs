@@ -1,0 +1,794 @@
+//! The node agent: runs the processes the control plane assigns to this node, isolates them,
+//! probes their ports, exposes them through the proxy, captures their logs, and reports what
+//! happens. It is level-triggered: every pass compares the desired processes with what runs
+//! here, so a restart re-adopts live processes and reports the ones that died meanwhile.
+
+pub mod bundle;
+pub mod shim;
+pub mod sys;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use lodge_model::spec::{AgentEvent, ExitInfo, ProcessSpec};
+use lodge_model::{Clock, ContainerPort, ExposedPort, SystemClock, TransportType};
+use lodge_proxy::{Counters, Protocol, Route};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Notify;
+
+pub use shim::ExitFile;
+
+/// The agent's view of the control plane. In `lodge serve` it is a direct call; a remote node
+/// speaks the same two operations over the network.
+#[async_trait]
+pub trait ControlLink: Send + Sync + 'static {
+    /// Live processes assigned to this node (to run, keep running, or stop).
+    async fn desired(&self, node_id: &str) -> Result<Vec<ProcessSpec>, String>;
+    async fn report(&self, event: AgentEvent);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Processes share the host network and bind `$PORT`.
+    None,
+    /// Each process gets its own network namespace and cgroup (root on Linux).
+    Netns,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub public_host: String,
+    /// Address the public ports bind on.
+    pub proxy_ip: IpAddr,
+    pub port_range: (u16, u16),
+    pub isolation: Isolation,
+    pub bind_timeout: Duration,
+    pub stop_grace: Duration,
+    /// The API address, for `LODGE_API_URL`.
+    pub api_addr: SocketAddr,
+    /// The `lodge` executable, run as `lodge shim DIR`.
+    pub exe: PathBuf,
+    /// Short unique key of this installation: bridge and cgroup names derive from it.
+    pub instance: String,
+}
+
+impl AgentConfig {
+    pub fn process_dir(&self, process_id: &str) -> PathBuf {
+        self.data_dir.join("processes").join(process_id)
+    }
+    pub fn bundle_dir(&self, build_id: &str) -> PathBuf {
+        self.data_dir.join("builds").join(build_id).join("bundle")
+    }
+    pub fn bridge_name(&self) -> String {
+        format!("lodge{}", &self.instance[..self.instance.len().min(8)])
+    }
+    pub fn cgroup_group(&self) -> String {
+        format!("lodge-{}", self.instance)
+    }
+}
+
+/// Live statistics of one process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessStats {
+    pub active_connections: u64,
+    pub total_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// What the agent keeps on disk about a process it started (`DIR/state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalState {
+    shim_pid: u32,
+    shim_start: Option<u64>,
+    game_pid: u32,
+    exposed: Vec<ExposedPort>,
+    targets: Vec<Target>,
+    netns: Option<NsState>,
+    cgroups: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Target {
+    public_port: u16,
+    target: SocketAddr,
+    udp: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NsState {
+    name: String,
+    veth: String,
+    index: u32,
+}
+
+struct Running {
+    counters: Arc<Counters>,
+    stop: Arc<Notify>,
+    stop_requested: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Reservations {
+    ports: BTreeSet<u16>,
+    ip_indexes: BTreeSet<u32>,
+    cursor: u16,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    link: Arc<dyn ControlLink>,
+    clock: Arc<dyn Clock>,
+    network: Option<sys::Network>,
+    running: Mutex<HashMap<String, Running>>,
+    reserved: Mutex<Reservations>,
+    wake: Notify,
+    ready: AtomicBool,
+    api_forward: Mutex<Option<Route>>,
+}
+
+impl Agent {
+    /// Prepare the node (bridge when isolating) and start the reconcile loop.
+    pub async fn start(cfg: AgentConfig, link: Arc<dyn ControlLink>) -> std::io::Result<Arc<Agent>> {
+        std::fs::create_dir_all(cfg.data_dir.join("processes"))?;
+        let network = match cfg.isolation {
+            Isolation::Netns => {
+                let seed = cfg.instance.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+                Some(sys::Network::ensure(&cfg.bridge_name(), seed).await?)
+            }
+            Isolation::None => None,
+        };
+        let agent = Arc::new(Agent {
+            cfg,
+            link,
+            clock: Arc::new(SystemClock),
+            network,
+            running: Mutex::default(),
+            reserved: Mutex::default(),
+            wake: Notify::new(),
+            ready: AtomicBool::new(false),
+            api_forward: Mutex::new(None),
+        });
+        if let Some(net) = &agent.network {
+            // Isolated processes reach the API through the bridge gateway.
+            let public = SocketAddr::new(IpAddr::V4(net.gateway), agent.cfg.api_addr.port());
+            let mut target = agent.cfg.api_addr;
+            if target.ip().is_unspecified() {
+                target.set_ip(IpAddr::from([127, 0, 0, 1]));
+            }
+            match lodge_proxy::open(public, target, Protocol::Tcp, Arc::default()).await {
+                Ok(r) => *agent.api_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(r),
+                Err(e) => tracing::warn!(error = %e, %public, "cannot expose the API to isolated processes"),
+            }
+        }
+        let weak = Arc::downgrade(&agent);
+        tokio::spawn(async move {
+            loop {
+                let Some(agent) = weak.upgrade() else { return };
+                agent.reconcile().await;
+                agent.ready.store(true, Ordering::Release);
+                let wait = async {
+                    tokio::select! {
+                        _ = agent.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                };
+                wait.await;
+            }
+        });
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// True once the first reconcile pass (adoption after a restart) is done.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Ask for a reconcile pass now (a process was assigned or should stop).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn log_path(&self, process_id: &str) -> PathBuf {
+        self.cfg.process_dir(process_id).join(shim::LOG)
+    }
+
+    pub fn stats(&self, process_id: &str) -> Option<ProcessStats> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.get(process_id).map(|r| ProcessStats {
+            active_connections: r.counters.active(),
+            total_connections: r.counters.total_connections.load(Ordering::Relaxed),
+            bytes_in: r.counters.bytes_in.load(Ordering::Relaxed),
+            bytes_out: r.counters.bytes_out.load(Ordering::Relaxed),
+        })
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Remove the bridge (tests; a node normally keeps it across restarts).
+    pub async fn remove_network(&self) {
+        self.api_forward.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(net) = &self.network {
+            let _ = net.remove_bridge().await;
+        }
+    }
+
+    async fn reconcile(self: &Arc<Self>) {
+        let desired = match self.link.desired(&self.cfg.node_id).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read desired processes");
+                return;
+            }
+        };
+        let mut to_start = Vec::new();
+        {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            for spec in &desired {
+                match running.get(&spec.process_id) {
+                    Some(r) if spec.stop && !r.stop_requested.swap(true, Ordering::SeqCst) => r.stop.notify_one(),
+                    Some(_) => {}
+                    None => to_start.push(spec.clone()),
+                }
+            }
+            let wanted: BTreeSet<&str> = desired.iter().map(|s| s.process_id.as_str()).collect();
+            for (id, r) in running.iter() {
+                if !wanted.contains(id.as_str()) && !r.stop_requested.swap(true, Ordering::SeqCst) {
+                    tracing::info!(process_id = %id, "process no longer wanted here; stopping it");
+                    r.stop.notify_one();
+                }
+            }
+        }
+        for spec in to_start {
+            let handle = Running {
+                counters: Arc::default(),
+                stop: Arc::new(Notify::new()),
+                stop_requested: Arc::new(AtomicBool::new(spec.stop)),
+            };
+            if spec.stop {
+                handle.stop.notify_one();
+            }
+            let (counters, stop, stop_requested) =
+                (handle.counters.clone(), handle.stop.clone(), handle.stop_requested.clone());
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.process_id.clone(), handle);
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let id = spec.process_id.clone();
+                agent.supervise(spec, counters, stop, stop_requested).await;
+                agent.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            });
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// The whole life of one process on this node.
+    async fn supervise(
+        self: &Arc<Self>,
+        spec: ProcessSpec,
+        counters: Arc<Counters>,
+        stop: Arc<Notify>,
+        stop_requested: Arc<AtomicBool>,
+    ) {
+        let id = spec.process_id.clone();
+        let dir = self.cfg.process_dir(&id);
+        let adopted = self.try_adopt(&spec, &dir).await;
+        let (state, mut waiter, routes) = match adopted {
+            Adopt::Live(state, routes) => {
+                tracing::info!(process_id = %id, pid = state.game_pid, "re-adopted live process");
+                let w = Waiter::Pid(state.shim_pid);
+                (state, w, routes)
+            }
+            Adopt::Ended(exit) => {
+                self.finish(&spec, &dir, None, Vec::new(), exit, &stop_requested).await;
+                return;
+            }
+            Adopt::Fresh if spec.stop || !spec.exposed_ports.is_empty() => {
+                let exit = ExitInfo { code: None, reason: "process was lost: no local state on its node".into() };
+                self.report_exit(&id, exit, !spec.stop).await;
+                return;
+            }
+            Adopt::Fresh => match self.launch(&spec, &dir, &counters).await {
+                Ok(x) => x,
+                Err(e) => {
+                    append_log(&dir, &format!("[lodge] failed to start: {e}"));
+                    tracing::warn!(process_id = %id, error = %e, "failed to start process");
+                    self.report_exit(&id, ExitInfo { code: None, reason: format!("failed to start: {e}") }, true)
+                        .await;
+                    return;
+                }
+            },
+        };
+
+        // Wait for the default port to be bound, unless the process ends or is stopped first.
+        let default = &spec.default_port;
+        let proto = if default.transport_type == TransportType::Udp { sys::Proto::Udp } else { sys::Proto::Tcp };
+        let started = Instant::now();
+        let mut bound = false;
+        let mut exited_early = false;
+        while !stop_requested.load(Ordering::SeqCst) {
+            if sys::port_bound(state.game_pid, default.port_inside(&state), proto) {
+                bound = true;
+                break;
+            }
+            let elapsed = started.elapsed();
+            if elapsed >= self.cfg.bind_timeout {
+                break;
+            }
+            let step = if elapsed < Duration::from_millis(300) { 2 } else { 25 };
+            tokio::select! {
+                _ = waiter.wait() => { exited_early = true; break; }
+                _ = tokio::time::sleep(Duration::from_millis(step)) => {}
+                _ = stop.notified() => { stop.notify_one(); }
+            }
+        }
+        let mut timed_out = false;
+        if bound {
+            tracing::info!(process_id = %id, after_ms = started.elapsed().as_millis() as u64, "process bound its port");
+            self.link.report(AgentEvent::Running { process_id: id.clone(), at: self.now() }).await;
+        } else if !exited_early && !stop_requested.load(Ordering::SeqCst) {
+            timed_out = true;
+            let msg = format!(
+                "[lodge] the process did not bind {}/{} within {} s; stopping it",
+                default.port_inside(&state),
+                default.transport_type,
+                self.cfg.bind_timeout.as_secs_f64()
+            );
+            append_log(&dir, &msg);
+            tracing::warn!(process_id = %id, "bind timeout");
+            stop_requested.store(true, Ordering::SeqCst);
+            stop.notify_one();
+        }
+
+        // Run until it exits; a stop request sends SIGTERM, then SIGKILL after the grace period.
+        if !exited_early {
+            let activity = self.activity_reporter(id.clone(), counters.clone());
+            loop {
+                tokio::select! {
+                    _ = waiter.wait() => break,
+                    _ = stop.notified() => {
+                        stop_requested.store(true, Ordering::SeqCst);
+                        sys::signal_group(state.game_pid, libc::SIGTERM);
+                        if tokio::time::timeout(self.cfg.stop_grace, waiter.wait()).await.is_err() {
+                            sys::signal_group(state.game_pid, libc::SIGKILL);
+                            sys::signal(state.game_pid, libc::SIGKILL);
+                            waiter.wait().await;
+                        }
+                        break;
+                    }
+                }
+            }
+            activity.abort();
+        }
+        let mut exit = exit_info(&dir);
+        if timed_out {
+            exit.reason = format!("did not bind its port within {} s", self.cfg.bind_timeout.as_secs_f64());
+        }
+        self.finish(&spec, &dir, Some(state), routes, exit, &stop_requested).await;
+    }
+
+    fn activity_reporter(self: &Arc<Self>, id: String, counters: Arc<Counters>) -> tokio::task::JoinHandle<()> {
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last = u64::MAX;
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let Some(agent) = agent.upgrade() else { return };
+                let active = counters.active();
+                if active > 0 || active != last {
+                    agent
+                        .link
+                        .report(AgentEvent::Activity { process_id: id.clone(), at: agent.now(), active_connections: active })
+                        .await;
+                }
+                last = active;
+            }
+        })
+    }
+
+    async fn finish(
+        &self,
+        spec: &ProcessSpec,
+        dir: &Path,
+        state: Option<LocalState>,
+        routes: Vec<Route>,
+        exit: ExitInfo,
+        stop_requested: &AtomicBool,
+    ) {
+        drop(routes);
+        if let Some(state) = &state {
+            self.release(state).await;
+        }
+        append_log(dir, &format!("[lodge] process {}", exit.reason));
+        let failed = !exit.clean() && !stop_requested.load(Ordering::SeqCst);
+        self.report_exit(&spec.process_id, exit, failed).await;
+    }
+
+    async fn report_exit(&self, id: &str, exit: ExitInfo, failed: bool) {
+        tracing::info!(process_id = %id, reason = %exit.reason, failed, "process ended");
+        self.link
+            .report(AgentEvent::Exited { process_id: id.to_string(), at: self.now(), exit, failed })
+            .await;
+    }
+
+    async fn release(&self, state: &LocalState) {
+        if let (Some(ns), Some(net)) = (&state.netns, &self.network) {
+            if let Err(e) = net.delete_namespace(&ns.name, &ns.veth).await {
+                tracing::warn!(error = %e, ns = %ns.name, "cannot delete network namespace");
+            }
+        }
+        sys::Cgroups { dirs: state.cgroups.clone() }.destroy();
+        let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        for t in &state.targets {
+            r.ports.remove(&t.public_port);
+        }
+        if let Some(ns) = &state.netns {
+            r.ip_indexes.remove(&ns.index);
+        }
+    }
+
+    async fn try_adopt(&self, spec: &ProcessSpec, dir: &Path) -> Adopt {
+        let Ok(bytes) = std::fs::read(dir.join("state.json")) else { return Adopt::Fresh };
+        let Ok(state) = serde_json::from_slice::<LocalState>(&bytes) else { return Adopt::Fresh };
+        {
+            let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+            r.ports.extend(state.targets.iter().map(|t| t.public_port));
+            if let Some(ns) = &state.netns {
+                r.ip_indexes.insert(ns.index);
+            }
+        }
+        if sys::alive(state.shim_pid, state.shim_start) {
+            let mut routes = Vec::new();
+            for t in &state.targets {
+                match self.open_route(t, &Arc::default()).await {
+                    Ok(r) => routes.push(r),
+                    Err(e) => tracing::warn!(process_id = %spec.process_id, port = t.public_port, error = %e, "cannot reopen public port"),
+                }
+            }
+            return Adopt::Live(state, routes);
+        }
+        // The shim is gone. If its game server somehow lives on, it is unsupervised: end it.
+        if shim::read_exit(dir).is_none() && sys::alive(state.game_pid, None) {
+            sys::signal_group(state.game_pid, libc::SIGKILL);
+        }
+        self.release(&state).await;
+        let exit = match shim::read_exit(dir) {
+            Some(e) => ExitInfo { code: e.code, reason: format!("{} while Lodge was down", e.describe()) },
+            None => ExitInfo { code: None, reason: "its supervisor was lost while Lodge was down".into() },
+        };
+        Adopt::Ended(exit)
+    }
+
+    async fn open_route(&self, t: &Target, counters: &Arc<Counters>) -> std::io::Result<Route> {
+        let proto = if t.udp { Protocol::Udp } else { Protocol::Tcp };
+        lodge_proxy::open(SocketAddr::new(self.cfg.proxy_ip, t.public_port), t.target, proto, counters.clone()).await
+    }
+
+    /// Reserve a free public port and open its route.
+    async fn public_port(&self, target: SocketAddr, udp: bool, counters: &Arc<Counters>) -> std::io::Result<(u16, Route)> {
+        let (lo, hi) = self.cfg.port_range;
+        let span = u32::from(hi - lo) + 1;
+        for _ in 0..span {
+            let candidate = {
+                let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+                let c = lo + (r.cursor % span as u16);
+                r.cursor = r.cursor.wrapping_add(1) % span as u16;
+                if !r.ports.insert(c) {
+                    continue;
+                }
+                c
+            };
+            let t = Target { public_port: candidate, target, udp };
+            match self.open_route(&t, counters).await {
+                Ok(route) => return Ok((candidate, route)),
+                Err(_) => {
+                    self.reserved.lock().unwrap_or_else(|p| p.into_inner()).ports.remove(&candidate);
+                }
+            }
+        }
+        Err(std::io::Error::other(format!("no free public port in {lo}-{hi}")))
+    }
+
+    async fn launch(
+        &self,
+        spec: &ProcessSpec,
+        dir: &Path,
+        counters: &Arc<Counters>,
+    ) -> std::io::Result<(LocalState, Waiter, Vec<Route>)> {
+        let t0 = Instant::now();
+        std::fs::create_dir_all(dir)?;
+        let _ = std::fs::remove_file(dir.join(shim::EXIT));
+        let bundle = self.cfg.bundle_dir(&spec.build_id);
+        let manifest = bundle::Manifest::load(&bundle).map_err(std::io::Error::other)?;
+
+        // Network: a namespace of its own (bind the container ports) or the host (bind $PORT).
+        let mut netns = None;
+        let mut inner_ports: Vec<u16> = Vec::new();
+        let mut targets = Vec::new();
+        if let Some(net) = &self.network {
+            let index = {
+                let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+                let i = (1..=sys::Network::MAX_INDEX).find(|i| !r.ip_indexes.contains(i));
+                let i = i.ok_or_else(|| std::io::Error::other("no free address on the bridge"))?;
+                r.ip_indexes.insert(i);
+                i
+            };
+            let short: String = spec.process_id.chars().filter(|c| c.is_ascii_hexdigit()).take(12).collect();
+            let ns = NsState { name: format!("lodge-{}", spec.process_id), veth: format!("lv{short}"), index };
+            let ip = net.address(index);
+            if let Err(e) = net.create_namespace(&ns.name, &ns.veth, ip).await {
+                self.reserved.lock().unwrap_or_else(|p| p.into_inner()).ip_indexes.remove(&index);
+                return Err(e);
+            }
+            for p in spec.ports() {
+                inner_ports.push(p.port);
+                targets.push(SocketAddr::new(IpAddr::V4(ip), p.port));
+            }
+            netns = Some(ns);
+        } else {
+            for _ in spec.ports() {
+                let port = free_local_port(&inner_ports)?;
+                inner_ports.push(port);
+                targets.push(SocketAddr::from(([127, 0, 0, 1], port)));
+            }
+        }
+        let cgroups = if self.network.is_some() {
+            sys::Cgroups::create(&self.cfg.cgroup_group(), &spec.process_id, spec.requested_cpu, spec.requested_memory_mb)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot create cgroups; running without limits");
+                    sys::Cgroups { dirs: Vec::new() }
+                })
+        } else {
+            sys::Cgroups { dirs: Vec::new() }
+        };
+
+        let mut state = LocalState {
+            shim_pid: 0,
+            shim_start: None,
+            game_pid: 0,
+            exposed: Vec::new(),
+            targets: Vec::new(),
+            netns,
+            cgroups: cgroups.dirs.clone(),
+        };
+        let mut routes = Vec::new();
+        let result = async {
+            for (p, target) in spec.ports().zip(&targets) {
+                let udp = p.transport_type == TransportType::Udp;
+                let (public, route) = self.public_port(*target, udp, counters).await?;
+                routes.push(route);
+                state.targets.push(Target { public_port: public, target: *target, udp });
+                state.exposed.push(ExposedPort {
+                    name: p.name.clone(),
+                    host: self.cfg.public_host.clone(),
+                    port: public,
+                    transport_type: p.transport_type,
+                });
+            }
+            let launch = shim::Launch {
+                argv: expand_argv(&manifest.command, spec, &inner_ports),
+                cwd: bundle.clone(),
+                env: self.environment(spec, &manifest, &state.exposed, &inner_ports),
+                netns: state.netns.as_ref().map(|n| PathBuf::from(format!("/run/netns/{}", n.name))),
+                cgroup_procs: cgroups.procs_files(),
+            };
+            std::fs::write(dir.join(shim::LAUNCH), serde_json::to_vec_pretty(&launch).map_err(std::io::Error::other)?)?;
+            let mut cmd = tokio::process::Command::new(&self.cfg.exe);
+            cmd.arg("shim").arg(dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+            // SAFETY: setsid is async-signal-safe; it detaches the shim from Lodge's session so
+            // that signals aimed at Lodge (Ctrl-C) do not reach game servers.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn()?;
+            let shim_pid = child.id().unwrap_or(0);
+            let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("shim has no stdout"))?;
+            let mut line = String::new();
+            tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
+            let game_pid: u32 = line.trim().parse().unwrap_or(0);
+            state.shim_pid = shim_pid;
+            state.shim_start = sys::start_time(shim_pid);
+            state.game_pid = game_pid;
+            write_state(dir, &state)?;
+            Ok::<_, std::io::Error>(Waiter::Child(child))
+        }
+        .await;
+        let waiter = match result {
+            Ok(w) => w,
+            Err(e) => {
+                drop(routes);
+                self.release(&state).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            process_id = %spec.process_id,
+            pid = state.game_pid,
+            ports = ?state.exposed.iter().map(|p| p.port).collect::<Vec<_>>(),
+            spawn_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "process started"
+        );
+        self.link
+            .report(AgentEvent::Booted { process_id: spec.process_id.clone(), at: self.now(), exposed_ports: state.exposed.clone() })
+            .await;
+        Ok((state, waiter, routes))
+    }
+
+    fn environment(
+        &self,
+        spec: &ProcessSpec,
+        manifest: &bundle::Manifest,
+        exposed: &[ExposedPort],
+        inner: &[u16],
+    ) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+        }
+        let mut set = |k: &str, v: String| env.push((k.to_string(), v));
+        set("HATHORA_PROCESS_ID", spec.process_id.clone());
+        set("HATHORA_APP_ID", spec.app_id.clone());
+        set("HATHORA_APP_SECRET", spec.app_secret.clone());
+        set("HATHORA_DEPLOYMENT_ID", spec.deployment_id.clone());
+        set("HATHORA_BUILD_TAG", spec.build_tag.clone().unwrap_or_default());
+        set("HATHORA_REGION", spec.region.to_string());
+        set("HATHORA_ROOMS_PER_PROCESS", spec.rooms_per_process.to_string());
+        if let Some(r) = &spec.initial_room_id {
+            set("HATHORA_INITIAL_ROOM_ID", r.clone());
+        }
+        if let Some(c) = &spec.initial_room_config {
+            set("HATHORA_INITIAL_ROOM_CONFIG", c.clone());
+        }
+        set("HATHORA_HOSTNAME", self.cfg.public_host.clone());
+        set("HATHORA_ALLOCATED_CPU", spec.requested_cpu.to_string());
+        set("HATHORA_ALLOCATED_MEMORY_MB", spec.requested_memory_mb.to_string());
+        for ((p, e), inner) in spec.ports().zip(exposed).zip(inner) {
+            if p.name == "default" {
+                set("HATHORA_DEFAULT_PORT", e.port.to_string());
+                set("PORT", inner.to_string());
+            } else {
+                let upper = env_suffix(&p.name);
+                set(&format!("HATHORA_{upper}_PORT"), e.port.to_string());
+                set(&format!("PORT_{upper}"), inner.to_string());
+            }
+        }
+        let api_url = match &self.network {
+            Some(net) => format!("http://{}:{}", net.gateway, self.cfg.api_addr.port()),
+            None => {
+                let mut a = self.cfg.api_addr;
+                if a.ip().is_unspecified() {
+                    a.set_ip(IpAddr::from([127, 0, 0, 1]));
+                }
+                format!("http://{a}")
+            }
+        };
+        set("LODGE_API_URL", api_url);
+        for (k, v) in &manifest.env {
+            set(k, v.clone());
+        }
+        for e in &spec.env {
+            set(&e.name, e.value.clone());
+        }
+        // Later entries win.
+        let mut seen = BTreeSet::new();
+        let mut out: Vec<(String, String)> = env.into_iter().rev().filter(|(k, _)| seen.insert(k.clone())).collect();
+        out.reverse();
+        out
+    }
+}
+
+trait PortInside {
+    fn port_inside(&self, state: &LocalState) -> u16;
+}
+
+impl PortInside for ContainerPort {
+    /// The port the process binds: the container port when isolated, else its `$PORT`.
+    fn port_inside(&self, state: &LocalState) -> u16 {
+        state.targets.first().map(|t| t.target.port()).unwrap_or(self.port)
+    }
+}
+
+enum Adopt {
+    Fresh,
+    Live(LocalState, Vec<Route>),
+    Ended(ExitInfo),
+}
+
+enum Waiter {
+    Child(tokio::process::Child),
+    Pid(u32),
+}
+
+impl Waiter {
+    /// Resolves when the shim has exited (repeatable).
+    async fn wait(&mut self) {
+        match self {
+            Waiter::Child(c) => {
+                let _ = c.wait().await;
+            }
+            Waiter::Pid(p) => sys::wait_exit(*p).await,
+        }
+    }
+}
+
+fn exit_info(dir: &Path) -> ExitInfo {
+    match shim::read_exit(dir) {
+        Some(e) => ExitInfo { code: e.code, reason: e.describe() },
+        None => ExitInfo { code: None, reason: "its supervisor ended without an exit status".into() },
+    }
+}
+
+fn write_state(dir: &Path, state: &LocalState) -> std::io::Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    std::fs::rename(tmp, dir.join("state.json"))
+}
+
+fn append_log(dir: &Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(shim::LOG)) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// `HATHORA_<NAME>_PORT` naming: upper case, `-` becomes `_`.
+pub fn env_suffix(port_name: &str) -> String {
+    port_name.to_ascii_uppercase().replace('-', "_")
+}
+
+/// Expand `{port}` and `{port:NAME}` in the command.
+fn expand_argv(argv: &[String], spec: &ProcessSpec, inner: &[u16]) -> Vec<String> {
+    argv.iter()
+        .map(|arg| {
+            let mut a = arg.replace("{port}", &inner.first().copied().unwrap_or(0).to_string());
+            for (p, port) in spec.ports().zip(inner) {
+                a = a.replace(&format!("{{port:{}}}", p.name), &port.to_string());
+            }
+            a
+        })
+        .collect()
+}
+
+/// A loopback port free for both TCP and UDP, not in `taken`.
+fn free_local_port(taken: &[u16]) -> std::io::Result<u16> {
+    for _ in 0..64 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other("no free local port"))
+}

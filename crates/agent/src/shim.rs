@@ -1,0 +1,132 @@
+//! The per-process supervisor, run as `lodge shim DIR`.
+//!
+//! The agent never parents game servers directly: it starts a shim in its own session, and the
+//! shim starts the game server with its output appended to `DIR/log`, waits for it, and writes
+//! the exit status to `DIR/exit.json`. So a game server outlives a crash or restart of Lodge,
+//! its logs keep flowing, and its exit code is still known when a new Lodge adopts it.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+/// What the shim launches; written by the agent to `DIR/launch.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Launch {
+    pub argv: Vec<String>,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+    /// Network namespace to join (`/run/netns/NAME`).
+    pub netns: Option<PathBuf>,
+    /// `cgroup.procs` files to join.
+    pub cgroup_procs: Vec<PathBuf>,
+}
+
+/// Written by the shim when the game server ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitFile {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitFile {
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(9)) => "killed by signal 9 (SIGKILL; out of memory or stopped)".into(),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "ended".into(),
+        }
+    }
+}
+
+pub const LAUNCH: &str = "launch.json";
+pub const EXIT: &str = "exit.json";
+pub const LOG: &str = "log";
+
+/// Entry point of `lodge shim DIR`. Prints the game server's pid on stdout, then closes stdout.
+pub fn main(dir: &Path) -> io::Result<i32> {
+    let launch: Launch = serde_json::from_slice(&fs::read(dir.join(LAUNCH))?).map_err(io::Error::other)?;
+    let log = OpenOptions::new().create(true).append(true).open(dir.join(LOG))?;
+    let netns = launch.netns.as_ref().map(fs::File::open).transpose()?;
+    let cgroups = launch
+        .cgroup_procs
+        .iter()
+        .map(|p| OpenOptions::new().write(true).open(p))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut program = PathBuf::from(&launch.argv[0]);
+    if program.components().count() > 1 && program.is_relative() {
+        program = launch.cwd.join(program);
+    }
+    let mut cmd = Command::new(&program);
+    cmd.args(&launch.argv[1..])
+        .current_dir(&launch.cwd)
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log.try_clone()?);
+    let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+    let cgroup_fds: Vec<i32> = cgroups.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the hook runs between fork and exec and only makes async-signal-safe system
+    // calls (setsid, write, setns) on file descriptors opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for fd in &cgroup_fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(fd) = netns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let mut log = log;
+            let _ = writeln!(log, "[lodge] cannot start {}: {e}", launch.argv[0]);
+            write_exit(dir, &ExitFile { code: Some(127), signal: None })?;
+            println!("0");
+            return Ok(127);
+        }
+    };
+    drop(netns);
+    drop(cgroups);
+    println!("{}", child.id());
+    io::stdout().flush()?;
+    // Nobody reads our stdout any more; never die of SIGPIPE for it.
+    if let Ok(null) = OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto fd 1 with a valid fd.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+    let status = child.wait()?;
+    let exit = ExitFile { code: status.code(), signal: status.signal() };
+    write_exit(dir, &exit)?;
+    Ok(exit.code.unwrap_or(128 + exit.signal.unwrap_or(0)))
+}
+
+fn write_exit(dir: &Path, exit: &ExitFile) -> io::Result<()> {
+    let tmp = dir.join("exit.json.tmp");
+    fs::write(&tmp, serde_json::to_vec(exit).map_err(io::Error::other)?)?;
+    fs::rename(tmp, dir.join(EXIT))
+}
+
+pub fn read_exit(dir: &Path) -> Option<ExitFile> {
+    serde_json::from_slice(&fs::read(dir.join(EXIT)).ok()?).ok()
+}

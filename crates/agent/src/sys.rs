@@ -1,0 +1,360 @@
+//! Thin wrappers over Linux facilities: /proc, signals, pidfd, network namespaces, cgroups.
+
+use std::fs;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the
+/// pid it identifies a process across pid reuse.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process is alive and not a zombie.
+pub fn alive(pid: u32, expected_start: Option<u64>) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some(close) = stat.rfind(')') else { return false };
+    let state = stat[close + 2..].chars().next();
+    if matches!(state, Some('Z') | Some('X')) {
+        return false;
+    }
+    expected_start.is_none_or(|s| start_time(pid) == Some(s))
+}
+
+pub fn signal_group(pgid: u32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: kill with a negative pid signals a process group; no memory is touched.
+        unsafe {
+            libc::kill(-(pgid as i32), sig);
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    if pid > 1 {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Whether a socket in the network namespace of `pid` is bound to `port` (TCP: listening).
+/// Reading /proc/PID/net shows the namespace of that process, so this works for isolated and
+/// shared-network processes alike without entering the namespace.
+pub fn port_bound(pid: u32, port: u16, proto: Proto) -> bool {
+    let files: &[&str] = match proto {
+        Proto::Tcp => &["tcp", "tcp6"],
+        Proto::Udp => &["udp", "udp6"],
+    };
+    files.iter().any(|f| {
+        fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+            .map(|text| table_has_port(&text, port, proto))
+            .unwrap_or(false)
+    })
+}
+
+fn table_has_port(text: &str, port: u16, proto: Proto) -> bool {
+    text.lines().skip(1).any(|line| {
+        let mut cols = line.split_whitespace();
+        let local = cols.nth(1).unwrap_or("");
+        let state = cols.nth(1).unwrap_or("");
+        let p = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+        p == Some(port) && (proto == Proto::Udp || state == "0A")
+    })
+}
+
+/// Wait until process `pid` (not necessarily our child) has exited.
+pub async fn wait_exit(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return; // already gone
+    }
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the pidfd, which stays open (and is not reused) while it lives.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
+    match registered {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => {
+            while alive(pid, None) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn run(cmd: &str, args: &[&str]) -> io::Result<()> {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+async fn run_batch(ns: Option<&str>, script: &str) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-batch", "-"]);
+    let mut child = tokio::process::Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
+    stdin.write_all(script.as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("ip -batch: {}", String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// A Linux bridge with a private IPv4 subnet; each isolated process gets a network namespace
+/// with a veth into it and one address.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub bridge: String,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Network {
+    /// Bring up (or reuse) the bridge named `bridge`. A new bridge gets the first free /22 in
+    /// 10.64.0.0/10 starting at an offset derived from `seed`, avoiding subnets in use.
+    pub async fn ensure(bridge: &str, seed: u64) -> io::Result<Network> {
+        if let Some(gw) = bridge_address(bridge).await? {
+            run("ip", &["link", "set", bridge, "up"]).await?;
+            return Ok(Network { bridge: bridge.into(), gateway: gw, prefix: 22 });
+        }
+        let used = used_ipv4().await?;
+        let blocks = 1u32 << 12; // /22 blocks in a /10
+        for i in 0..blocks {
+            let block = (seed as u32).wrapping_add(i) % blocks;
+            let base = u32::from(Ipv4Addr::new(10, 64, 0, 0)) + (block << 10);
+            if used.iter().any(|ip| (u32::from(*ip) & !0x3ff) == base) {
+                continue;
+            }
+            let gateway = Ipv4Addr::from(base + 1);
+            let _ = run("ip", &["link", "del", bridge]).await;
+            run("ip", &["link", "add", bridge, "type", "bridge"]).await?;
+            run("ip", &["addr", "add", &format!("{gateway}/22"), "dev", bridge]).await?;
+            run("ip", &["link", "set", bridge, "up"]).await?;
+            return Ok(Network { bridge: bridge.into(), gateway, prefix: 22 });
+        }
+        Err(io::Error::other("no free /22 subnet in 10.64.0.0/10"))
+    }
+
+    /// Address of host slot `index` (1..=1021; the gateway is 0).
+    pub fn address(&self, index: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.gateway) + index)
+    }
+
+    pub const MAX_INDEX: u32 = 1021;
+
+    /// Create namespace `ns` with `eth0` at `ip`, its peer `veth` on the bridge.
+    pub async fn create_namespace(&self, ns: &str, veth: &str, ip: Ipv4Addr) -> io::Result<()> {
+        let _ = self.delete_namespace(ns, veth).await;
+        run("ip", &["netns", "add", ns]).await?;
+        let host = format!(
+            "link add {veth} type veth peer name eth0 netns {ns}\nlink set {veth} master {} up\n",
+            self.bridge
+        );
+        let inside = format!(
+            "addr add {ip}/{} dev eth0\nlink set lo up\nlink set eth0 up\nroute add default via {}\n",
+            self.prefix, self.gateway
+        );
+        let r = async {
+            run_batch(None, &host).await?;
+            run_batch(Some(ns), &inside).await
+        }
+        .await;
+        if r.is_err() {
+            let _ = self.delete_namespace(ns, veth).await;
+        }
+        r
+    }
+
+    pub async fn delete_namespace(&self, ns: &str, veth: &str) -> io::Result<()> {
+        let _ = run("ip", &["link", "del", veth]).await;
+        run("ip", &["netns", "del", ns]).await
+    }
+
+    pub async fn remove_bridge(&self) -> io::Result<()> {
+        run("ip", &["link", "del", &self.bridge]).await
+    }
+}
+
+async fn bridge_address(bridge: &str) -> io::Result<Option<Ipv4Addr>> {
+    let out = tokio::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", bridge])
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    Ok(parse_inet(&String::from_utf8_lossy(&out.stdout)).into_iter().next())
+}
+
+async fn used_ipv4() -> io::Result<Vec<Ipv4Addr>> {
+    let out = tokio::process::Command::new("ip").args(["-4", "-o", "addr"]).output().await?;
+    let mut v = parse_inet(&String::from_utf8_lossy(&out.stdout));
+    let routes = tokio::process::Command::new("ip").args(["-4", "route"]).output().await?;
+    for line in String::from_utf8_lossy(&routes.stdout).lines() {
+        if let Some(ip) = line.split(['/', ' ']).next().and_then(|s| s.parse().ok()) {
+            v.push(ip);
+        }
+    }
+    Ok(v)
+}
+
+fn parse_inet(text: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            it.position(|w| w == "inet")?;
+            it.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Per-process cgroups with CPU and memory limits: v1 hierarchies (memory, cpu, pids) or the
+/// v2 unified tree, whichever has the controllers.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    pub dirs: Vec<PathBuf>,
+}
+
+const V1_ROOT: &str = "/sys/fs/cgroup";
+
+impl Cgroups {
+    /// Create `<group>/<id>` and apply limits. Returns an empty set where no controller can be
+    /// used (not root, or neither v1 nor v2 controllers present).
+    pub fn create(group: &str, id: &str, cpu: f64, memory_mb: f64) -> io::Result<Cgroups> {
+        let root = Path::new(V1_ROOT);
+        let mem_bytes = (memory_mb.max(1.0) * 1024.0 * 1024.0) as u64;
+        let quota = ((cpu.max(0.01)) * 100_000.0) as u64;
+        let mut dirs = Vec::new();
+        if root.join("memory/memory.limit_in_bytes").exists() {
+            let mem = root.join("memory").join(group).join(id);
+            fs::create_dir_all(&mem)?;
+            fs::write(mem.join("memory.limit_in_bytes"), mem_bytes.to_string())?;
+            dirs.push(mem);
+            let cpu_dir = root.join("cpu").join(group).join(id);
+            if root.join("cpu/cpu.cfs_quota_us").exists() {
+                fs::create_dir_all(&cpu_dir)?;
+                fs::write(cpu_dir.join("cpu.cfs_period_us"), "100000")?;
+                fs::write(cpu_dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+                dirs.push(cpu_dir);
+            }
+            let pids = root.join("pids").join(group).join(id);
+            if root.join("pids").is_dir() {
+                fs::create_dir_all(&pids)?;
+                dirs.push(pids);
+            }
+        } else if fs::read_to_string(root.join("cgroup.controllers"))
+            .map(|c| c.contains("memory") && c.contains("cpu"))
+            .unwrap_or(false)
+        {
+            let parent = root.join(group);
+            fs::create_dir_all(&parent)?;
+            let _ = fs::write(root.join("cgroup.subtree_control"), "+memory +cpu +pids");
+            let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +pids");
+            let dir = parent.join(id);
+            fs::create_dir_all(&dir)?;
+            fs::write(dir.join("memory.max"), mem_bytes.to_string())?;
+            fs::write(dir.join("cpu.max"), format!("{quota} 100000"))?;
+            dirs.push(dir);
+        }
+        Ok(Cgroups { dirs })
+    }
+
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// SIGKILL everything still in the cgroups, then remove them.
+    pub fn destroy(&self) {
+        for d in &self.dirs {
+            if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.parse().ok()) {
+                    signal(pid, libc::SIGKILL);
+                }
+            }
+        }
+        for d in &self.dirs {
+            for _ in 0..50 {
+                if fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_tables() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n";
+        assert!(table_has_port(tcp, 7777, Proto::Tcp));
+        assert!(!table_has_port(tcp, 8080, Proto::Tcp), "established, not listening");
+        let udp = "  sl  local_address rem_address   st\n  10: 00000000:1E61 00000000:0000 07 00000000:00000000\n";
+        assert!(table_has_port(udp, 7777, Proto::Udp));
+        assert!(!table_has_port(udp, 7778, Proto::Udp));
+    }
+
+    #[test]
+    fn own_process_is_alive_and_has_a_start_time() {
+        let me = std::process::id();
+        let st = start_time(me);
+        assert!(st.is_some());
+        assert!(alive(me, st));
+        assert!(!alive(me, st.map(|s| s + 1)));
+    }
+
+    #[test]
+    fn parses_ip_addr_output() {
+        let out = "2: eth0    inet 10.0.2.15/24 brd 10.0.2.255 scope global eth0\n";
+        assert_eq!(parse_inet(out), vec![Ipv4Addr::new(10, 0, 2, 15)]);
+    }
+}

@@ -1,0 +1,300 @@
+//! Builds: records, self-served multipart upload (S3 semantics), and RunBuild, which assembles
+//! the upload, unpacks it as a hostile archive and checks its `lodge.toml`.
+
+use std::path::PathBuf;
+
+use lodge_agent::bundle;
+use lodge_model::wire::{BuildV3, BuildsV3Page, CreateMultipartBuildParams, CreatedBuildV3WithMultipartUrls, UploadPart};
+use lodge_model::{id, validate, Build, BuildStatus, UploadSession};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::{Caller, Control, Error, Result};
+
+/// Lines of a running build's log.
+pub type BuildLog = mpsc::Receiver<String>;
+
+/// Where presigned upload URLs point: the base URL the client used to reach this API.
+pub struct UploadTarget<'a> {
+    pub base_url: &'a str,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Control {
+    fn build_dir(&self, build_id: &str) -> PathBuf {
+        self.cfg.data_dir.join("builds").join(build_id)
+    }
+
+    async fn build_of(&self, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<Build> {
+        let org = self.org_of(caller, org_id)?;
+        match self.store.build(build_id).await? {
+            Some(b) if b.org_id == org && b.deleted_at.is_none() => Ok(b),
+            _ => Err(Error::NotFound(format!("Build not found: {build_id}"))),
+        }
+    }
+
+    pub async fn create_build(
+        &self,
+        caller: &Caller,
+        org_id: Option<&str>,
+        p: CreateMultipartBuildParams,
+        target: UploadTarget<'_>,
+    ) -> Result<CreatedBuildV3WithMultipartUrls> {
+        let org = self.org_of(caller, org_id)?;
+        let size = p.build_size_in_bytes;
+        if !(size.is_finite() && size >= 1.0 && size.fract() == 0.0) {
+            return Err(Error::Invalid("buildSizeInBytes must be a positive integer".into()));
+        }
+        let size = size as u64;
+        if size > self.cfg.max_build_bytes {
+            return Err(Error::Invalid(format!("buildSizeInBytes exceeds the limit of {} bytes", self.cfg.max_build_bytes)));
+        }
+        if let Some(tag) = &p.build_tag {
+            validate::max_len("buildTag", tag, 1000).map_err(Error::Invalid)?;
+        }
+        let build_id = match p.build_id {
+            Some(b) => {
+                validate::room_id(&b).map_err(|m| Error::Invalid(m.replace("roomId", "buildId")))?;
+                b
+            }
+            None => id::build_id(),
+        };
+        let chunk = self.cfg.max_chunk_size;
+        let parts = size.div_ceil(chunk) as u32;
+        let build = Build {
+            build_id: build_id.clone(),
+            org_id: org,
+            created_by: caller.name.clone(),
+            created_at: self.now(),
+            status: BuildStatus::Created,
+            image_size: 0,
+            started_at: None,
+            finished_at: None,
+            deleted_at: None,
+            build_tag: p.build_tag,
+            content_hash: None,
+            upload: Some(UploadSession { size, max_chunk_size: chunk, parts, secret: id::secret_hex(), completed: false }),
+        };
+        self.store.insert_build(&build).await?;
+        let secret = build.upload.as_ref().map(|u| u.secret.clone()).unwrap_or_default();
+        let base = target.base_url.trim_end_matches('/');
+        Ok(CreatedBuildV3WithMultipartUrls {
+            build: (&build).into(),
+            upload_parts: (1..=parts)
+                .map(|n| UploadPart {
+                    part_number: n,
+                    put_request_url: format!("{base}/uploads/{build_id}/parts/{n}?signature={secret}"),
+                })
+                .collect(),
+            max_chunk_size: chunk,
+            complete_upload_post_request_url: format!("{base}/uploads/{build_id}/complete?signature={secret}"),
+        })
+    }
+
+    /// The build an upload URL refers to, if the signature matches and it still takes uploads.
+    async fn upload_session(&self, build_id: &str, signature: &str) -> Result<(Build, UploadSession)> {
+        let build = self.store.build(build_id).await?;
+        match build {
+            Some(b) if b.deleted_at.is_none() => match b.upload.clone() {
+                Some(u) if u.secret == signature => {
+                    if b.status != BuildStatus::Created {
+                        return Err(Error::BadRequest(format!("build {build_id} no longer accepts uploads")));
+                    }
+                    Ok((b, u))
+                }
+                _ => Err(Error::Unauthorized("invalid upload signature".into())),
+            },
+            _ => Err(Error::NotFound(format!("Build not found: {build_id}"))),
+        }
+    }
+
+    /// Store one part; returns its ETag (quoted, as S3 does).
+    pub async fn put_part(&self, build_id: &str, part: u32, signature: &str, data: &[u8]) -> Result<String> {
+        let (_, u) = self.upload_session(build_id, signature).await?;
+        if part == 0 || part > u.parts {
+            return Err(Error::BadRequest(format!("part number must be 1 to {}", u.parts)));
+        }
+        if data.len() as u64 > u.max_chunk_size {
+            return Err(Error::BadRequest(format!("a part may hold at most {} bytes", u.max_chunk_size)));
+        }
+        let dir = self.build_dir(build_id).join("parts");
+        tokio::fs::create_dir_all(&dir).await?;
+        let tmp = dir.join(format!("{part}.tmp"));
+        tokio::fs::write(&tmp, data).await?;
+        tokio::fs::rename(&tmp, dir.join(part.to_string())).await?;
+        let digest = Sha256::digest(data);
+        Ok(format!("\"{}\"", hex(&digest[..16])))
+    }
+
+    /// CompleteMultipartUpload: assemble the parts named in the XML, in order.
+    pub async fn complete_upload(&self, build_id: &str, signature: &str, xml: &str) -> Result<String> {
+        let (mut build, mut u) = self.upload_session(build_id, signature).await?;
+        let mut numbers: Vec<u32> = xml
+            .split("<PartNumber>")
+            .skip(1)
+            .filter_map(|s| s.split("</PartNumber>").next()?.trim().parse().ok())
+            .collect();
+        if numbers.is_empty() {
+            numbers = (1..=u.parts).collect();
+        }
+        numbers.sort_unstable();
+        numbers.dedup();
+        self.assemble(build_id, &numbers).await?;
+        u.completed = true;
+        build.upload = Some(u);
+        self.store.update_build(&build).await?;
+        Ok(format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<CompleteMultipartUploadResult><Bucket>lodge</Bucket><Key>{build_id}</Key></CompleteMultipartUploadResult>\n"
+        ))
+    }
+
+    async fn assemble(&self, build_id: &str, numbers: &[u32]) -> Result<()> {
+        let dir = self.build_dir(build_id);
+        let parts = dir.join("parts");
+        let archive = dir.join("archive");
+        let tmp = dir.join("archive.tmp");
+        let mut out = tokio::fs::File::create(&tmp).await?;
+        for n in numbers {
+            let mut f = tokio::fs::File::open(parts.join(n.to_string()))
+                .await
+                .map_err(|_| Error::BadRequest(format!("part {n} was not uploaded")))?;
+            tokio::io::copy(&mut f, &mut out).await?;
+        }
+        out.sync_all().await?;
+        tokio::fs::rename(&tmp, &archive).await?;
+        let _ = tokio::fs::remove_dir_all(&parts).await;
+        Ok(())
+    }
+
+    /// RunBuild: returns the log as it is produced; the build's final status is in the store
+    /// once the log ends.
+    pub async fn run_build(self: &std::sync::Arc<Self>, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<BuildLog> {
+        let mut build = self.build_of(caller, org_id, build_id).await?;
+        if build.status != BuildStatus::Created {
+            return Err(Error::BadRequest(format!("build {build_id} has already been run (status {})", build.status)));
+        }
+        build.status = BuildStatus::Running;
+        build.started_at = Some(self.now());
+        self.store.update_build(&build).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let control = self.clone();
+        tokio::spawn(async move {
+            let say = |line: String| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(line + "\n").await;
+                }
+            };
+            let result = control.do_build(&build, &say).await;
+            let (status, size, hash) = match result {
+                Ok((size, hash)) => {
+                    say(format!("build {} succeeded", build.build_id)).await;
+                    (BuildStatus::Succeeded, size, Some(hash))
+                }
+                Err(e) => {
+                    say(format!("error: {e}")).await;
+                    say(format!("build {} failed", build.build_id)).await;
+                    (BuildStatus::Failed, 0, None)
+                }
+            };
+            build.status = status;
+            build.image_size = size;
+            build.content_hash = hash;
+            build.finished_at = Some(control.now());
+            if let Err(e) = control.store.update_build(&build).await {
+                tracing::error!(build_id = %build.build_id, error = %e, "cannot record build result");
+            }
+            tracing::info!(build_id = %build.build_id, status = %status, "build finished");
+        });
+        Ok(rx)
+    }
+
+    async fn do_build<F, Fut>(&self, build: &Build, say: &F) -> std::result::Result<(u64, String), String>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let dir = self.build_dir(&build.build_id);
+        let archive = dir.join("archive");
+        let upload = build.upload.clone().ok_or("this build has no upload")?;
+        if !archive.exists() {
+            // Clients that skipped the completion call: assemble whatever parts arrived.
+            let have: Vec<u32> = (1..=upload.parts).filter(|n| dir.join("parts").join(n.to_string()).exists()).collect();
+            if have.len() as u32 != upload.parts {
+                return Err(format!(
+                    "the upload is incomplete: {} of {} parts were received; upload every part before RunBuild",
+                    have.len(),
+                    upload.parts
+                ));
+            }
+            self.assemble(&build.build_id, &have).await.map_err(|e| e.to_string())?;
+        }
+        let bytes = tokio::fs::read(&archive).await.map_err(|e| e.to_string())?;
+        say(format!("received {} bytes", bytes.len())).await;
+        if bytes.len() as u64 != upload.size {
+            say(format!(
+                "warning: buildSizeInBytes was {} but {} bytes were uploaded",
+                upload.size,
+                bytes.len()
+            ))
+            .await;
+        }
+        let hash = hex(&Sha256::digest(&bytes));
+        drop(bytes);
+        say(format!("sha256 {hash}")).await;
+        say("unpacking bundle".into()).await;
+        let dest = dir.join("bundle");
+        let staging = dir.join("bundle.tmp");
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        let (a, s) = (archive.clone(), staging.clone());
+        let unpacked = tokio::task::spawn_blocking(move || bundle::unpack(&a, &s, bundle::Limits::default()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let unpacked = match unpacked {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+                return Err(e.to_string());
+            }
+        };
+        let _ = tokio::fs::remove_dir_all(&dest).await;
+        tokio::fs::rename(&staging, &dest).await.map_err(|e| e.to_string())?;
+        say(format!("unpacked {} files, {} bytes", unpacked.files, unpacked.bytes)).await;
+        say(format!("command: {}", unpacked.manifest.command.join(" "))).await;
+        if !unpacked.manifest.env.is_empty() {
+            let names: Vec<&str> = unpacked.manifest.env.keys().map(String::as_str).collect();
+            say(format!("env: {}", names.join(", "))).await;
+        }
+        let _ = tokio::fs::remove_file(&archive).await;
+        Ok((unpacked.bytes, hash))
+    }
+
+    pub async fn get_build(&self, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<BuildV3> {
+        Ok((&self.build_of(caller, org_id, build_id).await?).into())
+    }
+
+    pub async fn get_builds(&self, caller: &Caller, org_id: Option<&str>) -> Result<BuildsV3Page> {
+        let org = self.org_of(caller, org_id)?;
+        let builds = self.store.builds(&org).await?;
+        Ok(BuildsV3Page { builds: builds.iter().filter(|b| b.deleted_at.is_none()).map(Into::into).collect() })
+    }
+
+    /// Delete a build's record and upload. Its unpacked bundle stays while processes may run
+    /// from it; new deployments cannot use it.
+    pub async fn delete_build(&self, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<()> {
+        let mut build = self.build_of(caller, org_id, build_id).await?;
+        build.deleted_at = Some(self.now());
+        self.store.update_build(&build).await?;
+        let dir = self.build_dir(build_id);
+        let _ = tokio::fs::remove_dir_all(dir.join("parts")).await;
+        let _ = tokio::fs::remove_file(dir.join("archive")).await;
+        Ok(())
+    }
+
+    pub fn bundle_path(&self, build_id: &str) -> PathBuf {
+        self.build_dir(build_id).join("bundle")
+    }
+}

@@ -1,0 +1,156 @@
+//! The control plane: every use-case the API exposes, the allocator that places rooms, the
+//! handling of node reports, and the reconcile loop (idle reaper). It holds no state of its own
+//! beyond configuration and handles to nodes: the store is the truth, so several replicas can
+//! share one database.
+
+mod apps;
+mod builds;
+mod deployments;
+mod nodes;
+mod rooms;
+mod tokens;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lodge_agent::Agent;
+use lodge_model::{App, Clock, Org};
+use lodge_store::{Store, StoreError};
+
+pub use builds::{BuildLog, UploadTarget};
+pub use deployments::DeploymentFilter;
+pub use rooms::ProcessFilter;
+pub use tokens::Caller;
+
+/// A use-case failure, mapped by the API to a status and `{"message"}`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// Bad state or a request that cannot be honoured as asked (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Invalid input (422).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Duplicate(m) => Error::Invalid(m),
+            StoreError::Conflict(m) => Error::BadRequest(m),
+            StoreError::Backend(m) => Error::Internal(m),
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub data_dir: PathBuf,
+    /// Accepted as an admin token of the default org, if set.
+    pub admin_token: Option<String>,
+    pub idle_timeout: Duration,
+    pub reap_interval: Duration,
+    pub max_chunk_size: u64,
+    pub max_build_bytes: u64,
+}
+
+impl ControlConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            admin_token: None,
+            idle_timeout: Duration::from_secs(300),
+            reap_interval: Duration::from_secs(5),
+            max_chunk_size: 32 << 20,
+            max_build_bytes: 4 << 30,
+        }
+    }
+}
+
+pub struct Control {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    cfg: ControlConfig,
+    /// Nodes whose agent runs in this process.
+    local_agents: RwLock<Vec<Arc<Agent>>>,
+    metrics: Metrics,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub rooms_created: std::sync::atomic::AtomicU64,
+    pub rooms_destroyed: std::sync::atomic::AtomicU64,
+    pub processes_started: std::sync::atomic::AtomicU64,
+    pub processes_ended: std::sync::atomic::AtomicU64,
+    pub placement_retries: std::sync::atomic::AtomicU64,
+}
+
+impl Control {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ControlConfig) -> Arc<Self> {
+        Arc::new(Self { store, clock, cfg, local_agents: RwLock::default(), metrics: Metrics::default() })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ControlConfig {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Create the default org on first start and return it.
+    pub async fn bootstrap(&self) -> Result<Org> {
+        if let Some(org) = self.store.orgs().await?.into_iter().next() {
+            return Ok(org);
+        }
+        let org = Org { org_id: lodge_model::id::org_id(), name: "default".into(), created_at: self.now() };
+        self.store.put_org(&org).await?;
+        Ok(self.store.orgs().await?.into_iter().next().unwrap_or(org))
+    }
+
+    /// The app, if it exists, is not deleted and belongs to the caller's org.
+    async fn app_of(&self, caller: &Caller, app_id: &str) -> Result<App> {
+        match self.store.app(app_id).await? {
+            Some(app) if app.org_id == caller.org_id && app.deleted_at.is_none() => Ok(app),
+            _ => Err(Error::NotFound(format!("App not found: {app_id}"))),
+        }
+    }
+
+    /// The org a request is about: `orgId` if given (must be the caller's), else the caller's.
+    fn org_of(&self, caller: &Caller, org_id: Option<&str>) -> Result<String> {
+        match org_id {
+            Some(o) if o != caller.org_id => Err(Error::NotFound(format!("Organization not found: {o}"))),
+            _ => Ok(caller.org_id.clone()),
+        }
+    }
+
+    pub fn agents(&self) -> Vec<Arc<Agent>> {
+        self.local_agents.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

@@ -1,0 +1,199 @@
+//! Nodes: the link agents use, their reports, and the reconcile loop (idle reaper).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use lodge_agent::{Agent, ControlLink};
+use lodge_model::spec::{AgentEvent, ProcessSpec};
+use lodge_model::{Node, ProcessStatus};
+use lodge_scheduler::LiveProcess;
+use lodge_store::ProcessQuery;
+
+use crate::{Control, Result};
+
+/// The in-process link from an embedded agent to this control plane.
+pub struct LocalLink(Weak<Control>);
+
+impl Control {
+    pub fn local_link(self: &Arc<Self>) -> Arc<dyn ControlLink> {
+        Arc::new(LocalLink(Arc::downgrade(self)))
+    }
+
+    /// Register a node and the agent that runs in this process for it.
+    pub async fn register_local_node(&self, node: Node, agent: Arc<Agent>) -> Result<()> {
+        self.store.put_node(&node).await?;
+        self.local_agents.write().unwrap_or_else(|p| p.into_inner()).push(agent);
+        Ok(())
+    }
+
+    pub async fn put_node(&self, node: &Node) -> Result<()> {
+        Ok(self.store.put_node(node).await?)
+    }
+
+    pub(crate) fn wake_node(&self, node_id: &str) {
+        for a in self.agents() {
+            if a.config().node_id == node_id {
+                a.wake();
+            }
+        }
+    }
+
+    /// The processes a node should run (or stop).
+    pub async fn desired_for(&self, node_id: &str) -> Result<Vec<ProcessSpec>> {
+        let q = ProcessQuery {
+            node_id: Some(node_id.to_string()),
+            statuses: ProcessStatus::LIVE.to_vec(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for p in self.store.processes(&q).await? {
+            let (Some(d), Some(app)) = (self.store.deployment(&p.deployment_id).await?, self.store.app(&p.app_id).await?)
+            else {
+                continue;
+            };
+            out.push(ProcessSpec {
+                process_id: p.process_id,
+                app_id: p.app_id,
+                app_secret: app.app_secret,
+                deployment_id: d.deployment_id,
+                build_id: d.build_id,
+                build_tag: d.build_tag,
+                region: p.region,
+                rooms_per_process: d.rooms_per_process,
+                default_port: d.default_container_port,
+                additional_ports: d.additional_container_ports,
+                env: d.env,
+                requested_cpu: d.requested_cpu,
+                requested_memory_mb: d.requested_memory_mb,
+                initial_room_id: p.initial_room_id,
+                initial_room_config: p.initial_room_config,
+                stop: p.status == ProcessStatus::Stopping,
+                exposed_ports: p.exposed_ports,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn handle_event(&self, event: AgentEvent) -> Result<()> {
+        match event {
+            AgentEvent::Booted { process_id, at, exposed_ports } => {
+                self.store
+                    .update_process(&process_id, &|p| {
+                        p.booted_at = Some(at);
+                        p.exposed_ports = exposed_ports.clone();
+                        true
+                    })
+                    .await?;
+            }
+            AgentEvent::Running { process_id, at } => {
+                self.store
+                    .update_process(&process_id, &|p| {
+                        if p.status != ProcessStatus::Starting {
+                            return false;
+                        }
+                        p.status = ProcessStatus::Running;
+                        p.started_at = Some(at);
+                        p.last_busy_at = p.last_busy_at.max(at);
+                        true
+                    })
+                    .await?;
+                tracing::info!(%process_id, "process running");
+            }
+            AgentEvent::Exited { process_id, at, exit, failed } => {
+                let status = if failed { ProcessStatus::Failed } else { ProcessStatus::Stopped };
+                if let Some(ended) = self.store.end_process(&process_id, status, at, &exit.reason).await? {
+                    self.metrics.processes_ended.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .rooms_destroyed
+                        .fetch_add(ended.destroyed_rooms.len() as u64, Ordering::Relaxed);
+                    tracing::info!(
+                        %process_id,
+                        status = %status,
+                        reason = %exit.reason,
+                        rooms_destroyed = ended.destroyed_rooms.len(),
+                        "process ended"
+                    );
+                }
+            }
+            AgentEvent::Activity { process_id, at, active_connections } => {
+                if active_connections > 0 {
+                    self.store
+                        .update_process(&process_id, &|p| {
+                            p.last_busy_at = p.last_busy_at.max(at);
+                            true
+                        })
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of the idle reaper: stop running processes of deployments with
+    /// `idleTimeoutEnabled` that had no room and no connection for the idle timeout.
+    pub async fn reap_idle(&self) -> Result<Vec<String>> {
+        let q = ProcessQuery { statuses: vec![ProcessStatus::Running], ..Default::default() };
+        let mut live = Vec::new();
+        for p in self.store.processes(&q).await? {
+            let Some(d) = self.store.deployment(&p.deployment_id).await? else { continue };
+            let active = self
+                .agents()
+                .iter()
+                .find_map(|a| a.stats(&p.process_id))
+                .map(|s| s.active_connections)
+                .unwrap_or(0);
+            live.push(LiveProcess {
+                process_id: p.process_id,
+                status: p.status,
+                idle_timeout_enabled: d.idle_timeout_enabled,
+                rooms_allocated: p.rooms_allocated,
+                active_connections: active,
+                last_busy_at: p.last_busy_at,
+            });
+        }
+        let idle_ms = i64::try_from(self.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+        let idle = lodge_scheduler::idle_processes(self.now(), idle_ms, &live);
+        for id in &idle {
+            self.request_stop(id, "idle timeout: no rooms and no connections").await?;
+        }
+        Ok(idle)
+    }
+
+    /// Run the reconcile loop until the control plane is dropped.
+    pub fn spawn_reconciler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let interval = self.cfg.reap_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(control) = weak.upgrade() else { return };
+                if let Err(e) = control.reap_idle().await {
+                    tracing::warn!(error = %e, "idle reaper pass failed");
+                }
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl ControlLink for LocalLink {
+    async fn desired(&self, node_id: &str) -> std::result::Result<Vec<ProcessSpec>, String> {
+        let control = self.0.upgrade().ok_or("control plane is gone")?;
+        control.desired_for(node_id).await.map_err(|e| e.to_string())
+    }
+
+    async fn report(&self, event: AgentEvent) {
+        let Some(control) = self.0.upgrade() else { return };
+        // Reports are retried: losing one would leave a process in the wrong state.
+        for attempt in 0..20u32 {
+            match control.handle_event(event.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "cannot record a node report; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt + 1))).await;
+                }
+            }
+        }
+    }
+}

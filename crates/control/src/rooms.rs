@@ -1,0 +1,378 @@
+//! Rooms and processes: the allocator and the process use-cases.
+
+use std::sync::atomic::Ordering;
+
+use lodge_model::wire::{ConnectionInfoV2, CreateRoomParams, ProcessV3, RoomOut};
+use lodge_model::{id, validate, Deployment, Process, ProcessStatus, Region, Room, RoomAllocation, RoomStatus};
+use lodge_scheduler::{Candidate, Placement, PlacementError};
+use lodge_store::{PlaceTarget, ProcessQuery, StoreError};
+
+use crate::{Caller, Control, Error, Result};
+
+/// How often a placement is retried after losing a race for the last slot of a process.
+const PLACEMENT_ATTEMPTS: usize = 64;
+
+/// Filter of the process listings.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessFilter {
+    pub statuses: Vec<ProcessStatus>,
+    pub regions: Vec<Region>,
+    pub before: Option<i64>,
+}
+
+impl Control {
+    fn new_process(&self, d: &Deployment, region: Region, node_id: String, first_room: Option<&Room>) -> Process {
+        let now = self.now();
+        Process {
+            process_id: id::process_id(),
+            app_id: d.app_id.clone(),
+            deployment_id: d.deployment_id.clone(),
+            node_id,
+            region,
+            status: ProcessStatus::Starting,
+            rooms_per_process: d.rooms_per_process,
+            rooms_allocated: u32::from(first_room.is_some()),
+            exposed_ports: Vec::new(),
+            created_at: now,
+            scheduled_at: Some(now),
+            booted_at: None,
+            started_at: None,
+            stopping_at: None,
+            terminated_at: None,
+            summary_exit_reason: None,
+            last_busy_at: now,
+            initial_room_id: first_room.map(|r| r.room_id.clone()),
+            initial_room_config: first_room.and_then(|r| r.room_config.clone()),
+        }
+    }
+
+    async fn node_loads(&self) -> Result<Vec<lodge_scheduler::NodeLoad>> {
+        let mut out = Vec::new();
+        for node in self.store.nodes().await? {
+            let q = ProcessQuery {
+                node_id: Some(node.node_id.clone()),
+                statuses: ProcessStatus::LIVE.to_vec(),
+                ..Default::default()
+            };
+            let live = self.store.count_processes(&q).await? as u32;
+            out.push(lodge_scheduler::NodeLoad { node, live_processes: live });
+        }
+        Ok(out)
+    }
+
+    /// Place `room` (status and config set, allocations as before) onto a process of the
+    /// deployment in the region. Returns the process it landed on.
+    async fn allocate(&self, d: &Deployment, region: Region, mut room: Room) -> Result<(Room, Process)> {
+        for attempt in 0..PLACEMENT_ATTEMPTS {
+            let q = ProcessQuery {
+                deployment_id: Some(d.deployment_id.clone()),
+                regions: vec![region],
+                statuses: ProcessStatus::PLACEABLE.to_vec(),
+                ..Default::default()
+            };
+            let procs = self.store.processes(&q).await?;
+            let candidates: Vec<Candidate> = procs
+                .iter()
+                .map(|p| Candidate {
+                    process_id: p.process_id.clone(),
+                    status: p.status,
+                    rooms_allocated: p.rooms_allocated,
+                    rooms_per_process: p.rooms_per_process,
+                    created_at: p.created_at,
+                })
+                .collect();
+            let nodes = self.node_loads().await?;
+            let placement = lodge_scheduler::place_room(region, &candidates, &nodes).map_err(|e| match e {
+                PlacementError::NoNode(r) => Error::BadRequest(format!("no node serves region {r}")),
+            })?;
+            let (process_id, target, new) = match placement {
+                Placement::Existing { process_id } => {
+                    (process_id.clone(), PlaceTarget::Existing(process_id), None)
+                }
+                Placement::NewProcess { node_id } => {
+                    let p = self.new_process(d, region, node_id, Some(&room));
+                    (p.process_id.clone(), PlaceTarget::New(Box::new(p.clone())), Some(p))
+                }
+            };
+            room.allocations.push(RoomAllocation {
+                room_allocation_id: id::allocation_id(),
+                process_id: process_id.clone(),
+                scheduled_at: self.now(),
+                unscheduled_at: None,
+            });
+            match self.store.place_room(&room, target).await {
+                Ok(()) => {
+                    let process = match new {
+                        Some(p) => {
+                            self.metrics.processes_started.fetch_add(1, Ordering::Relaxed);
+                            self.wake_node(&p.node_id);
+                            p
+                        }
+                        None => self
+                            .store
+                            .process(&process_id)
+                            .await?
+                            .ok_or_else(|| Error::Internal(format!("process {process_id} vanished")))?,
+                    };
+                    room.status = RoomStatus::Active;
+                    return Ok((room, process));
+                }
+                Err(StoreError::Conflict(_)) => {
+                    room.allocations.pop();
+                    self.metrics.placement_retries.fetch_add(1, Ordering::Relaxed);
+                    if attempt > 4 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Internal("could not place the room: too much contention, try again".into()))
+    }
+
+    async fn deployment_for(&self, app_id: &str, deployment_id: Option<&str>) -> Result<Deployment> {
+        match deployment_id {
+            Some(id) => match self.store.deployment(id).await? {
+                Some(d) if d.app_id == app_id => Ok(d),
+                _ => Err(Error::NotFound(format!("Deployment not found: {id}"))),
+            },
+            None => self
+                .store
+                .deployments(app_id)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::NotFound(format!("No deployment found for app {app_id}; create one first"))),
+        }
+    }
+
+    pub async fn create_room(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        p: CreateRoomParams,
+        room_id: Option<String>,
+    ) -> Result<ConnectionInfoV2> {
+        let app = self.app_of(caller, app_id).await?;
+        if let Some(id) = &room_id {
+            validate::room_id(id).map_err(Error::Invalid)?;
+        }
+        if let Some(c) = &p.room_config {
+            validate::max_len("roomConfig", c, 10_000).map_err(Error::Invalid)?;
+        }
+        let d = self.deployment_for(&app.app_id, p.deployment_id.as_deref()).await?;
+        if let Some(existing) = match &room_id {
+            Some(id) => self.store.room(id).await?,
+            None => None,
+        } {
+            return Err(Error::Invalid(format!("room id '{}' is already taken", existing.room_id)));
+        }
+        let room = Room {
+            room_id: room_id.unwrap_or_else(id::room_id),
+            app_id: app.app_id.clone(),
+            status: RoomStatus::Active,
+            room_config: p.room_config,
+            created_at: self.now(),
+            allocations: Vec::new(),
+        };
+        let (room, process) = self.allocate(&d, p.region, room).await?;
+        self.metrics.rooms_created.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(room_id = %room.room_id, process_id = %process.process_id, region = %p.region, "room created");
+        let mut info = ConnectionInfoV2::of(&room.room_id, Some(&process));
+        info.process_id = Some(process.process_id);
+        Ok(info)
+    }
+
+    async fn room_of(&self, app_id: &str, room_id: &str) -> Result<Room> {
+        match self.store.room(room_id).await? {
+            Some(r) if r.app_id == app_id => Ok(r),
+            _ => Err(Error::NotFound(format!("Room not found: {room_id}"))),
+        }
+    }
+
+    pub async fn get_room(&self, caller: &Caller, app_id: &str, room_id: &str) -> Result<RoomOut> {
+        let app = self.app_of(caller, app_id).await?;
+        Ok(RoomOut::with_allocations(&self.room_of(&app.app_id, room_id).await?))
+    }
+
+    pub async fn rooms_for_process(&self, caller: &Caller, app_id: &str, process_id: &str, active: bool) -> Result<Vec<RoomOut>> {
+        let app = self.app_of(caller, app_id).await?;
+        self.process_of(&app.app_id, process_id).await?;
+        let rooms = self.store.rooms_of_process(process_id, active).await?;
+        Ok(rooms.iter().map(RoomOut::without_allocations).collect())
+    }
+
+    pub async fn destroy_room(&self, caller: &Caller, app_id: &str, room_id: &str) -> Result<()> {
+        let app = self.app_of(caller, app_id).await?;
+        let room = self.room_of(&app.app_id, room_id).await?;
+        if room.status == RoomStatus::Destroyed {
+            return Ok(());
+        }
+        self.store.unallocate_room(room_id, RoomStatus::Destroyed, self.now()).await?;
+        self.metrics.rooms_destroyed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(room_id, "room destroyed");
+        Ok(())
+    }
+
+    pub async fn suspend_room(&self, caller: &Caller, app_id: &str, room_id: &str) -> Result<()> {
+        let app = self.app_of(caller, app_id).await?;
+        let room = self.room_of(&app.app_id, room_id).await?;
+        if room.status == RoomStatus::Destroyed {
+            return Err(Error::BadRequest(format!("room {room_id} is destroyed")));
+        }
+        self.store.unallocate_room(room_id, RoomStatus::Suspended, self.now()).await?;
+        Ok(())
+    }
+
+    /// ResumeRoom: re-allocate a suspended room; an allocated room is returned as it is.
+    pub async fn resume_room(&self, caller: &Caller, app_id: &str, room_id: &str) -> Result<ConnectionInfoV2> {
+        let app = self.app_of(caller, app_id).await?;
+        let room = self.room_of(&app.app_id, room_id).await?;
+        self.resume(room).await
+    }
+
+    async fn resume(&self, room: Room) -> Result<ConnectionInfoV2> {
+        match room.status {
+            RoomStatus::Destroyed => Err(Error::BadRequest(format!("room {} is destroyed", room.room_id))),
+            RoomStatus::Suspended => {
+                let last = room.allocations.last().map(|a| a.process_id.clone());
+                let prior = match last {
+                    Some(p) => self.store.process(&p).await?,
+                    None => None,
+                };
+                let Some(prior) = prior else {
+                    return Err(Error::BadRequest(format!("room {} has no allocation to resume from", room.room_id)));
+                };
+                let d = self.deployment_for(&room.app_id, Some(&prior.deployment_id)).await?;
+                let (room, process) = self.allocate(&d, prior.region, room).await?;
+                let mut info = ConnectionInfoV2::of(&room.room_id, Some(&process));
+                info.process_id = Some(process.process_id);
+                Ok(info)
+            }
+            _ => self.connection_info_of(&room).await,
+        }
+    }
+
+    async fn connection_info_of(&self, room: &Room) -> Result<ConnectionInfoV2> {
+        let process = match room.current_allocation() {
+            Some(a) => self.store.process(&a.process_id).await?,
+            None => None,
+        };
+        let mut info = ConnectionInfoV2::of(&room.room_id, process.as_ref());
+        info.process_id = process.map(|p| p.process_id);
+        Ok(info)
+    }
+
+    /// GetConnectionInfo (public). A suspended room is re-scheduled, as Hathora's legacy did.
+    pub async fn connection_info(&self, app_id: &str, room_id: &str) -> Result<ConnectionInfoV2> {
+        let room = self.room_of(app_id, room_id).await?;
+        let mut info = match room.status {
+            RoomStatus::Destroyed => {
+                return Err(Error::NotFound(format!("Room {room_id} has been destroyed")));
+            }
+            RoomStatus::Suspended => self.resume(room).await?,
+            _ => self.connection_info_of(&room).await?,
+        };
+        info.process_id = None;
+        Ok(info)
+    }
+
+    pub async fn update_room_config(&self, caller: &Caller, app_id: &str, room_id: &str, config: &str) -> Result<()> {
+        let app = self.app_of(caller, app_id).await?;
+        validate::max_len("roomConfig", config, 10_000).map_err(Error::Invalid)?;
+        self.room_of(&app.app_id, room_id).await?;
+        if !self.store.update_room_config(room_id, config).await? {
+            return Err(Error::BadRequest(format!("room {room_id} is destroyed")));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn process_of(&self, app_id: &str, process_id: &str) -> Result<Process> {
+        match self.store.process(process_id).await? {
+            Some(p) if p.app_id == app_id => Ok(p),
+            _ => Err(Error::NotFound(format!("Process not found: {process_id}"))),
+        }
+    }
+
+    pub async fn get_process(&self, caller: &Caller, app_id: &str, process_id: &str) -> Result<ProcessV3> {
+        let app = self.app_of(caller, app_id).await?;
+        Ok((&self.process_of(&app.app_id, process_id).await?).into())
+    }
+
+    fn process_query(app_id: &str, f: ProcessFilter) -> ProcessQuery {
+        ProcessQuery {
+            app_id: Some(app_id.to_string()),
+            statuses: f.statuses,
+            regions: f.regions,
+            created_before: f.before,
+            ..Default::default()
+        }
+    }
+
+    pub async fn latest_processes(&self, caller: &Caller, app_id: &str, f: ProcessFilter) -> Result<Vec<ProcessV3>> {
+        let app = self.app_of(caller, app_id).await?;
+        let mut q = Self::process_query(&app.app_id, f);
+        q.limit = Some(10);
+        Ok(self.store.processes(&q).await?.iter().map(Into::into).collect())
+    }
+
+    pub async fn count_processes(&self, caller: &Caller, app_id: &str, f: ProcessFilter) -> Result<u64> {
+        let app = self.app_of(caller, app_id).await?;
+        Ok(self.store.count_processes(&Self::process_query(&app.app_id, f)).await?)
+    }
+
+    /// CreateProcess: pre-warm a process of the latest deployment.
+    pub async fn create_process(&self, caller: &Caller, app_id: &str, region: Region) -> Result<ProcessV3> {
+        let app = self.app_of(caller, app_id).await?;
+        let d = self.deployment_for(&app.app_id, None).await?;
+        let nodes = self.node_loads().await?;
+        let node_id = lodge_scheduler::place_process(region, &nodes)
+            .map_err(|_| Error::BadRequest(format!("no node serves region {region}")))?;
+        let p = self.new_process(&d, region, node_id, None);
+        self.store.insert_process(&p).await?;
+        self.metrics.processes_started.fetch_add(1, Ordering::Relaxed);
+        self.wake_node(&p.node_id);
+        Ok((&p).into())
+    }
+
+    /// StopProcess: SIGTERM now, SIGKILL after the grace period; its rooms are destroyed when
+    /// it ends.
+    pub async fn stop_process(&self, caller: &Caller, app_id: &str, process_id: &str) -> Result<()> {
+        let app = self.app_of(caller, app_id).await?;
+        let p = self.process_of(&app.app_id, process_id).await?;
+        self.request_stop(&p.process_id, "stopped by request").await
+    }
+
+    pub(crate) async fn request_stop(&self, process_id: &str, why: &str) -> Result<()> {
+        let now = self.now();
+        let updated = self
+            .store
+            .update_process(process_id, &|p| {
+                if p.status == ProcessStatus::Stopping {
+                    return false;
+                }
+                p.status = ProcessStatus::Stopping;
+                p.stopping_at = Some(now);
+                p.summary_exit_reason = Some(why.to_string());
+                true
+            })
+            .await?;
+        if let Some(p) = updated {
+            tracing::info!(process_id, reason = why, "stopping process");
+            self.wake_node(&p.node_id);
+        }
+        Ok(())
+    }
+
+    /// For log endpoints: the process (checked against the app) and its log file.
+    pub async fn process_log(&self, caller: &Caller, app_id: &str, process_id: &str) -> Result<(Process, std::path::PathBuf)> {
+        let app = self.app_of(caller, app_id).await?;
+        let p = self.process_of(&app.app_id, process_id).await?;
+        let path = self.cfg.data_dir.join("processes").join(process_id).join("log");
+        Ok((p, path))
+    }
+
+    pub async fn process_status(&self, process_id: &str) -> Result<Option<ProcessStatus>> {
+        Ok(self.store.process(process_id).await?.map(|p| p.status))
+    }
+}

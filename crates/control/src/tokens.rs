@@ -1,0 +1,169 @@
+//! Developer authentication and org tokens.
+
+use std::path::Path;
+
+use lodge_model::wire::{self, CreateOrgTokenParams, CreatedOrgToken, ListOrgTokens, Organization, OrgsPage};
+use lodge_model::{id, validate, OrgToken, OrgTokenStatus};
+use sha2::{Digest, Sha256};
+
+use crate::{Control, Error, Result};
+
+/// Who is calling: an org token (or the configured admin token) of one org.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub org_id: String,
+    /// `None` for the admin token from the environment.
+    pub token_id: Option<String>,
+    pub name: String,
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    let d = Sha256::digest(secret.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Constant-time comparison for secrets.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Control {
+    /// Authenticate an `Authorization` header value.
+    pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller> {
+        let Some(value) = header else {
+            return Err(Error::Unauthorized("Missing Authorization header with a Bearer developer token".into()));
+        };
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .unwrap_or(value)
+            .trim();
+        if token.is_empty() {
+            return Err(Error::Unauthorized("Empty developer token".into()));
+        }
+        if let Some(admin) = &self.cfg.admin_token {
+            if same(admin, token) {
+                let org = self.bootstrap().await?;
+                return Ok(Caller { org_id: org.org_id, token_id: None, name: "admin".into() });
+            }
+        }
+        match self.store.token_by_hash(&hash_secret(token)).await? {
+            Some(t) if t.status == OrgTokenStatus::Active => {
+                Ok(Caller { org_id: t.org_id, token_id: Some(t.org_token_id), name: t.name })
+            }
+            Some(_) => Err(Error::Unauthorized("This developer token has been revoked".into())),
+            None => Err(Error::Unauthorized("Invalid developer token".into())),
+        }
+    }
+
+    /// Make sure an admin credential exists. Without `LODGE_ADMIN_TOKEN`, the first start mints
+    /// an org token, writes it to `path` (mode 0600) and returns it so it can be printed once.
+    pub async fn ensure_admin_token(&self, path: &Path) -> Result<Option<String>> {
+        if self.cfg.admin_token.is_some() || path.exists() {
+            return Ok(None);
+        }
+        let org = self.bootstrap().await?;
+        let secret = id::org_token_secret();
+        let token = OrgToken {
+            org_token_id: id::org_token_id(),
+            org_id: org.org_id,
+            name: "admin".into(),
+            status: OrgTokenStatus::Active,
+            last_four_chars_of_key: last_four(&secret),
+            created_at: self.now(),
+            created_by: "lodge".into(),
+            scopes: Some(serde_json::json!("admin")),
+        };
+        self.store.insert_token(&token, &hash_secret(&secret)).await?;
+        write_private(path, &secret)?;
+        Ok(Some(secret))
+    }
+
+    pub async fn get_orgs(&self, caller: &Caller) -> Result<OrgsPage> {
+        let orgs = self.store.orgs().await?;
+        Ok(OrgsPage {
+            orgs: orgs
+                .into_iter()
+                .filter(|o| o.org_id == caller.org_id)
+                .map(|o| Organization {
+                    org_id: o.org_id,
+                    name: o.name,
+                    stripe_customer_id: String::new(),
+                    is_single_tenant: true,
+                    scopes: wire::ALL_SCOPES.to_vec(),
+                    max_requested_memory_mb: 65_536.0,
+                    log_retention_period_hours: 72,
+                    max_process_connections: 1024,
+                })
+                .collect(),
+        })
+    }
+
+    pub async fn list_tokens(&self, caller: &Caller, org_id: &str) -> Result<ListOrgTokens> {
+        let org = self.org_of(caller, Some(org_id))?;
+        let tokens = self.store.tokens(&org).await?;
+        Ok(ListOrgTokens { tokens: tokens.iter().map(Into::into).collect() })
+    }
+
+    pub async fn create_token(&self, caller: &Caller, org_id: &str, p: CreateOrgTokenParams) -> Result<CreatedOrgToken> {
+        let org = self.org_of(caller, Some(org_id))?;
+        if p.name.trim().is_empty() {
+            return Err(Error::Invalid("token name must not be empty".into()));
+        }
+        validate::max_len("name", &p.name, 64).map_err(Error::Invalid)?;
+        if let Some(scopes) = &p.scopes {
+            validate_scopes(scopes)?;
+        }
+        let secret = id::org_token_secret();
+        let token = OrgToken {
+            org_token_id: id::org_token_id(),
+            org_id: org,
+            name: p.name,
+            status: OrgTokenStatus::Active,
+            last_four_chars_of_key: last_four(&secret),
+            created_at: self.now(),
+            created_by: caller.name.clone(),
+            scopes: p.scopes,
+        };
+        self.store.insert_token(&token, &hash_secret(&secret)).await?;
+        Ok(CreatedOrgToken { plain_text_token: secret, org_token: (&token).into() })
+    }
+
+    pub async fn revoke_token(&self, caller: &Caller, org_id: &str, token_id: &str) -> Result<bool> {
+        let org = self.org_of(caller, Some(org_id))?;
+        match self.store.revoke_token(&org, token_id).await? {
+            Some(_) => Ok(true),
+            None => Err(Error::NotFound(format!("Token not found: {token_id}"))),
+        }
+    }
+}
+
+fn validate_scopes(scopes: &serde_json::Value) -> Result<()> {
+    match scopes {
+        serde_json::Value::String(s) if s == "admin" => Ok(()),
+        serde_json::Value::Array(items) => {
+            for item in items {
+                match item.as_str() {
+                    Some(s) if wire::ALL_SCOPES.contains(&s) => {}
+                    _ => return Err(Error::Invalid(format!("unknown scope {item}"))),
+                }
+            }
+            Ok(())
+        }
+        other => Err(Error::Invalid(format!("scopes must be \"admin\" or a list of scopes, got {other}"))),
+    }
+}
+
+fn last_four(secret: &str) -> String {
+    secret.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect()
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    writeln!(f, "{contents}")
+}

@@ -1,0 +1,234 @@
+//! `lodge serve`: configuration, wiring and lifecycle of the all-in-one server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use lodge_agent::{Agent, AgentConfig, Isolation};
+use lodge_control::{Control, ControlConfig};
+use lodge_model::{Node, Region, SystemClock};
+use lodge_store::SqliteStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    /// `netns` when running as root on Linux, else `none`.
+    Auto,
+    /// Own network namespace and cgroup per process (root).
+    Netns,
+    /// Shared host network; processes bind `$PORT`.
+    None,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Where Lodge keeps its database, builds, process logs and admin token.
+    #[arg(long, env = "LODGE_DATA_DIR", default_value = "./lodge-data")]
+    pub data_dir: PathBuf,
+    /// Address of the HTTP API.
+    #[arg(long, env = "LODGE_API_ADDR", default_value = "127.0.0.1:5634")]
+    pub api_addr: SocketAddr,
+    /// Host name or address players connect to (the `host` of every exposed port).
+    #[arg(long, env = "LODGE_PUBLIC_HOST", default_value = "127.0.0.1")]
+    pub public_host: String,
+    /// Range of public proxy ports, `LOW-HIGH`.
+    #[arg(long, env = "LODGE_PORT_RANGE", default_value = "30000-31999", value_parser = parse_range)]
+    pub port_range: (u16, u16),
+    /// Regions this node serves: `all` or a comma-separated list such as `London,Frankfurt`.
+    #[arg(long, env = "LODGE_REGIONS", default_value = "all")]
+    pub regions: String,
+    /// `sqlite` (in the data dir) or a `postgres://` URL.
+    #[arg(long, env = "LODGE_STORE", default_value = "sqlite")]
+    pub store: String,
+    /// UDP port of the ping (latency) echo service.
+    #[arg(long, env = "LODGE_PING_PORT", default_value_t = 10000)]
+    pub ping_port: u16,
+    /// Process isolation.
+    #[arg(long, env = "LODGE_ISOLATION", value_enum, default_value_t = IsolationArg::Auto)]
+    pub isolation: IsolationArg,
+    /// Seconds a new process has to bind its default port.
+    #[arg(long, env = "LODGE_BIND_TIMEOUT", default_value_t = 100.0)]
+    pub bind_timeout: f64,
+    /// Seconds without rooms and connections before a process with idle timeout is stopped.
+    #[arg(long, env = "LODGE_IDLE_TIMEOUT", default_value_t = 300.0)]
+    pub idle_timeout: f64,
+    /// Seconds between SIGTERM and SIGKILL when stopping a process.
+    #[arg(long, env = "LODGE_STOP_GRACE", default_value_t = 10.0)]
+    pub stop_grace: f64,
+    /// Address the public proxy ports bind on.
+    #[arg(long, env = "LODGE_PROXY_BIND", default_value = "0.0.0.0")]
+    pub proxy_bind: IpAddr,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected LOW-HIGH, for example 30000-31999")?;
+    let lo: u16 = a.trim().parse().map_err(|_| format!("bad port '{a}'"))?;
+    let hi: u16 = b.trim().parse().map_err(|_| format!("bad port '{b}'"))?;
+    if lo == 0 || hi < lo {
+        return Err(format!("invalid port range {s}"));
+    }
+    Ok((lo, hi))
+}
+
+fn parse_regions(s: &str) -> Result<Option<Vec<Region>>, String> {
+    if s.trim().eq_ignore_ascii_case("all") {
+        return Ok(None);
+    }
+    s.split(',').map(|r| r.trim().parse()).collect::<Result<Vec<_>, _>>().map(Some)
+}
+
+fn secs(s: f64, name: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("--{name} must be a non-negative number of seconds"))
+}
+
+/// A short stable key for this data dir: names of the bridge and cgroups derive from it.
+fn instance_key(dir: &Path) -> String {
+    let s = dir.to_string_lossy();
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{:06x}", h & 0xff_ffff)
+}
+
+fn node_id(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        return Ok(id.trim().to_string());
+    }
+    let id = format!("node-{}", lodge_model::id::secret_hex());
+    std::fs::write(&path, &id)?;
+    Ok(id)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LODGE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    init_tracing();
+    let regions = parse_regions(&args.regions)?;
+    if args.store != "sqlite" {
+        return Err(format!(
+            "--store {}: only the embedded SQLite store is available in this version; use --store sqlite",
+            args.store
+        ));
+    }
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir).map_err(|e| e.to_string())?;
+    let store = SqliteStore::open(&data_dir.join("lodge.db")).map_err(|e| e.to_string())?;
+    let mut cfg = ControlConfig::new(data_dir.clone());
+    cfg.admin_token = std::env::var("LODGE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    cfg.idle_timeout = secs(args.idle_timeout, "idle-timeout")?;
+    let control = Control::new(Arc::new(store), Arc::new(SystemClock), cfg);
+    let org = control.bootstrap().await.map_err(|e| e.to_string())?;
+    let token_file = data_dir.join("admin-token");
+    if let Some(token) = control.ensure_admin_token(&token_file).await.map_err(|e| e.to_string())? {
+        println!("Lodge admin token (shown once; also saved to {}):\n  {token}", token_file.display());
+    }
+
+    let isolation = match args.isolation {
+        IsolationArg::Netns => Isolation::Netns,
+        IsolationArg::None => Isolation::None,
+        IsolationArg::Auto if lodge_agent::sys::is_root() && Path::new("/proc/self/ns/net").exists() => Isolation::Netns,
+        IsolationArg::Auto => Isolation::None,
+    };
+    let listener = tokio::net::TcpListener::bind(args.api_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.api_addr))?;
+    let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let node = Node {
+        node_id: node_id(&data_dir).map_err(|e| e.to_string())?,
+        public_host: args.public_host.clone(),
+        regions: regions.clone(),
+        started_at: control.now(),
+    };
+    let agent_cfg = AgentConfig {
+        node_id: node.node_id.clone(),
+        data_dir: data_dir.clone(),
+        public_host: args.public_host.clone(),
+        proxy_ip: args.proxy_bind,
+        port_range: args.port_range,
+        isolation,
+        bind_timeout: secs(args.bind_timeout, "bind-timeout")?,
+        stop_grace: secs(args.stop_grace, "stop-grace")?,
+        api_addr,
+        exe: std::env::current_exe().map_err(|e| e.to_string())?,
+        instance: instance_key(&data_dir),
+    };
+    control.put_node(&node).await.map_err(|e| e.to_string())?;
+    let agent = Agent::start(agent_cfg, control.local_link())
+        .await
+        .map_err(|e| format!("cannot start the node agent ({isolation:?} isolation): {e}"))?;
+    control.register_local_node(node, agent.clone()).await.map_err(|e| e.to_string())?;
+    let _reconciler = control.spawn_reconciler();
+    let _ping = spawn_ping(args.ping_port).await;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    {
+        let (ready, agent) = (ready.clone(), agent.clone());
+        tokio::spawn(async move {
+            while !agent.ready() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ready.store(true, Ordering::Release);
+        });
+    }
+    let state = lodge_api::AppState {
+        control: control.clone(),
+        ready,
+        public_host: args.public_host.clone(),
+        ping_port: args.ping_port,
+        regions: regions.unwrap_or_else(|| Region::ALL.to_vec()),
+    };
+    tracing::info!(
+        api = %format!("http://{api_addr}"),
+        org_id = %org.org_id,
+        data_dir = %data_dir.display(),
+        isolation = ?isolation,
+        ports = %format!("{}-{}", args.port_range.0, args.port_range.1),
+        "Lodge is serving"
+    );
+    axum::serve(listener, lodge_api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("shutting down; game-server processes keep running and are re-adopted on the next start");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    tokio::select! {
+        _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+        _ = async { if let Some(i) = int.as_mut() { i.recv().await; } else { std::future::pending::<()>().await } } => {}
+    }
+}
+
+/// UDP echo for region latency measurement (what Hathora's ping fleet answered on port 10000).
+async fn spawn_ping(port: u16) -> Option<tokio::task::JoinHandle<()>> {
+    let socket = match tokio::net::UdpSocket::bind(("0.0.0.0", port)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(port, error = %e, "ping service disabled: cannot bind its UDP port");
+            return None;
+        }
+    };
+    Some(tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&buf[..n], peer).await;
+            }
+        }
+    }))
+}

@@ -1,0 +1,199 @@
+//! Entities as Lodge stores them. They serialize to JSON documents in the store; the exact
+//! Hathora wire shapes live in [`crate::wire`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::Millis;
+use crate::enums::*;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Org {
+    pub org_id: String,
+    pub name: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrgToken {
+    pub org_token_id: String,
+    pub org_id: String,
+    pub name: String,
+    pub status: OrgTokenStatus,
+    pub last_four_chars_of_key: String,
+    pub created_at: Millis,
+    pub created_by: String,
+    /// `"admin"` or a list of scopes, exactly as given; `None` means admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct App {
+    pub app_id: String,
+    pub app_name: String,
+    pub app_secret: String,
+    pub org_id: String,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub deleted_at: Option<Millis>,
+    pub deleted_by: Option<String>,
+    pub auth_configuration: Value,
+    pub service_config: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadSession {
+    pub size: u64,
+    pub max_chunk_size: u64,
+    pub parts: u32,
+    /// Unguessable token embedded in the presigned part and completion URLs.
+    pub secret: String,
+    pub completed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Build {
+    pub build_id: String,
+    pub org_id: String,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub status: BuildStatus,
+    pub image_size: u64,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub deleted_at: Option<Millis>,
+    pub build_tag: Option<String>,
+    pub content_hash: Option<String>,
+    pub upload: Option<UploadSession>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    pub name: String,
+    pub port: u16,
+    pub transport_type: TransportType,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployment {
+    pub deployment_id: String,
+    pub app_id: String,
+    pub build_id: String,
+    pub build_tag: Option<String>,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub idle_timeout_enabled: bool,
+    pub env: Vec<EnvVar>,
+    pub rooms_per_process: u32,
+    pub default_container_port: ContainerPort,
+    pub additional_container_ports: Vec<ContainerPort>,
+    #[serde(rename = "requestedCPU")]
+    pub requested_cpu: f64,
+    #[serde(rename = "requestedMemoryMB")]
+    pub requested_memory_mb: f64,
+    #[serde(rename = "requestedGPU")]
+    pub requested_gpu: Option<f64>,
+    pub deployment_tag: Option<String>,
+    pub fleet_id: Option<String>,
+}
+
+impl Deployment {
+    /// Default port first, then the additional ones.
+    pub fn ports(&self) -> impl Iterator<Item = &ContainerPort> {
+        std::iter::once(&self.default_container_port).chain(self.additional_container_ports.iter())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposedPort {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub transport_type: TransportType,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Process {
+    pub process_id: String,
+    pub app_id: String,
+    pub deployment_id: String,
+    pub node_id: String,
+    pub region: Region,
+    pub status: ProcessStatus,
+    pub rooms_per_process: u32,
+    pub rooms_allocated: u32,
+    /// Public ports, default first; known once the node has started the process.
+    pub exposed_ports: Vec<ExposedPort>,
+    pub created_at: Millis,
+    pub scheduled_at: Option<Millis>,
+    pub booted_at: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub stopping_at: Option<Millis>,
+    pub terminated_at: Option<Millis>,
+    pub summary_exit_reason: Option<String>,
+    /// Last time the process had a room or a connection (idle reaper).
+    pub last_busy_at: Millis,
+    pub initial_room_id: Option<String>,
+    pub initial_room_config: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomAllocation {
+    pub room_allocation_id: String,
+    pub process_id: String,
+    pub scheduled_at: Millis,
+    pub unscheduled_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Room {
+    pub room_id: String,
+    pub app_id: String,
+    pub status: RoomStatus,
+    pub room_config: Option<String>,
+    pub created_at: Millis,
+    /// Oldest first.
+    pub allocations: Vec<RoomAllocation>,
+}
+
+impl Room {
+    pub fn current_allocation(&self) -> Option<&RoomAllocation> {
+        self.allocations.last().filter(|a| a.unscheduled_at.is_none())
+    }
+}
+
+/// A machine that runs processes: the embedded one in `lodge serve`, or a joined agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub node_id: String,
+    pub public_host: String,
+    /// `None` serves every region.
+    pub regions: Option<Vec<Region>>,
+    pub started_at: Millis,
+}
+
+impl Node {
+    pub fn serves(&self, region: Region) -> bool {
+        self.regions.as_ref().is_none_or(|r| r.contains(&region))
+    }
+}

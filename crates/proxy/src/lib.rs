@@ -1,0 +1,353 @@
+//! The data plane: every public port forwards to one process port, over TCP or UDP.
+//!
+//! A [`Route`] owns its listener and every connection or UDP session it accepted; dropping it
+//! closes them all, which is how a process's ports are released when it ends. Counters are per
+//! process and shared by all of its routes.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+
+/// How long a UDP session lives without traffic.
+pub const UDP_SESSION_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Open TCP connections plus live UDP sessions.
+    pub active_connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    /// Bytes from players to the process.
+    pub bytes_in: AtomicU64,
+    /// Bytes from the process to players.
+    pub bytes_out: AtomicU64,
+}
+
+impl Counters {
+    pub fn active(&self) -> u64 {
+        self.active_connections.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements the active count when a connection or session ends, however it ends.
+struct ActiveGuard(Arc<Counters>);
+
+impl ActiveGuard {
+    fn new(c: &Arc<Counters>) -> Self {
+        c.active_connections.fetch_add(1, Ordering::Relaxed);
+        c.total_connections.fetch_add(1, Ordering::Relaxed);
+        Self(c.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// A forwarding public port. Dropping it stops the listener and every flow it carries.
+#[derive(Debug)]
+pub struct Route {
+    pub public: SocketAddr,
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Start forwarding `public` to `target`. Binds before returning, so a taken port is an error
+/// the caller sees.
+pub async fn open(public: SocketAddr, target: SocketAddr, protocol: Protocol, counters: Arc<Counters>) -> io::Result<Route> {
+    let task = match protocol {
+        Protocol::Tcp => {
+            let listener = TcpListener::bind(public).await?;
+            tokio::spawn(tcp_accept_loop(listener, target, counters))
+        }
+        Protocol::Udp => {
+            let socket = bind_udp(public)?;
+            tokio::spawn(udp_loop(socket, target, counters))
+        }
+    };
+    Ok(Route { public, target, protocol, task })
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let std = std::net::UdpSocket::bind(addr)?;
+    std.set_nonblocking(true)?;
+    UdpSocket::from_std(std)
+}
+
+async fn tcp_accept_loop(listener: TcpListener, target: SocketAddr, counters: Arc<Counters>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, peer)) => {
+                    let counters = counters.clone();
+                    conns.spawn(async move {
+                        let _guard = ActiveGuard::new(&counters);
+                        if let Err(e) = tcp_pipe(client, target, &counters).await {
+                            tracing::debug!(%peer, %target, error = %e, "tcp flow ended with error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn tcp_pipe(client: TcpStream, target: SocketAddr, counters: &Counters) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let upstream = TcpStream::connect(target).await?;
+    upstream.set_nodelay(true)?;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let inbound = copy_counted(&mut cr, &mut uw, &counters.bytes_in);
+    let outbound = copy_counted(&mut ur, &mut cw, &counters.bytes_out);
+    let (a, b) = tokio::join!(inbound, outbound);
+    a.and(b)
+}
+
+async fn copy_counted<R, W>(r: &mut R, w: &mut W, counter: &AtomicU64) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+struct UdpSession {
+    upstream: Arc<UdpSocket>,
+    last_seen: Arc<AtomicU64>,
+    _task: tokio::task::JoinHandle<()>,
+    _guard: ActiveGuard,
+}
+
+impl Drop for UdpSession {
+    fn drop(&mut self) {
+        self._task.abort();
+    }
+}
+
+fn now_secs(start: tokio::time::Instant) -> u64 {
+    start.elapsed().as_secs()
+}
+
+/// One upstream socket per player address, so the game server sees each player as a distinct
+/// peer, and replies go back through the public socket to that player.
+async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>) {
+    let public = Arc::new(public);
+    let sessions: Arc<Mutex<HashMap<SocketAddr, UdpSession>>> = Arc::default();
+    let start = tokio::time::Instant::now();
+    let sweeper = {
+        let sessions = sessions.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let now = now_secs(start);
+                sessions
+                    .lock()
+                    .await
+                    .retain(|_, s| now.saturating_sub(s.last_seen.load(Ordering::Relaxed)) < UDP_SESSION_TTL.as_secs());
+            }
+        })
+    };
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _sweeper = AbortOnDrop(sweeper);
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, peer) = match public.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here on Linux; they are not fatal.
+                tracing::debug!(error = %e, "udp recv error");
+                continue;
+            }
+        };
+        let mut map = sessions.lock().await;
+        let session = match map.get(&peer) {
+            Some(s) => s,
+            None => match new_udp_session(&public, peer, target, &counters, start).await {
+                Ok(s) => map.entry(peer).or_insert(s),
+                Err(e) => {
+                    tracing::warn!(%peer, %target, error = %e, "cannot open udp session");
+                    continue;
+                }
+            },
+        };
+        session.last_seen.store(now_secs(start), Ordering::Relaxed);
+        let upstream = session.upstream.clone();
+        drop(map);
+        if upstream.send(&buf[..n]).await.is_ok() {
+            counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn new_udp_session(
+    public: &Arc<UdpSocket>,
+    peer: SocketAddr,
+    target: SocketAddr,
+    counters: &Arc<Counters>,
+    start: tokio::time::Instant,
+) -> io::Result<UdpSession> {
+    let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let upstream = Arc::new(bind_udp(bind)?);
+    upstream.connect(target).await?;
+    let last_seen = Arc::new(AtomicU64::new(now_secs(start)));
+    let task = {
+        let (upstream, public, counters, last_seen) =
+            (upstream.clone(), public.clone(), counters.clone(), last_seen.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                match upstream.recv(&mut buf).await {
+                    Ok(n) => {
+                        last_seen.store(now_secs(start), Ordering::Relaxed);
+                        if public.send_to(&buf[..n], peer).await.is_ok() {
+                            counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                    // ECONNREFUSED while the server is not (yet) bound: keep the session.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+    };
+    Ok(UdpSession { upstream, last_seen, _task: task, _guard: ActiveGuard::new(counters) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn udp_echo() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, p)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], p).await;
+            }
+        });
+        addr
+    }
+
+    async fn tcp_echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn free_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let u = std::net::UdpSocket::bind(l.local_addr().unwrap());
+        drop(u);
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn udp_forwarding_counts_sessions_and_bytes() {
+        let target = udp_echo().await;
+        let counters = Arc::new(Counters::default());
+        let public = free_port();
+        let route = open(public, target, Protocol::Udp, counters.clone()).await.unwrap();
+        let mut clients = Vec::new();
+        for i in 0..3u8 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.send_to(&[i; 10], public).await.unwrap();
+            let mut buf = [0u8; 64];
+            let (n, from) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(&buf[..n], &[i; 10]);
+            assert_eq!(from, public, "replies come from the public port");
+            clients.push(c);
+        }
+        assert_eq!(counters.active(), 3);
+        assert_eq!(counters.bytes_in.load(Ordering::Relaxed), 30);
+        assert_eq!(counters.bytes_out.load(Ordering::Relaxed), 30);
+        drop(route);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counters.active(), 0, "dropping the route ends its sessions");
+        // The port is released.
+        std::net::UdpSocket::bind(public).unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_forwarding_and_release() {
+        let target = tcp_echo().await;
+        let counters = Arc::new(Counters::default());
+        let public = free_port();
+        let route = open(public, target, Protocol::Tcp, counters.clone()).await.unwrap();
+        let mut c = TcpStream::connect(public).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(counters.active(), 1);
+        drop(c);
+        for _ in 0..100 {
+            if counters.active() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(counters.active(), 0);
+        assert_eq!(counters.bytes_in.load(Ordering::Relaxed), 5);
+        drop(route);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::net::TcpListener::bind(public).unwrap();
+    }
+
+    #[tokio::test]
+    async fn taken_port_is_an_error() {
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let r = open(taken.local_addr().unwrap(), "127.0.0.1:9".parse().unwrap(), Protocol::Udp, Arc::default()).await;
+        assert!(r.is_err());
+    }
+}

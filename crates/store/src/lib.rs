@@ -1,0 +1,120 @@
+//! Persistence behind one trait. Every state change that matters to correctness (placing a room,
+//! ending a process) is a single atomic method here, written as a conditional update so that
+//! several control-plane replicas sharing one database (PostgreSQL) stay correct without any
+//! state held in memory.
+
+use async_trait::async_trait;
+use lodge_model::*;
+
+mod sqlite;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A conditional update lost a race (for example the process filled up); retry.
+    #[error("{0}")]
+    Conflict(String),
+    /// A uniqueness rule (id or name already taken); the message says which.
+    #[error("{0}")]
+    Duplicate(String),
+    #[error("storage error: {0}")]
+    Backend(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Filter for process listings. Empty vectors mean "any".
+#[derive(Debug, Clone, Default)]
+pub struct ProcessQuery {
+    pub app_id: Option<String>,
+    pub node_id: Option<String>,
+    pub deployment_id: Option<String>,
+    pub statuses: Vec<ProcessStatus>,
+    pub regions: Vec<Region>,
+    /// Only processes created strictly before this time.
+    pub created_before: Option<Millis>,
+    pub limit: Option<u32>,
+}
+
+/// Where a room goes.
+#[derive(Debug, Clone)]
+pub enum PlaceTarget {
+    /// An existing process; fails with `Conflict` if it is full or no longer placeable.
+    Existing(String),
+    /// A new process, inserted with this room as its first.
+    New(Box<Process>),
+}
+
+/// A process that ended, and the rooms that ended with it.
+#[derive(Debug, Clone)]
+pub struct EndedProcess {
+    pub process: Process,
+    pub destroyed_rooms: Vec<String>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn put_org(&self, org: &Org) -> Result<()>;
+    async fn orgs(&self) -> Result<Vec<Org>>;
+
+    /// Fails with `Conflict` when an active token of the org has the same name.
+    async fn insert_token(&self, token: &OrgToken, secret_hash: &str) -> Result<()>;
+    async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>>;
+    async fn tokens(&self, org_id: &str) -> Result<Vec<OrgToken>>;
+    async fn revoke_token(&self, org_id: &str, token_id: &str) -> Result<Option<OrgToken>>;
+
+    /// Fails with `Conflict` when a live app of the org has the same name.
+    async fn insert_app(&self, app: &App) -> Result<()>;
+    async fn update_app(&self, app: &App) -> Result<()>;
+    async fn app(&self, app_id: &str) -> Result<Option<App>>;
+    async fn apps(&self, org_id: &str) -> Result<Vec<App>>;
+
+    /// Fails with `Conflict` when the id is taken.
+    async fn insert_build(&self, build: &Build) -> Result<()>;
+    async fn update_build(&self, build: &Build) -> Result<()>;
+    async fn build(&self, build_id: &str) -> Result<Option<Build>>;
+    async fn builds(&self, org_id: &str) -> Result<Vec<Build>>;
+
+    async fn insert_deployment(&self, deployment: &Deployment) -> Result<()>;
+    async fn deployment(&self, deployment_id: &str) -> Result<Option<Deployment>>;
+    /// Newest first.
+    async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>>;
+
+    async fn put_node(&self, node: &Node) -> Result<()>;
+    async fn nodes(&self) -> Result<Vec<Node>>;
+
+    async fn process(&self, process_id: &str) -> Result<Option<Process>>;
+    /// Newest first.
+    async fn processes(&self, query: &ProcessQuery) -> Result<Vec<Process>>;
+    async fn count_processes(&self, query: &ProcessQuery) -> Result<u64>;
+    async fn insert_process(&self, process: &Process) -> Result<()>;
+    /// Read-modify-write of one live (non-terminal) process in one transaction. `change`
+    /// returns false to leave it untouched. Terminal processes are never modified here; use
+    /// [`Store::end_process`]. Returns the process as stored afterwards.
+    async fn update_process(
+        &self,
+        process_id: &str,
+        change: &(dyn for<'p> Fn(&'p mut Process) -> bool + Send + Sync),
+    ) -> Result<Option<Process>>;
+    /// Mark a live process stopped or failed and destroy its rooms, atomically. `None` if it
+    /// was unknown or already ended.
+    async fn end_process(
+        &self,
+        process_id: &str,
+        status: ProcessStatus,
+        at: Millis,
+        reason: &str,
+    ) -> Result<Option<EndedProcess>>;
+
+    async fn room(&self, room_id: &str) -> Result<Option<Room>>;
+    /// Rooms currently on the process (`active`) or formerly on it.
+    async fn rooms_of_process(&self, process_id: &str, active: bool) -> Result<Vec<Room>>;
+    /// Allocate `room` (whose last allocation names the target process) atomically: take a
+    /// slot on an existing process or insert the new one. A room that already exists is
+    /// re-allocated only if it has no current allocation (resume); otherwise `Conflict`.
+    async fn place_room(&self, room: &Room, target: PlaceTarget) -> Result<()>;
+    /// End the room's current allocation, freeing the slot, and set its status (`destroyed` or
+    /// `suspended`). `None` if the room is unknown or already in that state.
+    async fn unallocate_room(&self, room_id: &str, status: RoomStatus, at: Millis) -> Result<Option<Room>>;
+    async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool>;
+}

@@ -1,0 +1,658 @@
+//! The embedded store: one SQLite file in WAL mode behind a mutex. Writes are single-row or
+//! short transactions, so one connection keeps up with the API (see the store benchmark).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use lodge_model::*;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{EndedProcess, PlaceTarget, ProcessQuery, Result, Store, StoreError};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE orgs (org_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE tokens (
+    org_token_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    active INTEGER NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    doc TEXT NOT NULL
+);
+CREATE UNIQUE INDEX tokens_active_name ON tokens (org_id, name) WHERE active = 1;
+CREATE TABLE apps (
+    app_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    app_name TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE UNIQUE INDEX apps_live_name ON apps (org_id, app_name) WHERE deleted = 0;
+CREATE TABLE builds (build_id TEXT PRIMARY KEY, org_id TEXT NOT NULL, created_at INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX builds_org ON builds (org_id, created_at);
+CREATE TABLE deployments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment_id TEXT NOT NULL UNIQUE,
+    app_id TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX deployments_app ON deployments (app_id, seq);
+CREATE TABLE nodes (node_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE processes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    process_id TEXT NOT NULL UNIQUE,
+    app_id TEXT NOT NULL,
+    deployment_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    status TEXT NOT NULL,
+    rooms_per_process INTEGER NOT NULL,
+    rooms_allocated INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX processes_app ON processes (app_id, created_at);
+CREATE INDEX processes_place ON processes (deployment_id, region, status);
+CREATE INDEX processes_node ON processes (node_id, status);
+CREATE TABLE rooms (
+    room_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    process_id TEXT,
+    doc TEXT NOT NULL
+);
+CREATE INDEX rooms_process ON rooms (process_id);
+CREATE TABLE allocations (
+    room_allocation_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    process_id TEXT NOT NULL,
+    scheduled_at INTEGER NOT NULL,
+    unscheduled_at INTEGER,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX allocations_room ON allocations (room_id, seq);
+CREATE INDEX allocations_process ON allocations (process_id, unscheduled_at);
+"#];
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(backend)
+}
+
+fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(backend)
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+/// Map a uniqueness violation to `Duplicate(msg)`.
+fn unique(e: rusqlite::Error, msg: impl FnOnce() -> String) -> StoreError {
+    if is_unique_violation(&e) {
+        StoreError::Duplicate(msg())
+    } else {
+        backend(e)
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database file and apply pending migrations.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(backend)?;
+        Self::init(conn)
+    }
+
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(backend)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+            conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))
+                .map_err(backend)?;
+        }
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+}
+
+fn docs<T: DeserializeOwned>(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let rows = stmt.query_map(params, |r| r.get::<_, String>(0)).map_err(backend)?;
+    rows.map(|r| from_json(&r.map_err(backend)?)).collect()
+}
+
+fn doc<T: DeserializeOwned>(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Option<T>> {
+    let s: Option<String> = conn.query_row(sql, params, |r| r.get(0)).optional().map_err(backend)?;
+    s.map(|s| from_json(&s)).transpose()
+}
+
+const PROCESS_COLS: &str = "doc, status, rooms_allocated";
+
+fn read_process(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, u32)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+fn process_from((doc, status, allocated): (String, String, u32)) -> Result<Process> {
+    let mut p: Process = from_json(&doc)?;
+    p.status = status.parse().map_err(backend)?;
+    p.rooms_allocated = allocated;
+    Ok(p)
+}
+
+fn load_process(conn: &Connection, id: &str) -> Result<Option<Process>> {
+    conn.query_row(
+        &format!("SELECT {PROCESS_COLS} FROM processes WHERE process_id = ?1"),
+        params![id],
+        read_process,
+    )
+    .optional()
+    .map_err(backend)?
+    .map(process_from)
+    .transpose()
+}
+
+fn write_process(conn: &Connection, p: &Process) -> Result<()> {
+    conn.execute(
+        "UPDATE processes SET status = ?2, rooms_allocated = ?3, doc = ?4 WHERE process_id = ?1",
+        params![p.process_id, p.status.as_str(), p.rooms_allocated, to_json(p)?],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn insert_process_row(conn: &Connection, p: &Process) -> Result<()> {
+    conn.execute(
+        "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, doc)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            p.process_id,
+            p.app_id,
+            p.deployment_id,
+            p.node_id,
+            p.region.as_str(),
+            p.status.as_str(),
+            p.rooms_per_process,
+            p.rooms_allocated,
+            p.created_at,
+            to_json(p)?
+        ],
+    )
+    .map_err(|e| unique(e, || format!("process {} already exists", p.process_id)))?;
+    Ok(())
+}
+
+/// The room document holds everything but the allocations, which have their own table.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RoomDoc {
+    room_config: Option<String>,
+    created_at: Millis,
+}
+
+fn load_room(conn: &Connection, id: &str) -> Result<Option<Room>> {
+    let row: Option<(String, String, String)> = conn
+        .query_row("SELECT app_id, status, doc FROM rooms WHERE room_id = ?1", params![id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(backend)?;
+    let Some((app_id, status, doc)) = row else { return Ok(None) };
+    let d: RoomDoc = from_json(&doc)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT room_allocation_id, process_id, scheduled_at, unscheduled_at FROM allocations WHERE room_id = ?1 ORDER BY seq",
+        )
+        .map_err(backend)?;
+    let allocations = stmt
+        .query_map(params![id], |r| {
+            Ok(RoomAllocation {
+                room_allocation_id: r.get(0)?,
+                process_id: r.get(1)?,
+                scheduled_at: r.get(2)?,
+                unscheduled_at: r.get(3)?,
+            })
+        })
+        .map_err(backend)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(backend)?;
+    Ok(Some(Room {
+        room_id: id.to_string(),
+        app_id,
+        status: status.parse().map_err(backend)?,
+        room_config: d.room_config,
+        created_at: d.created_at,
+        allocations,
+    }))
+}
+
+/// Free one slot and close the room's current allocation.
+fn close_allocation(conn: &Connection, room_id: &str, process_id: &str, at: Millis) -> Result<()> {
+    conn.execute(
+        "UPDATE allocations SET unscheduled_at = ?3 WHERE room_id = ?1 AND process_id = ?2 AND unscheduled_at IS NULL",
+        params![room_id, process_id, at],
+    )
+    .map_err(backend)?;
+    conn.execute(
+        "UPDATE processes SET rooms_allocated = rooms_allocated - 1 WHERE process_id = ?1 AND rooms_allocated > 0",
+        params![process_id],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn process_where(q: &ProcessQuery) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = String::from(" WHERE 1=1");
+    let mut args: Vec<Value> = Vec::new();
+    let eq = |col: &str, v: &Option<String>, sql: &mut String, args: &mut Vec<Value>| {
+        if let Some(v) = v {
+            args.push(Value::Text(v.clone()));
+            sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+        }
+    };
+    eq("app_id", &q.app_id, &mut sql, &mut args);
+    eq("node_id", &q.node_id, &mut sql, &mut args);
+    eq("deployment_id", &q.deployment_id, &mut sql, &mut args);
+    let any = |col: &str, vals: Vec<&str>, sql: &mut String, args: &mut Vec<Value>| {
+        if vals.is_empty() {
+            return;
+        }
+        let mut marks = Vec::new();
+        for v in vals {
+            args.push(Value::Text(v.to_string()));
+            marks.push(format!("?{}", args.len()));
+        }
+        sql.push_str(&format!(" AND {col} IN ({})", marks.join(",")));
+    };
+    any("status", q.statuses.iter().map(|s| s.as_str()).collect(), &mut sql, &mut args);
+    any("region", q.regions.iter().map(|s| s.as_str()).collect(), &mut sql, &mut args);
+    if let Some(before) = q.created_before {
+        args.push(Value::Integer(before));
+        sql.push_str(&format!(" AND created_at < ?{}", args.len()));
+    }
+    (sql, args)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_org(&self, org: &Org) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO orgs (org_id, doc) VALUES (?1, ?2) ON CONFLICT (org_id) DO NOTHING",
+                params![org.org_id, to_json(org)?],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    async fn orgs(&self) -> Result<Vec<Org>> {
+        self.with(|c| docs(c, "SELECT doc FROM orgs ORDER BY rowid", []))
+    }
+
+    async fn insert_token(&self, t: &OrgToken, secret_hash: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (org_token_id, org_id, name, active, secret_hash, doc) VALUES (?1, ?2, ?3, 1, ?4, ?5)",
+                params![t.org_token_id, t.org_id, t.name, secret_hash, to_json(t)?],
+            )
+            .map_err(|e| unique(e, || format!("a token named '{}' already exists", t.name)))?;
+            Ok(())
+        })
+    }
+
+    async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>> {
+        self.with(|c| doc(c, "SELECT doc FROM tokens WHERE secret_hash = ?1", params![secret_hash]))
+    }
+
+    async fn tokens(&self, org_id: &str) -> Result<Vec<OrgToken>> {
+        self.with(|c| docs(c, "SELECT doc FROM tokens WHERE org_id = ?1 ORDER BY rowid", params![org_id]))
+    }
+
+    async fn revoke_token(&self, org_id: &str, token_id: &str) -> Result<Option<OrgToken>> {
+        self.with(|c| {
+            let tx = c.transaction().map_err(backend)?;
+            let t: Option<OrgToken> = doc(
+                &tx,
+                "SELECT doc FROM tokens WHERE org_id = ?1 AND org_token_id = ?2",
+                params![org_id, token_id],
+            )?;
+            let Some(mut t) = t else { return Ok(None) };
+            t.status = OrgTokenStatus::Revoked;
+            tx.execute(
+                "UPDATE tokens SET active = 0, doc = ?2 WHERE org_token_id = ?1",
+                params![token_id, to_json(&t)?],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(Some(t))
+        })
+    }
+
+    async fn insert_app(&self, app: &App) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO apps (app_id, org_id, app_name, deleted, doc) VALUES (?1, ?2, ?3, 0, ?4)",
+                params![app.app_id, app.org_id, app.app_name, to_json(app)?],
+            )
+            .map_err(|e| unique(e, || format!("an application named '{}' already exists", app.app_name)))?;
+            Ok(())
+        })
+    }
+
+    async fn update_app(&self, app: &App) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE apps SET app_name = ?2, deleted = ?3, doc = ?4 WHERE app_id = ?1",
+                params![app.app_id, app.app_name, app.deleted_at.is_some(), to_json(app)?],
+            )
+            .map_err(|e| unique(e, || format!("an application named '{}' already exists", app.app_name)))?;
+            Ok(())
+        })
+    }
+
+    async fn app(&self, app_id: &str) -> Result<Option<App>> {
+        self.with(|c| doc(c, "SELECT doc FROM apps WHERE app_id = ?1", params![app_id]))
+    }
+
+    async fn apps(&self, org_id: &str) -> Result<Vec<App>> {
+        self.with(|c| docs(c, "SELECT doc FROM apps WHERE org_id = ?1 AND deleted = 0 ORDER BY rowid", params![org_id]))
+    }
+
+    async fn insert_build(&self, b: &Build) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO builds (build_id, org_id, created_at, doc) VALUES (?1, ?2, ?3, ?4)",
+                params![b.build_id, b.org_id, b.created_at, to_json(b)?],
+            )
+            .map_err(|e| unique(e, || format!("build id '{}' is already taken", b.build_id)))?;
+            Ok(())
+        })
+    }
+
+    async fn update_build(&self, b: &Build) -> Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE builds SET doc = ?2 WHERE build_id = ?1", params![b.build_id, to_json(b)?])
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    async fn build(&self, build_id: &str) -> Result<Option<Build>> {
+        self.with(|c| doc(c, "SELECT doc FROM builds WHERE build_id = ?1", params![build_id]))
+    }
+
+    async fn builds(&self, org_id: &str) -> Result<Vec<Build>> {
+        self.with(|c| {
+            docs(c, "SELECT doc FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, rowid DESC", params![org_id])
+        })
+    }
+
+    async fn insert_deployment(&self, d: &Deployment) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO deployments (deployment_id, app_id, doc) VALUES (?1, ?2, ?3)",
+                params![d.deployment_id, d.app_id, to_json(d)?],
+            )
+            .map_err(|e| unique(e, || format!("deployment {} already exists", d.deployment_id)))?;
+            Ok(())
+        })
+    }
+
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
+        self.with(|c| doc(c, "SELECT doc FROM deployments WHERE deployment_id = ?1", params![id]))
+    }
+
+    async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
+        self.with(|c| docs(c, "SELECT doc FROM deployments WHERE app_id = ?1 ORDER BY seq DESC", params![app_id]))
+    }
+
+    async fn put_node(&self, n: &Node) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO nodes (node_id, doc) VALUES (?1, ?2) ON CONFLICT (node_id) DO UPDATE SET doc = excluded.doc",
+                params![n.node_id, to_json(n)?],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    async fn nodes(&self) -> Result<Vec<Node>> {
+        self.with(|c| docs(c, "SELECT doc FROM nodes ORDER BY node_id", []))
+    }
+
+    async fn process(&self, id: &str) -> Result<Option<Process>> {
+        self.with(|c| load_process(c, id))
+    }
+
+    async fn processes(&self, q: &ProcessQuery) -> Result<Vec<Process>> {
+        let (w, args) = process_where(q);
+        let limit = q.limit.map(|l| format!(" LIMIT {l}")).unwrap_or_default();
+        let sql = format!("SELECT {PROCESS_COLS} FROM processes{w} ORDER BY created_at DESC, seq DESC{limit}");
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+            let rows = stmt.query_map(params_from_iter(args), read_process).map_err(backend)?;
+            rows.map(|r| process_from(r.map_err(backend)?)).collect()
+        })
+    }
+
+    async fn count_processes(&self, q: &ProcessQuery) -> Result<u64> {
+        let (w, args) = process_where(q);
+        self.with(|c| {
+            c.query_row(&format!("SELECT COUNT(*) FROM processes{w}"), params_from_iter(args), |r| r.get(0))
+                .map_err(backend)
+        })
+    }
+
+    async fn insert_process(&self, p: &Process) -> Result<()> {
+        self.with(|c| insert_process_row(c, p))
+    }
+
+    async fn update_process(
+        &self,
+        id: &str,
+        change: &(dyn for<'p> Fn(&'p mut Process) -> bool + Send + Sync),
+    ) -> Result<Option<Process>> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let Some(mut p) = load_process(&tx, id)? else { return Ok(None) };
+            if p.status.is_terminal() {
+                return Ok(Some(p));
+            }
+            let allocated = p.rooms_allocated;
+            if change(&mut p) {
+                p.rooms_allocated = allocated;
+                write_process(&tx, &p)?;
+                tx.commit().map_err(backend)?;
+            }
+            Ok(Some(p))
+        })
+    }
+
+    async fn end_process(&self, id: &str, status: ProcessStatus, at: Millis, reason: &str) -> Result<Option<EndedProcess>> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let Some(mut p) = load_process(&tx, id)? else { return Ok(None) };
+            if p.status.is_terminal() {
+                return Ok(None);
+            }
+            let room_ids: Vec<String> = {
+                let mut stmt = tx
+                    .prepare_cached("SELECT room_id FROM rooms WHERE process_id = ?1")
+                    .map_err(backend)?;
+                let rows = stmt.query_map(params![id], |r| r.get(0)).map_err(backend)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+            };
+            tx.execute(
+                "UPDATE allocations SET unscheduled_at = ?2 WHERE process_id = ?1 AND unscheduled_at IS NULL",
+                params![id, at],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "UPDATE rooms SET status = 'destroyed', process_id = NULL WHERE process_id = ?1",
+                params![id],
+            )
+            .map_err(backend)?;
+            p.status = status;
+            p.rooms_allocated = 0;
+            p.terminated_at = Some(at);
+            p.stopping_at.get_or_insert(at);
+            p.summary_exit_reason = Some(reason.to_string());
+            write_process(&tx, &p)?;
+            tx.commit().map_err(backend)?;
+            Ok(Some(EndedProcess { process: p, destroyed_rooms: room_ids }))
+        })
+    }
+
+    async fn room(&self, room_id: &str) -> Result<Option<Room>> {
+        self.with(|c| load_room(c, room_id))
+    }
+
+    async fn rooms_of_process(&self, process_id: &str, active: bool) -> Result<Vec<Room>> {
+        self.with(|c| {
+            let sql = if active {
+                "SELECT room_id FROM rooms WHERE process_id = ?1 ORDER BY rowid"
+            } else {
+                "SELECT DISTINCT a.room_id FROM allocations a
+                 WHERE a.process_id = ?1 AND a.unscheduled_at IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM rooms r WHERE r.room_id = a.room_id AND r.process_id = ?1)
+                 ORDER BY a.scheduled_at"
+            };
+            let ids: Vec<String> = {
+                let mut stmt = c.prepare_cached(sql).map_err(backend)?;
+                let rows = stmt.query_map(params![process_id], |r| r.get(0)).map_err(backend)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+            };
+            ids.iter().filter_map(|id| load_room(c, id).transpose()).collect()
+        })
+    }
+
+    async fn place_room(&self, room: &Room, target: PlaceTarget) -> Result<()> {
+        let alloc = room
+            .allocations
+            .last()
+            .ok_or_else(|| StoreError::Backend("room to place has no allocation".into()))?;
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            match &target {
+                PlaceTarget::Existing(pid) => {
+                    let n = tx
+                        .execute(
+                            "UPDATE processes SET rooms_allocated = rooms_allocated + 1
+                             WHERE process_id = ?1 AND rooms_allocated < rooms_per_process
+                               AND status IN ('starting', 'running')",
+                            params![pid],
+                        )
+                        .map_err(backend)?;
+                    if n == 0 {
+                        return Err(StoreError::Conflict(format!("process {pid} has no free slot")));
+                    }
+                    tx.execute(
+                        "UPDATE processes SET doc = json_set(doc, '$.lastBusyAt', ?2) WHERE process_id = ?1",
+                        params![pid, alloc.scheduled_at],
+                    )
+                    .map_err(backend)?;
+                }
+                PlaceTarget::New(p) => insert_process_row(&tx, p)?,
+            }
+            let doc = to_json(&RoomDoc { room_config: room.room_config.clone(), created_at: room.created_at })?;
+            let inserted = tx.execute(
+                "INSERT INTO rooms (room_id, app_id, status, process_id, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![room.room_id, room.app_id, room.status.as_str(), alloc.process_id, doc],
+            );
+            match inserted {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => {
+                    // Resume: allowed only for a room of the same app with no current slot.
+                    let n = tx
+                        .execute(
+                            "UPDATE rooms SET status = ?3, process_id = ?4 WHERE room_id = ?1 AND app_id = ?2
+                             AND process_id IS NULL AND status = 'suspended'",
+                            params![room.room_id, room.app_id, room.status.as_str(), alloc.process_id],
+                        )
+                        .map_err(backend)?;
+                    if n == 0 {
+                        return Err(StoreError::Duplicate(format!("room id '{}' is already taken", room.room_id)));
+                    }
+                }
+                Err(e) => return Err(backend(e)),
+            }
+            let seq: i64 = tx
+                .query_row("SELECT COUNT(*) FROM allocations WHERE room_id = ?1", params![room.room_id], |r| r.get(0))
+                .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
+                 VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+                params![alloc.room_allocation_id, room.room_id, alloc.process_id, alloc.scheduled_at, seq],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+    }
+
+    async fn unallocate_room(&self, room_id: &str, status: RoomStatus, at: Millis) -> Result<Option<Room>> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let row: Option<(String, Option<String>)> = tx
+                .query_row("SELECT status, process_id FROM rooms WHERE room_id = ?1", params![room_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(backend)?;
+            let Some((current, pid)) = row else { return Ok(None) };
+            if current == status.as_str() || current == RoomStatus::Destroyed.as_str() {
+                return Ok(None);
+            }
+            if let Some(pid) = &pid {
+                close_allocation(&tx, room_id, pid, at)?;
+                tx.execute(
+                    "UPDATE processes SET doc = json_set(doc, '$.lastBusyAt', ?2) WHERE process_id = ?1",
+                    params![pid, at],
+                )
+                .map_err(backend)?;
+            }
+            tx.execute(
+                "UPDATE rooms SET status = ?2, process_id = NULL WHERE room_id = ?1",
+                params![room_id, status.as_str()],
+            )
+            .map_err(backend)?;
+            let room = load_room(&tx, room_id)?;
+            tx.commit().map_err(backend)?;
+            Ok(room)
+        })
+    }
+
+    async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE rooms SET doc = json_set(doc, '$.roomConfig', ?2) WHERE room_id = ?1 AND status != 'destroyed'",
+                    params![room_id, config],
+                )
+                .map_err(backend)?;
+            Ok(n > 0)
+        })
+    }
+}
