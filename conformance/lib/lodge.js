@@ -99,10 +99,31 @@ async function freeUdpPort() {
   return port;
 }
 
-/** A random 200-port window inside 40000-59999 that avoids the given ports. */
+/**
+ * A random 200-port window for the public proxy ports that avoids `avoid`.
+ * Windows below the kernel's ephemeral range (normally 20000-32767) are
+ * preferred: no client socket or port-0 bind can then squat on a port Lodge
+ * wants. Without room below it, the window falls inside 40000-59999.
+ */
 function pickPortRange(avoid) {
+  let low = 40000;
+  let high = 59999;
+  try {
+    const [ephemeralLow] = fs
+      .readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8')
+      .trim()
+      .split(/\s+/)
+      .map(Number);
+    if (ephemeralLow - 1 >= 20000 + 199 * 10) {
+      low = 20000;
+      high = ephemeralLow - 1;
+    }
+  } catch {
+    // not Linux, or not readable: keep the default
+  }
+  const windows = Math.floor((high - low + 1) / 200);
   for (;;) {
-    const start = 40000 + 200 * crypto.randomInt(0, 100);
+    const start = low + 200 * crypto.randomInt(0, windows);
     const end = start + 199;
     if (!avoid.some((p) => p >= start && p <= end)) return { start, end };
   }
@@ -160,6 +181,7 @@ export class Lodge {
     Object.assign(env, {
       LODGE_ADMIN_TOKEN: this.adminToken,
       RUST_LOG: process.env.RUST_LOG || 'info',
+      NO_COLOR: '1', // plain log lines in lodge.log
       ...this.extraEnv,
     });
 
@@ -367,7 +389,7 @@ export class Lodge {
 
   /**
    * A new app with a deployment of the echo server.
-   * opts: {roomsPerProcess, debug, deploymentTag} (see deployEcho).
+   * opts: {roomsPerProcess, debug, deploymentTag, env} (see deployEcho).
    */
   async echoApp(opts = {}) {
     const sdk = this.sdk();

@@ -84,6 +84,8 @@ test('GetDeployments pages through 25 deployments with nextPageToken', async () 
   let pages = 0;
   do {
     const url = new URL(`${lodge.url}/deployments/v3/apps/${encodeURIComponent(appId)}/deployments`);
+    // pageSize is a Lodge extension (default 100) so that paging is exercised with few rows.
+    url.searchParams.set('pageSize', '10');
     if (token !== undefined) url.searchParams.set('nextPageToken', token);
     const res = await fetch(url, { headers: { Authorization: `Bearer ${lodge.adminToken}` } });
     assert.equal(res.status, 200);
@@ -103,6 +105,7 @@ test('GetDeployments pages through 25 deployments with nextPageToken', async () 
     assert.ok(pages <= 26, 'paging terminates');
   } while (token !== undefined);
 
+  assert.equal(pages, 3, '25 deployments in pages of 10');
   assert.equal(new Set(seen).size, seen.length, 'no deployment appears twice');
   assert.deepEqual([...seen].sort(), [...created].sort(), 'every deployment appears');
 });

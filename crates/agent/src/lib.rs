@@ -224,12 +224,14 @@ impl Agent {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Remove the bridge (tests; a node normally keeps it across restarts).
-    pub async fn remove_network(&self) {
+    /// Remove the bridge and the cgroup parents (tests, uninstall; a node normally keeps them
+    /// across restarts so that live processes stay reachable).
+    pub async fn teardown_node(&self) {
         self.api_forward.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(net) = &self.network {
             let _ = net.remove_bridge().await;
         }
+        sys::Cgroups::remove_group(&self.cfg.cgroup_group());
     }
 
     async fn reconcile(self: &Arc<Self>) {
@@ -304,11 +306,13 @@ impl Agent {
                 (state, w, routes)
             }
             Adopt::Ended(exit) => {
-                self.finish(&spec, &dir, None, Vec::new(), exit, &stop_requested).await;
+                let failed = !exit.clean() && !spec.stop;
+                self.finish(&spec, &dir, None, Vec::new(), exit, failed).await;
                 return;
             }
             Adopt::Fresh if spec.stop || !spec.exposed_ports.is_empty() => {
-                let exit = ExitInfo { code: None, reason: "process was lost: no local state on its node".into() };
+                let reason = if spec.stop { "stopped before it started" } else { "process was lost: no local state on its node" };
+                let exit = ExitInfo { code: None, reason: reason.into() };
                 self.report_exit(&id, exit, !spec.stop).await;
                 return;
             }
@@ -388,7 +392,9 @@ impl Agent {
         if timed_out {
             exit.reason = format!("did not bind its port within {} s", self.cfg.bind_timeout.as_secs_f64());
         }
-        self.finish(&spec, &dir, Some(state), routes, exit, &stop_requested).await;
+        // A stop that was asked for is a stop whatever the exit code; a bind timeout is a failure.
+        let failed = timed_out || (!exit.clean() && !stop_requested.load(Ordering::SeqCst));
+        self.finish(&spec, &dir, Some(state), routes, exit, failed).await;
     }
 
     fn activity_reporter(self: &Arc<Self>, id: String, counters: Arc<Counters>) -> tokio::task::JoinHandle<()> {
@@ -417,14 +423,13 @@ impl Agent {
         state: Option<LocalState>,
         routes: Vec<Route>,
         exit: ExitInfo,
-        stop_requested: &AtomicBool,
+        failed: bool,
     ) {
         drop(routes);
         if let Some(state) = &state {
             self.release(state).await;
         }
         append_log(dir, &format!("[lodge] process {}", exit.reason));
-        let failed = !exit.clean() && !stop_requested.load(Ordering::SeqCst);
         self.report_exit(&spec.process_id, exit, failed).await;
     }
 

@@ -305,6 +305,13 @@ impl Cgroups {
         Ok(Cgroups { dirs })
     }
 
+    /// Remove the (empty) per-installation parent groups.
+    pub fn remove_group(group: &str) {
+        for c in ["memory", "cpu", "pids", ""] {
+            let _ = fs::remove_dir(Path::new(V1_ROOT).join(c).join(group));
+        }
+    }
+
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }

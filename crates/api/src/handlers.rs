@@ -227,6 +227,7 @@ async fn get_deployments(State(s): State<AppState>, Dev(c): Dev, Path(app): Path
         deployment_tag: q.get("deploymentTag").map(str::to_string),
         build_tag: q.get("buildTag").map(str::to_string),
         next_page_token: q.get("nextPageToken").filter(|t| !t.is_empty()).map(str::to_string),
+        page_size: q.parse_opt("pageSize")?,
     };
     Ok(Json(s.control.get_deployments(&c, &app, f).await?))
 }

@@ -27,6 +27,7 @@ pub struct AppState {
 }
 
 /// An error as the SDKs expect it: a status and `{"message"}`.
+#[derive(Debug)]
 pub struct ApiFailure(pub StatusCode, pub String);
 
 impl IntoResponse for ApiFailure {

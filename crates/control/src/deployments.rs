@@ -7,13 +7,16 @@ use lodge_model::{id, validate, BuildStatus, ContainerPort, Deployment};
 
 use crate::{Caller, Control, Error, Result};
 
-pub const PAGE_SIZE: usize = 20;
+/// Default page size: large, because SDK versions without paging see only the first page.
+pub const PAGE_SIZE: usize = 100;
 
 #[derive(Debug, Clone, Default)]
 pub struct DeploymentFilter {
     pub deployment_tag: Option<String>,
     pub build_tag: Option<String>,
     pub next_page_token: Option<String>,
+    /// Lodge extension; defaults to [`PAGE_SIZE`].
+    pub page_size: Option<usize>,
 }
 
 fn port(name: &str, port: u32, field: &str) -> Result<u16> {
@@ -108,6 +111,9 @@ impl Control {
 
     pub async fn get_deployments(&self, caller: &Caller, app_id: &str, f: DeploymentFilter) -> Result<DeploymentsV3Page> {
         let app = self.app_of(caller, app_id).await?;
+        if f.page_size.is_some_and(|n| !(1..=1000).contains(&n)) {
+            return Err(Error::Invalid("pageSize must be 1 to 1000".into()));
+        }
         let offset: usize = match &f.next_page_token {
             None => 0,
             Some(t) => t.parse().map_err(|_| Error::Invalid(format!("invalid nextPageToken '{t}'")))?,
@@ -120,7 +126,7 @@ impl Control {
             .filter(|d| f.deployment_tag.as_ref().is_none_or(|t| d.deployment_tag.as_ref() == Some(t)))
             .filter(|d| f.build_tag.as_ref().is_none_or(|t| d.build_tag.as_ref() == Some(t)))
             .collect();
-        let page: Vec<DeploymentV3> = all.iter().skip(offset).take(PAGE_SIZE).map(Into::into).collect();
+        let page: Vec<DeploymentV3> = all.iter().skip(offset).take(f.page_size.unwrap_or(PAGE_SIZE)).map(Into::into).collect();
         let next = offset + page.len();
         Ok(DeploymentsV3Page {
             deployments: page,

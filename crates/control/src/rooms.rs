@@ -63,6 +63,7 @@ impl Control {
     /// Place `room` (status and config set, allocations as before) onto a process of the
     /// deployment in the region. Returns the process it landed on.
     async fn allocate(&self, d: &Deployment, region: Region, mut room: Room) -> Result<(Room, Process)> {
+        room.status = RoomStatus::Active;
         for attempt in 0..PLACEMENT_ATTEMPTS {
             let q = ProcessQuery {
                 deployment_id: Some(d.deployment_id.clone()),
@@ -114,7 +115,6 @@ impl Control {
                             .await?
                             .ok_or_else(|| Error::Internal(format!("process {process_id} vanished")))?,
                     };
-                    room.status = RoomStatus::Active;
                     return Ok((room, process));
                 }
                 Err(StoreError::Conflict(_)) => {

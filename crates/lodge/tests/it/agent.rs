@@ -1,0 +1,394 @@
+//! The node agent driving real processes: bind probe and timeout, exits, stop, isolation, the
+//! proxy in front of it, and re-adoption by a new agent.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lodge_agent::{Agent, AgentConfig, ControlLink, Isolation};
+use lodge_model::spec::{AgentEvent, ProcessSpec};
+use lodge_model::{ContainerPort, EnvVar, Region, TransportType};
+use tokio::sync::mpsc;
+
+use crate::TempDir;
+
+/// A control plane in a box: the test sets what should run and reads what the agent reports.
+struct FakeLink {
+    desired: Mutex<HashMap<String, ProcessSpec>>,
+    events: mpsc::UnboundedSender<AgentEvent>,
+}
+
+#[async_trait]
+impl ControlLink for FakeLink {
+    async fn desired(&self, _node: &str) -> Result<Vec<ProcessSpec>, String> {
+        Ok(self.desired.lock().unwrap().values().cloned().collect())
+    }
+    async fn report(&self, event: AgentEvent) {
+        if let AgentEvent::Exited { process_id, .. } = &event {
+            self.desired.lock().unwrap().remove(process_id);
+        }
+        if let AgentEvent::Booted { process_id, exposed_ports, .. } = &event {
+            if let Some(s) = self.desired.lock().unwrap().get_mut(process_id) {
+                s.exposed_ports = exposed_ports.clone();
+            }
+        }
+        let _ = self.events.send(event);
+    }
+}
+
+struct Node {
+    dir: TempDir,
+    link: Arc<FakeLink>,
+    events: mpsc::UnboundedReceiver<AgentEvent>,
+    /// Events read while waiting for another one.
+    stash: Vec<AgentEvent>,
+    agent: Arc<Agent>,
+    cfg: AgentConfig,
+    /// The agent runs on a runtime of its own, so a test can "crash" it by dropping the runtime.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+const UDP_ECHO: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(os.environ["PORT"])))
+print("listening", flush=True)
+while True:
+    data, peer = s.recvfrom(2048)
+    if data == b"exit":
+        s.sendto(b"bye", peer)
+        sys.exit(int(os.environ.get("EXIT_CODE", "0")))
+    if data == b"who":
+        data = (os.environ["HATHORA_PROCESS_ID"] + " " + os.environ["PORT"]).encode()
+    s.sendto(data, peer)
+"#;
+
+fn port_range() -> (u16, u16) {
+    // A window per test process so parallel test runs do not collide.
+    let base = 42000 + (std::process::id() % 200) as u16 * 40;
+    (base, base + 39)
+}
+
+async fn node(tag: &str, isolation: Isolation, bind_timeout: Duration) -> Node {
+    let dir = TempDir::new(tag);
+    node_in(dir, isolation, bind_timeout, None).await
+}
+
+async fn node_in(dir: TempDir, isolation: Isolation, bind_timeout: Duration, link: Option<Arc<FakeLink>>) -> Node {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let link = match link {
+        Some(l) => {
+            // Re-point the reports of an existing fake control plane at the new receiver.
+            let desired = std::mem::take(&mut *l.desired.lock().unwrap());
+            Arc::new(FakeLink { desired: Mutex::new(desired), events: tx })
+        }
+        None => Arc::new(FakeLink { desired: Mutex::default(), events: tx }),
+    };
+    let bundle = dir.0.join("builds/b1/bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("echo.py"), UDP_ECHO).unwrap();
+    std::fs::write(bundle.join("lodge.toml"), "command = [\"python3\", \"echo.py\"]\n").unwrap();
+    let sleeper = dir.0.join("builds/sleep/bundle");
+    std::fs::create_dir_all(&sleeper).unwrap();
+    std::fs::write(sleeper.join("lodge.toml"), "command = [\"sleep\", \"30\"]\n").unwrap();
+    let key = format!("{:06x}", (std::process::id() ^ dir.0.to_string_lossy().len() as u32 * 7919) & 0xff_ffff);
+    let cfg = AgentConfig {
+        node_id: "n1".into(),
+        data_dir: dir.0.clone(),
+        public_host: "127.0.0.1".into(),
+        proxy_ip: "127.0.0.1".parse().unwrap(),
+        port_range: port_range(),
+        isolation,
+        bind_timeout,
+        stop_grace: Duration::from_secs(2),
+        api_addr: "127.0.0.1:5634".parse().unwrap(),
+        exe: env!("CARGO_BIN_EXE_lodge").into(),
+        instance: key,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let handle = rt.handle().clone();
+    let (c, l) = (cfg.clone(), link.clone() as Arc<dyn ControlLink>);
+    let agent = std::thread::spawn(move || handle.block_on(Agent::start(c, l)))
+        .join()
+        .unwrap()
+        .unwrap();
+    Node { dir, link, events: rx, stash: Vec::new(), agent, cfg, rt: Some(rt) }
+}
+
+fn spec(id: &str, build: &str, env: &[(&str, &str)]) -> ProcessSpec {
+    ProcessSpec {
+        process_id: id.into(),
+        app_id: "app".into(),
+        app_secret: "secret".into(),
+        deployment_id: "dep".into(),
+        build_id: build.into(),
+        build_tag: None,
+        region: Region::London,
+        rooms_per_process: 1,
+        default_port: ContainerPort { name: "default".into(), port: 7777, transport_type: TransportType::Udp },
+        additional_ports: vec![],
+        env: env.iter().map(|(k, v)| EnvVar { name: k.to_string(), value: v.to_string() }).collect(),
+        requested_cpu: 0.5,
+        requested_memory_mb: 256.0,
+        initial_room_id: None,
+        initial_room_config: None,
+        stop: false,
+        exposed_ports: vec![],
+    }
+}
+
+impl Node {
+    fn run(&self, s: ProcessSpec) {
+        self.link.desired.lock().unwrap().insert(s.process_id.clone(), s);
+        self.agent.wake();
+    }
+
+    fn stop(&self, id: &str) {
+        if let Some(s) = self.link.desired.lock().unwrap().get_mut(id) {
+            s.stop = true;
+        }
+        self.agent.wake();
+    }
+
+    async fn next(&mut self, what: &str) -> AgentEvent {
+        if !self.stash.is_empty() {
+            return self.stash.remove(0);
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("event channel open")
+    }
+
+    /// The first event matching `pick`; others are kept for later waits.
+    async fn wait_for<T>(&mut self, what: &str, pick: impl Fn(&AgentEvent) -> Option<T>) -> T {
+        if let Some(i) = self.stash.iter().position(|e| pick(e).is_some()) {
+            return pick(&self.stash.remove(i)).unwrap();
+        }
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(30), self.events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                .expect("event channel open");
+            match pick(&e) {
+                Some(t) => return t,
+                None => self.stash.push(e),
+            }
+        }
+    }
+
+    /// Drop the agent's runtime: every task ends, nothing is stopped (like kill -9).
+    fn crash(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Wait for `Booted` then `Running`; returns the public default port.
+    async fn running(&mut self, id: &str) -> u16 {
+        let port = self
+            .wait_for(&format!("boot of {id}"), |e| match e {
+                AgentEvent::Booted { process_id, exposed_ports, .. } if process_id == id => Some(exposed_ports[0].port),
+                AgentEvent::Exited { process_id, exit, .. } if process_id == id => panic!("{id} exited: {exit:?}"),
+                _ => None,
+            })
+            .await;
+        self.wait_for(&format!("{id} running"), |e| match e {
+            AgentEvent::Running { process_id, .. } if process_id == id => Some(()),
+            AgentEvent::Exited { process_id, exit, .. } if process_id == id => panic!("{id} exited: {exit:?}"),
+            _ => None,
+        })
+        .await;
+        port
+    }
+
+    async fn exited(&mut self, id: &str) -> (lodge_model::spec::ExitInfo, bool) {
+        self.wait_for(&format!("exit of {id}"), |e| match e {
+            AgentEvent::Exited { process_id, exit, failed, .. } if process_id == id => Some((exit.clone(), *failed)),
+            _ => None,
+        })
+        .await
+    }
+
+    fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.0.join("processes").join(id).join("log")).unwrap_or_default()
+    }
+}
+
+async fn udp(port: u16, msg: &[u8]) -> Option<Vec<u8>> {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for _ in 0..20 {
+        s.send_to(msg, ("127.0.0.1", port)).await.unwrap();
+        let mut buf = [0u8; 512];
+        if let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_millis(250), s.recv_from(&mut buf)).await {
+            return Some(buf[..n].to_vec());
+        }
+    }
+    None
+}
+
+fn kill_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join("processes")) else { return };
+    for e in entries.flatten() {
+        if let Ok(s) = std::fs::read_to_string(e.path().join("state.json")) {
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+            for key in ["gamePid", "shimPid"] {
+                if let Some(pid) = v[key].as_i64().filter(|p| *p > 1) {
+                    // SAFETY: signalling a pid this test started.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        kill_leftovers(&self.dir.0);
+        self.crash();
+    }
+}
+
+#[tokio::test]
+async fn process_lifecycle_on_the_host_network() {
+    let mut n = node("life", Isolation::None, Duration::from_secs(20)).await;
+    n.run(spec("p-exit0", "b1", &[]));
+    let port = n.running("p-exit0").await;
+    assert_eq!(udp(port, b"ping").await.as_deref(), Some(&b"ping"[..]));
+    let who = String::from_utf8(udp(port, b"who").await.unwrap()).unwrap();
+    assert!(who.starts_with("p-exit0 "), "{who}");
+    let stats = n.agent.stats("p-exit0").unwrap();
+    assert!(stats.active_connections >= 1 && stats.bytes_in >= 4);
+    // A clean exit is not a failure, and the public port is released.
+    assert_eq!(udp(port, b"exit").await.as_deref(), Some(&b"bye"[..]));
+    let (exit, failed) = n.exited("p-exit0").await;
+    assert_eq!(exit.code, Some(0));
+    assert!(!failed);
+    assert!(n.log("p-exit0").contains("listening"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::net::UdpSocket::bind(("127.0.0.1", port)).expect("public port released");
+
+    // A non-zero exit is a failure.
+    n.run(spec("p-exit3", "b1", &[("EXIT_CODE", "3")]));
+    let port = n.running("p-exit3").await;
+    udp(port, b"exit").await;
+    let (exit, failed) = n.exited("p-exit3").await;
+    assert_eq!(exit.code, Some(3));
+    assert!(failed);
+
+    // Stop: SIGTERM ends it, and that is a stop, not a failure.
+    n.run(spec("p-stop", "b1", &[]));
+    n.running("p-stop").await;
+    n.stop("p-stop");
+    let (exit, failed) = n.exited("p-stop").await;
+    assert!(!failed, "{exit:?}");
+    assert!(exit.reason.contains("signal 15"), "{exit:?}");
+}
+
+#[tokio::test]
+async fn bind_timeout_fails_the_process() {
+    let mut n = node("bind", Isolation::None, Duration::from_millis(700)).await;
+    n.run(spec("p-sleep", "sleep", &[]));
+    let (exit, failed) = n.exited("p-sleep").await;
+    assert!(failed);
+    assert!(exit.reason.contains("did not bind"), "{exit:?}");
+    assert!(n.log("p-sleep").contains("did not bind 7777/udp") || n.log("p-sleep").contains("did not bind"));
+    // A missing executable fails with a clear log line.
+    let bundle = n.dir.0.join("builds/missing/bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("lodge.toml"), "command = [\"./no-such-server\"]\n").unwrap();
+    n.run(spec("p-missing", "missing", &[]));
+    let (_, failed) = n.exited("p-missing").await;
+    assert!(failed);
+    assert!(n.log("p-missing").contains("cannot start"), "{}", n.log("p-missing"));
+}
+
+/// A new agent on the same data dir re-adopts a live process (same public port, still
+/// answering) and reports one that died while no agent was watching.
+#[tokio::test]
+async fn a_new_agent_readopts_live_processes() {
+    let mut n = node("adopt", Isolation::None, Duration::from_secs(20)).await;
+    n.run(spec("p-live", "b1", &[]));
+    n.run(spec("p-dies", "b1", &[]));
+    let live_port = n.running("p-live").await;
+    let dies_port = n.running("p-dies").await;
+    let _ = dies_port;
+    let (dir, link, cfg) = (TempDir(n.dir.0.clone()), n.link.clone(), n.cfg.clone());
+    // "Crash" the agent: end its runtime without stopping anything, keep the directory.
+    n.crash();
+    std::mem::forget(std::mem::replace(&mut n.dir, TempDir::new("scratch")));
+    std::mem::forget(n);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.0.join("processes/p-dies/state.json")).unwrap()).unwrap();
+    // SAFETY: killing the game server this test started (and its shim).
+    unsafe {
+        libc::kill(state["shimPid"].as_i64().unwrap() as i32, libc::SIGKILL);
+        libc::kill(state["gamePid"].as_i64().unwrap() as i32, libc::SIGKILL);
+    }
+    let mut n = node_in(dir, cfg.isolation, cfg.bind_timeout, Some(link)).await;
+    let mut saw_running = false;
+    let mut saw_dead = false;
+    while !(saw_running && saw_dead) {
+        match n.next("adoption").await {
+            AgentEvent::Running { process_id, .. } if process_id == "p-live" => saw_running = true,
+            AgentEvent::Exited { process_id, failed, .. } if process_id == "p-dies" => {
+                assert!(failed);
+                saw_dead = true;
+            }
+            AgentEvent::Booted { process_id, .. } => panic!("{process_id} was started again"),
+            _ => {}
+        }
+    }
+    assert_eq!(udp(live_port, b"still here").await.as_deref(), Some(&b"still here"[..]));
+    n.stop("p-live");
+    n.exited("p-live").await;
+}
+
+/// As root: every process gets its own network namespace, binds the same container port, and
+/// is reachable through its own public port; namespaces are removed when processes end.
+#[tokio::test]
+async fn isolated_processes_bind_the_same_port() {
+    if !lodge_agent::sys::is_root() {
+        eprintln!("skipping: needs root for network namespaces");
+        return;
+    }
+    let mut n = node("netns", Isolation::Netns, Duration::from_secs(20)).await;
+    n.run(spec("iso-a", "b1", &[]));
+    n.run(spec("iso-b", "b1", &[]));
+    let mut ports = HashMap::new();
+    while ports.len() < 2 {
+        match n.next("isolated start").await {
+            AgentEvent::Booted { process_id, exposed_ports, .. } => {
+                ports.insert(process_id, exposed_ports[0].port);
+            }
+            AgentEvent::Exited { process_id, exit, .. } => panic!("{process_id}: {exit:?}"),
+            _ => {}
+        }
+    }
+    for (id, port) in &ports {
+        let mut answer = None;
+        for _ in 0..50 {
+            answer = udp(*port, b"who").await;
+            if answer.is_some() {
+                break;
+            }
+        }
+        let who = String::from_utf8(answer.expect("isolated process answers")).unwrap();
+        assert_eq!(who, format!("{id} 7777"), "each process binds the container port itself");
+    }
+    let cg = format!("/sys/fs/cgroup/memory/{}/iso-a/memory.limit_in_bytes", n.cfg.cgroup_group());
+    if let Ok(limit) = std::fs::read_to_string(&cg) {
+        assert_eq!(limit.trim(), (256u64 << 20).to_string());
+    }
+    n.stop("iso-a");
+    n.stop("iso-b");
+    n.exited("iso-a").await;
+    n.exited("iso-b").await;
+    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&netns.stdout);
+    assert!(!list.contains("lodge-iso-a") && !list.contains("lodge-iso-b"), "{list}");
+    n.agent.teardown_node().await;
+}
