@@ -21,7 +21,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_files: 100_000, max_total_bytes: 8 << 30 }
+        Self {
+            max_files: 100_000,
+            max_total_bytes: 8 << 30,
+        }
     }
 }
 
@@ -53,9 +56,12 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn parse(text: &str) -> Result<Self, BundleError> {
-        let m: Manifest = toml::from_str(text).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        let m: Manifest =
+            toml::from_str(text).map_err(|e| BundleError::BadManifest(e.to_string()))?;
         if m.command.is_empty() || m.command[0].is_empty() {
-            return Err(BundleError::BadManifest("`command` must be a non-empty list of strings".into()));
+            return Err(BundleError::BadManifest(
+                "`command` must be a non-empty list of strings".into(),
+            ));
         }
         for name in m.env.keys() {
             lodge_model::validate::env_name(name).map_err(BundleError::BadManifest)?;
@@ -106,7 +112,11 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, B
     fs::create_dir_all(dest)?;
     let (files, bytes) = unpack_tar(reader, dest, limits)?;
     let manifest = Manifest::load(dest)?;
-    Ok(Unpacked { files, bytes, manifest })
+    Ok(Unpacked {
+        files,
+        bytes,
+        manifest,
+    })
 }
 
 /// A relative path with only normal components, or an error naming what is wrong.
@@ -127,10 +137,15 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
     let mut archive = tar::Archive::new(reader);
     let mut files = 0usize;
     let mut total = 0u64;
-    let entries = archive.entries().map_err(|e| BundleError::Format(e.to_string()))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| BundleError::Format(e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
-        let raw = entry.path().map_err(|e| BundleError::Format(e.to_string()))?.into_owned();
+        let raw = entry
+            .path()
+            .map_err(|e| BundleError::Format(e.to_string()))?
+            .into_owned();
         let name = raw.display().to_string();
         let rel = safe_relative(&raw).map_err(|why| BundleError::Unsafe(name.clone(), why))?;
         let kind = entry.header().entry_type();
@@ -152,10 +167,16 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
                 if files > limits.max_files {
                     return Err(BundleError::TooLarge(format!("{} files", limits.max_files)));
                 }
-                let size = entry.header().size().map_err(|e| BundleError::Format(e.to_string()))?;
+                let size = entry
+                    .header()
+                    .size()
+                    .map_err(|e| BundleError::Format(e.to_string()))?;
                 total = total.saturating_add(size);
                 if total > limits.max_total_bytes {
-                    return Err(BundleError::TooLarge(format!("{} bytes unpacked", limits.max_total_bytes)));
+                    return Err(BundleError::TooLarge(format!(
+                        "{} bytes unpacked",
+                        limits.max_total_bytes
+                    )));
                 }
                 if fs::symlink_metadata(&target).is_ok() {
                     fs::remove_file(&target)?;
@@ -168,11 +189,21 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
                 let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
                 set_mode(&target, mode)?;
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName => {}
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName => {}
             tar::EntryType::Symlink | tar::EntryType::Link => {
-                return Err(BundleError::Unsafe(name, "links are not allowed in bundles"));
+                return Err(BundleError::Unsafe(
+                    name,
+                    "links are not allowed in bundles",
+                ));
             }
-            _ => return Err(BundleError::Unsafe(name, "only regular files and directories are allowed")),
+            _ => {
+                return Err(BundleError::Unsafe(
+                    name,
+                    "only regular files and directories are allowed",
+                ))
+            }
         }
     }
     Ok((files, total))
@@ -185,7 +216,12 @@ fn ensure_plain_dirs(root: &Path, dir: &Path) -> Result<(), BundleError> {
         cur.push(c);
         match fs::symlink_metadata(&cur) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(BundleError::Unsafe(rel.display().to_string(), "a parent is not a directory")),
+            Ok(_) => {
+                return Err(BundleError::Unsafe(
+                    rel.display().to_string(),
+                    "a parent is not a directory",
+                ))
+            }
             Err(_) => fs::create_dir(&cur)?,
         }
     }
@@ -287,7 +323,10 @@ mod tests {
 
     #[test]
     fn refuses_links_and_devices() {
-        for (tag, kind) in [("sym", tar::EntryType::Symlink), ("hard", tar::EntryType::Link)] {
+        for (tag, kind) in [
+            ("sym", tar::EntryType::Symlink),
+            ("hard", tar::EntryType::Link),
+        ] {
             let tar = tar_with(&[
                 ("lodge.toml", tar::EntryType::Regular, TOML, None),
                 ("out", kind, b"", Some("/etc")),
@@ -307,9 +346,23 @@ mod tests {
             ("lodge.toml", tar::EntryType::Regular, TOML, None),
             ("big", tar::EntryType::Regular, &[0u8; 4096], None),
         ]);
-        let (_t, r) = run("size", gz(&tar), Limits { max_files: 10, max_total_bytes: 1000 });
+        let (_t, r) = run(
+            "size",
+            gz(&tar),
+            Limits {
+                max_files: 10,
+                max_total_bytes: 1000,
+            },
+        );
         assert!(matches!(r, Err(BundleError::TooLarge(_))));
-        let (_t, r) = run("count", gz(&tar), Limits { max_files: 1, max_total_bytes: 1 << 20 });
+        let (_t, r) = run(
+            "count",
+            gz(&tar),
+            Limits {
+                max_files: 1,
+                max_total_bytes: 1 << 20,
+            },
+        );
         assert!(matches!(r, Err(BundleError::TooLarge(_))));
     }
 
@@ -323,7 +376,11 @@ mod tests {
         let tar = tar_with(&[("lodge.toml", tar::EntryType::Regular, b"command = []", None)]);
         let (_t, r) = run("empty", gz(&tar), Limits::default());
         assert!(matches!(r, Err(BundleError::BadManifest(_))));
-        let (_t, r) = run("garbage", b"\x1f\x8bnot really gzip".to_vec(), Limits::default());
+        let (_t, r) = run(
+            "garbage",
+            b"\x1f\x8bnot really gzip".to_vec(),
+            Limits::default(),
+        );
         assert!(r.is_err());
     }
 }

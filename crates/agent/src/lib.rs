@@ -142,11 +142,17 @@ pub struct Agent {
 
 impl Agent {
     /// Prepare the node (bridge when isolating) and start the reconcile loop.
-    pub async fn start(cfg: AgentConfig, link: Arc<dyn ControlLink>) -> std::io::Result<Arc<Agent>> {
+    pub async fn start(
+        cfg: AgentConfig,
+        link: Arc<dyn ControlLink>,
+    ) -> std::io::Result<Arc<Agent>> {
         std::fs::create_dir_all(cfg.data_dir.join("processes"))?;
         let network = match cfg.isolation {
             Isolation::Netns => {
-                let seed = cfg.instance.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+                let seed = cfg
+                    .instance
+                    .bytes()
+                    .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
                 Some(sys::Network::ensure(&cfg.bridge_name(), seed).await?)
             }
             Isolation::None => None,
@@ -171,7 +177,9 @@ impl Agent {
             }
             match lodge_proxy::open(public, target, Protocol::Tcp, Arc::default()).await {
                 Ok(r) => *agent.api_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(r),
-                Err(e) => tracing::warn!(error = %e, %public, "cannot expose the API to isolated processes"),
+                Err(e) => {
+                    tracing::warn!(error = %e, %public, "cannot expose the API to isolated processes")
+                }
             }
         }
         let weak = Arc::downgrade(&agent);
@@ -227,7 +235,10 @@ impl Agent {
     /// Remove the bridge and the cgroup parents (tests, uninstall; a node normally keeps them
     /// across restarts so that live processes stay reachable).
     pub async fn teardown_node(&self) {
-        self.api_forward.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.api_forward
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(net) = &self.network {
             let _ = net.remove_bridge().await;
         }
@@ -247,7 +258,9 @@ impl Agent {
             let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             for spec in &desired {
                 match running.get(&spec.process_id) {
-                    Some(r) if spec.stop && !r.stop_requested.swap(true, Ordering::SeqCst) => r.stop.notify_one(),
+                    Some(r) if spec.stop && !r.stop_requested.swap(true, Ordering::SeqCst) => {
+                        r.stop.notify_one()
+                    }
                     Some(_) => {}
                     None => to_start.push(spec.clone()),
                 }
@@ -269,8 +282,11 @@ impl Agent {
             if spec.stop {
                 handle.stop.notify_one();
             }
-            let (counters, stop, stop_requested) =
-                (handle.counters.clone(), handle.stop.clone(), handle.stop_requested.clone());
+            let (counters, stop, stop_requested) = (
+                handle.counters.clone(),
+                handle.stop.clone(),
+                handle.stop_requested.clone(),
+            );
             self.running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -279,7 +295,11 @@ impl Agent {
             tokio::spawn(async move {
                 let id = spec.process_id.clone();
                 agent.supervise(spec, counters, stop, stop_requested).await;
-                agent.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                agent
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
             });
         }
     }
@@ -307,12 +327,20 @@ impl Agent {
             }
             Adopt::Ended(exit) => {
                 let failed = !exit.clean() && !spec.stop;
-                self.finish(&spec, &dir, None, Vec::new(), exit, failed).await;
+                self.finish(&spec, &dir, None, Vec::new(), exit, failed)
+                    .await;
                 return;
             }
             Adopt::Fresh if spec.stop || !spec.exposed_ports.is_empty() => {
-                let reason = if spec.stop { "stopped before it started" } else { "process was lost: no local state on its node" };
-                let exit = ExitInfo { code: None, reason: reason.into() };
+                let reason = if spec.stop {
+                    "stopped before it started"
+                } else {
+                    "process was lost: no local state on its node"
+                };
+                let exit = ExitInfo {
+                    code: None,
+                    reason: reason.into(),
+                };
                 self.report_exit(&id, exit, !spec.stop).await;
                 return;
             }
@@ -321,8 +349,15 @@ impl Agent {
                 Err(e) => {
                     append_log(&dir, &format!("[lodge] failed to start: {e}"));
                     tracing::warn!(process_id = %id, error = %e, "failed to start process");
-                    self.report_exit(&id, ExitInfo { code: None, reason: format!("failed to start: {e}") }, true)
-                        .await;
+                    self.report_exit(
+                        &id,
+                        ExitInfo {
+                            code: None,
+                            reason: format!("failed to start: {e}"),
+                        },
+                        true,
+                    )
+                    .await;
                     return;
                 }
             },
@@ -330,7 +365,11 @@ impl Agent {
 
         // Wait for the default port to be bound, unless the process ends or is stopped first.
         let default = &spec.default_port;
-        let proto = if default.transport_type == TransportType::Udp { sys::Proto::Udp } else { sys::Proto::Tcp };
+        let proto = if default.transport_type == TransportType::Udp {
+            sys::Proto::Udp
+        } else {
+            sys::Proto::Tcp
+        };
         let started = Instant::now();
         let mut bound = false;
         let mut exited_early = false;
@@ -343,7 +382,11 @@ impl Agent {
             if elapsed >= self.cfg.bind_timeout {
                 break;
             }
-            let step = if elapsed < Duration::from_millis(300) { 2 } else { 25 };
+            let step = if elapsed < Duration::from_millis(300) {
+                2
+            } else {
+                25
+            };
             tokio::select! {
                 _ = waiter.wait() => { exited_early = true; break; }
                 _ = tokio::time::sleep(Duration::from_millis(step)) => {}
@@ -353,7 +396,12 @@ impl Agent {
         let mut timed_out = false;
         if bound {
             tracing::info!(process_id = %id, after_ms = started.elapsed().as_millis() as u64, "process bound its port");
-            self.link.report(AgentEvent::Running { process_id: id.clone(), at: self.now() }).await;
+            self.link
+                .report(AgentEvent::Running {
+                    process_id: id.clone(),
+                    at: self.now(),
+                })
+                .await;
         } else if !exited_early && !stop_requested.load(Ordering::SeqCst) {
             timed_out = true;
             let msg = format!(
@@ -371,18 +419,15 @@ impl Agent {
         // Run until it exits; a stop request sends SIGTERM, then SIGKILL after the grace period.
         if !exited_early {
             let activity = self.activity_reporter(id.clone(), counters.clone());
-            loop {
-                tokio::select! {
-                    _ = waiter.wait() => break,
-                    _ = stop.notified() => {
-                        stop_requested.store(true, Ordering::SeqCst);
-                        sys::signal_group(state.game_pid, libc::SIGTERM);
-                        if tokio::time::timeout(self.cfg.stop_grace, waiter.wait()).await.is_err() {
-                            sys::signal_group(state.game_pid, libc::SIGKILL);
-                            sys::signal(state.game_pid, libc::SIGKILL);
-                            waiter.wait().await;
-                        }
-                        break;
+            tokio::select! {
+                _ = waiter.wait() => {}
+                _ = stop.notified() => {
+                    stop_requested.store(true, Ordering::SeqCst);
+                    sys::signal_group(state.game_pid, libc::SIGTERM);
+                    if tokio::time::timeout(self.cfg.stop_grace, waiter.wait()).await.is_err() {
+                        sys::signal_group(state.game_pid, libc::SIGKILL);
+                        sys::signal(state.game_pid, libc::SIGKILL);
+                        waiter.wait().await;
                     }
                 }
             }
@@ -390,14 +435,22 @@ impl Agent {
         }
         let mut exit = exit_info(&dir);
         if timed_out {
-            exit.reason = format!("did not bind its port within {} s", self.cfg.bind_timeout.as_secs_f64());
+            exit.reason = format!(
+                "did not bind its port within {} s",
+                self.cfg.bind_timeout.as_secs_f64()
+            );
         }
         // A stop that was asked for is a stop whatever the exit code; a bind timeout is a failure.
         let failed = timed_out || (!exit.clean() && !stop_requested.load(Ordering::SeqCst));
-        self.finish(&spec, &dir, Some(state), routes, exit, failed).await;
+        self.finish(&spec, &dir, Some(state), routes, exit, failed)
+            .await;
     }
 
-    fn activity_reporter(self: &Arc<Self>, id: String, counters: Arc<Counters>) -> tokio::task::JoinHandle<()> {
+    fn activity_reporter(
+        self: &Arc<Self>,
+        id: String,
+        counters: Arc<Counters>,
+    ) -> tokio::task::JoinHandle<()> {
         let agent = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut last = u64::MAX;
@@ -408,7 +461,11 @@ impl Agent {
                 if active > 0 || active != last {
                     agent
                         .link
-                        .report(AgentEvent::Activity { process_id: id.clone(), at: agent.now(), active_connections: active })
+                        .report(AgentEvent::Activity {
+                            process_id: id.clone(),
+                            at: agent.now(),
+                            active_connections: active,
+                        })
                         .await;
                 }
                 last = active;
@@ -436,7 +493,12 @@ impl Agent {
     async fn report_exit(&self, id: &str, exit: ExitInfo, failed: bool) {
         tracing::info!(process_id = %id, reason = %exit.reason, failed, "process ended");
         self.link
-            .report(AgentEvent::Exited { process_id: id.to_string(), at: self.now(), exit, failed })
+            .report(AgentEvent::Exited {
+                process_id: id.to_string(),
+                at: self.now(),
+                exit,
+                failed,
+            })
             .await;
     }
 
@@ -446,7 +508,10 @@ impl Agent {
                 tracing::warn!(error = %e, ns = %ns.name, "cannot delete network namespace");
             }
         }
-        sys::Cgroups { dirs: state.cgroups.clone() }.destroy();
+        sys::Cgroups {
+            dirs: state.cgroups.clone(),
+        }
+        .destroy();
         let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         for t in &state.targets {
             r.ports.remove(&t.public_port);
@@ -457,8 +522,12 @@ impl Agent {
     }
 
     async fn try_adopt(&self, spec: &ProcessSpec, dir: &Path) -> Adopt {
-        let Ok(bytes) = std::fs::read(dir.join("state.json")) else { return Adopt::Fresh };
-        let Ok(state) = serde_json::from_slice::<LocalState>(&bytes) else { return Adopt::Fresh };
+        let Ok(bytes) = std::fs::read(dir.join("state.json")) else {
+            return Adopt::Fresh;
+        };
+        let Ok(state) = serde_json::from_slice::<LocalState>(&bytes) else {
+            return Adopt::Fresh;
+        };
         {
             let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
             r.ports.extend(state.targets.iter().map(|t| t.public_port));
@@ -471,7 +540,9 @@ impl Agent {
             for t in &state.targets {
                 match self.open_route(t, &Arc::default()).await {
                     Ok(r) => routes.push(r),
-                    Err(e) => tracing::warn!(process_id = %spec.process_id, port = t.public_port, error = %e, "cannot reopen public port"),
+                    Err(e) => {
+                        tracing::warn!(process_id = %spec.process_id, port = t.public_port, error = %e, "cannot reopen public port")
+                    }
                 }
             }
             return Adopt::Live(state, routes);
@@ -482,19 +553,36 @@ impl Agent {
         }
         self.release(&state).await;
         let exit = match shim::read_exit(dir) {
-            Some(e) => ExitInfo { code: e.code, reason: format!("{} while Lodge was down", e.describe()) },
-            None => ExitInfo { code: None, reason: "its supervisor was lost while Lodge was down".into() },
+            Some(e) => ExitInfo {
+                code: e.code,
+                reason: format!("{} while Lodge was down", e.describe()),
+            },
+            None => ExitInfo {
+                code: None,
+                reason: "its supervisor was lost while Lodge was down".into(),
+            },
         };
         Adopt::Ended(exit)
     }
 
     async fn open_route(&self, t: &Target, counters: &Arc<Counters>) -> std::io::Result<Route> {
         let proto = if t.udp { Protocol::Udp } else { Protocol::Tcp };
-        lodge_proxy::open(SocketAddr::new(self.cfg.proxy_ip, t.public_port), t.target, proto, counters.clone()).await
+        lodge_proxy::open(
+            SocketAddr::new(self.cfg.proxy_ip, t.public_port),
+            t.target,
+            proto,
+            counters.clone(),
+        )
+        .await
     }
 
     /// Reserve a free public port and open its route.
-    async fn public_port(&self, target: SocketAddr, udp: bool, counters: &Arc<Counters>) -> std::io::Result<(u16, Route)> {
+    async fn public_port(
+        &self,
+        target: SocketAddr,
+        udp: bool,
+        counters: &Arc<Counters>,
+    ) -> std::io::Result<(u16, Route)> {
         let (lo, hi) = self.cfg.port_range;
         let span = u32::from(hi - lo) + 1;
         for _ in 0..span {
@@ -507,15 +595,25 @@ impl Agent {
                 }
                 c
             };
-            let t = Target { public_port: candidate, target, udp };
+            let t = Target {
+                public_port: candidate,
+                target,
+                udp,
+            };
             match self.open_route(&t, counters).await {
                 Ok(route) => return Ok((candidate, route)),
                 Err(_) => {
-                    self.reserved.lock().unwrap_or_else(|p| p.into_inner()).ports.remove(&candidate);
+                    self.reserved
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .ports
+                        .remove(&candidate);
                 }
             }
         }
-        Err(std::io::Error::other(format!("no free public port in {lo}-{hi}")))
+        Err(std::io::Error::other(format!(
+            "no free public port in {lo}-{hi}"
+        )))
     }
 
     async fn launch(
@@ -542,11 +640,24 @@ impl Agent {
                 r.ip_indexes.insert(i);
                 i
             };
-            let short: String = spec.process_id.chars().filter(|c| c.is_ascii_hexdigit()).take(12).collect();
-            let ns = NsState { name: format!("lodge-{}", spec.process_id), veth: format!("lv{short}"), index };
+            let short: String = spec
+                .process_id
+                .chars()
+                .filter(|c| c.is_ascii_hexdigit())
+                .take(12)
+                .collect();
+            let ns = NsState {
+                name: format!("lodge-{}", spec.process_id),
+                veth: format!("lv{short}"),
+                index,
+            };
             let ip = net.address(index);
             if let Err(e) = net.create_namespace(&ns.name, &ns.veth, ip).await {
-                self.reserved.lock().unwrap_or_else(|p| p.into_inner()).ip_indexes.remove(&index);
+                self.reserved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ip_indexes
+                    .remove(&index);
                 return Err(e);
             }
             for p in spec.ports() {
@@ -562,11 +673,16 @@ impl Agent {
             }
         }
         let cgroups = if self.network.is_some() {
-            sys::Cgroups::create(&self.cfg.cgroup_group(), &spec.process_id, spec.requested_cpu, spec.requested_memory_mb)
-                .unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot create cgroups; running without limits");
-                    sys::Cgroups { dirs: Vec::new() }
-                })
+            sys::Cgroups::create(
+                &self.cfg.cgroup_group(),
+                &spec.process_id,
+                spec.requested_cpu,
+                spec.requested_memory_mb,
+            )
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot create cgroups; running without limits");
+                sys::Cgroups { dirs: Vec::new() }
+            })
         } else {
             sys::Cgroups { dirs: Vec::new() }
         };
@@ -586,7 +702,11 @@ impl Agent {
                 let udp = p.transport_type == TransportType::Udp;
                 let (public, route) = self.public_port(*target, udp, counters).await?;
                 routes.push(route);
-                state.targets.push(Target { public_port: public, target: *target, udp });
+                state.targets.push(Target {
+                    public_port: public,
+                    target: *target,
+                    udp,
+                });
                 state.exposed.push(ExposedPort {
                     name: p.name.clone(),
                     host: self.cfg.public_host.clone(),
@@ -598,12 +718,22 @@ impl Agent {
                 argv: expand_argv(&manifest.command, spec, &inner_ports),
                 cwd: bundle.clone(),
                 env: self.environment(spec, &manifest, &state.exposed, &inner_ports),
-                netns: state.netns.as_ref().map(|n| PathBuf::from(format!("/run/netns/{}", n.name))),
+                netns: state
+                    .netns
+                    .as_ref()
+                    .map(|n| PathBuf::from(format!("/run/netns/{}", n.name))),
                 cgroup_procs: cgroups.procs_files(),
             };
-            std::fs::write(dir.join(shim::LAUNCH), serde_json::to_vec_pretty(&launch).map_err(std::io::Error::other)?)?;
+            std::fs::write(
+                dir.join(shim::LAUNCH),
+                serde_json::to_vec_pretty(&launch).map_err(std::io::Error::other)?,
+            )?;
             let mut cmd = tokio::process::Command::new(&self.cfg.exe);
-            cmd.arg("shim").arg(dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+            cmd.arg("shim")
+                .arg(dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
             // SAFETY: setsid is async-signal-safe; it detaches the shim from Lodge's session so
             // that signals aimed at Lodge (Ctrl-C) do not reach game servers.
             unsafe {
@@ -614,9 +744,14 @@ impl Agent {
             }
             let mut child = cmd.spawn()?;
             let shim_pid = child.id().unwrap_or(0);
-            let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("shim has no stdout"))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| std::io::Error::other("shim has no stdout"))?;
             let mut line = String::new();
-            tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
+            tokio::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .await?;
             let game_pid: u32 = line.trim().parse().unwrap_or(0);
             state.shim_pid = shim_pid;
             state.shim_start = sys::start_time(shim_pid);
@@ -641,7 +776,11 @@ impl Agent {
             "process started"
         );
         self.link
-            .report(AgentEvent::Booted { process_id: spec.process_id.clone(), at: self.now(), exposed_ports: state.exposed.clone() })
+            .report(AgentEvent::Booted {
+                process_id: spec.process_id.clone(),
+                at: self.now(),
+                exposed_ports: state.exposed.clone(),
+            })
             .await;
         Ok((state, waiter, routes))
     }
@@ -665,9 +804,15 @@ impl Agent {
         set("HATHORA_APP_ID", spec.app_id.clone());
         set("HATHORA_APP_SECRET", spec.app_secret.clone());
         set("HATHORA_DEPLOYMENT_ID", spec.deployment_id.clone());
-        set("HATHORA_BUILD_TAG", spec.build_tag.clone().unwrap_or_default());
+        set(
+            "HATHORA_BUILD_TAG",
+            spec.build_tag.clone().unwrap_or_default(),
+        );
         set("HATHORA_REGION", spec.region.to_string());
-        set("HATHORA_ROOMS_PER_PROCESS", spec.rooms_per_process.to_string());
+        set(
+            "HATHORA_ROOMS_PER_PROCESS",
+            spec.rooms_per_process.to_string(),
+        );
         if let Some(r) = &spec.initial_room_id {
             set("HATHORA_INITIAL_ROOM_ID", r.clone());
         }
@@ -676,7 +821,10 @@ impl Agent {
         }
         set("HATHORA_HOSTNAME", self.cfg.public_host.clone());
         set("HATHORA_ALLOCATED_CPU", spec.requested_cpu.to_string());
-        set("HATHORA_ALLOCATED_MEMORY_MB", spec.requested_memory_mb.to_string());
+        set(
+            "HATHORA_ALLOCATED_MEMORY_MB",
+            spec.requested_memory_mb.to_string(),
+        );
         for ((p, e), inner) in spec.ports().zip(exposed).zip(inner) {
             if p.name == "default" {
                 set("HATHORA_DEFAULT_PORT", e.port.to_string());
@@ -706,7 +854,11 @@ impl Agent {
         }
         // Later entries win.
         let mut seen = BTreeSet::new();
-        let mut out: Vec<(String, String)> = env.into_iter().rev().filter(|(k, _)| seen.insert(k.clone())).collect();
+        let mut out: Vec<(String, String)> = env
+            .into_iter()
+            .rev()
+            .filter(|(k, _)| seen.insert(k.clone()))
+            .collect();
         out.reverse();
         out
     }
@@ -719,7 +871,11 @@ trait PortInside {
 impl PortInside for ContainerPort {
     /// The port the process binds: the container port when isolated, else its `$PORT`.
     fn port_inside(&self, state: &LocalState) -> u16 {
-        state.targets.first().map(|t| t.target.port()).unwrap_or(self.port)
+        state
+            .targets
+            .first()
+            .map(|t| t.target.port())
+            .unwrap_or(self.port)
     }
 }
 
@@ -748,19 +904,32 @@ impl Waiter {
 
 fn exit_info(dir: &Path) -> ExitInfo {
     match shim::read_exit(dir) {
-        Some(e) => ExitInfo { code: e.code, reason: e.describe() },
-        None => ExitInfo { code: None, reason: "its supervisor ended without an exit status".into() },
+        Some(e) => ExitInfo {
+            code: e.code,
+            reason: e.describe(),
+        },
+        None => ExitInfo {
+            code: None,
+            reason: "its supervisor ended without an exit status".into(),
+        },
     }
 }
 
 fn write_state(dir: &Path, state: &LocalState) -> std::io::Result<()> {
     let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?,
+    )?;
     std::fs::rename(tmp, dir.join("state.json"))
 }
 
 fn append_log(dir: &Path, line: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(shim::LOG)) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(shim::LOG))
+    {
         let _ = writeln!(f, "{line}");
     }
 }

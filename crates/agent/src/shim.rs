@@ -52,8 +52,12 @@ pub const LOG: &str = "log";
 
 /// Entry point of `lodge shim DIR`. Prints the game server's pid on stdout, then closes stdout.
 pub fn main(dir: &Path) -> io::Result<i32> {
-    let launch: Launch = serde_json::from_slice(&fs::read(dir.join(LAUNCH))?).map_err(io::Error::other)?;
-    let log = OpenOptions::new().create(true).append(true).open(dir.join(LOG))?;
+    let launch: Launch =
+        serde_json::from_slice(&fs::read(dir.join(LAUNCH))?).map_err(io::Error::other)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG))?;
     let netns = launch.netns.as_ref().map(fs::File::open).transpose()?;
     let cgroups = launch
         .cgroup_procs
@@ -99,7 +103,13 @@ pub fn main(dir: &Path) -> io::Result<i32> {
         Err(e) => {
             let mut log = log;
             let _ = writeln!(log, "[lodge] cannot start {}: {e}", launch.argv[0]);
-            write_exit(dir, &ExitFile { code: Some(127), signal: None })?;
+            write_exit(
+                dir,
+                &ExitFile {
+                    code: Some(127),
+                    signal: None,
+                },
+            )?;
             println!("0");
             return Ok(127);
         }
@@ -116,7 +126,10 @@ pub fn main(dir: &Path) -> io::Result<i32> {
         }
     }
     let status = child.wait()?;
-    let exit = ExitFile { code: status.code(), signal: status.signal() };
+    let exit = ExitFile {
+        code: status.code(),
+        signal: status.signal(),
+    };
     write_exit(dir, &exit)?;
     Ok(exit.code.unwrap_or(128 + exit.signal.unwrap_or(0)))
 }

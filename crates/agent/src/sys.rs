@@ -21,8 +21,12 @@ pub fn start_time(pid: u32) -> Option<u64> {
 
 /// Whether the process is alive and not a zombie.
 pub fn alive(pid: u32, expected_start: Option<u64>) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let Some(close) = stat.rfind(')') else { return false };
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
     let state = stat[close + 2..].chars().next();
     if matches!(state, Some('Z') | Some('X')) {
         return false;
@@ -74,7 +78,10 @@ fn table_has_port(text: &str, port: u16, proto: Proto) -> bool {
         let mut cols = line.split_whitespace();
         let local = cols.nth(1).unwrap_or("");
         let state = cols.nth(1).unwrap_or("");
-        let p = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+        let p = local
+            .rsplit(':')
+            .next()
+            .and_then(|h| u16::from_str_radix(h, 16).ok());
         p == Some(port) && (proto == Proto::Udp || state == "0A")
     })
 }
@@ -90,7 +97,9 @@ pub async fn wait_exit(pid: u32) {
     // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
     let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // SAFETY: the AsyncFd owns the pidfd, which stays open (and is not reused) while it lives.
-    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    };
     match registered {
         Ok(afd) => {
             let _ = afd.readable().await;
@@ -135,14 +144,20 @@ async fn run_batch(ns: Option<&str>, script: &str) -> io::Result<()> {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    let mut stdin = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| io::Error::other("no stdin"))?;
     stdin.write_all(script.as_bytes()).await?;
     drop(stdin);
     let out = child.wait_with_output().await?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!("ip -batch: {}", String::from_utf8_lossy(&out.stderr).trim())))
+        Err(io::Error::other(format!(
+            "ip -batch: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 }
 
@@ -161,7 +176,11 @@ impl Network {
     pub async fn ensure(bridge: &str, seed: u64) -> io::Result<Network> {
         if let Some(gw) = bridge_address(bridge).await? {
             run("ip", &["link", "set", bridge, "up"]).await?;
-            return Ok(Network { bridge: bridge.into(), gateway: gw, prefix: 22 });
+            return Ok(Network {
+                bridge: bridge.into(),
+                gateway: gw,
+                prefix: 22,
+            });
         }
         let used = used_ipv4().await?;
         let blocks = 1u32 << 12; // /22 blocks in a /10
@@ -174,9 +193,17 @@ impl Network {
             let gateway = Ipv4Addr::from(base + 1);
             let _ = run("ip", &["link", "del", bridge]).await;
             run("ip", &["link", "add", bridge, "type", "bridge"]).await?;
-            run("ip", &["addr", "add", &format!("{gateway}/22"), "dev", bridge]).await?;
+            run(
+                "ip",
+                &["addr", "add", &format!("{gateway}/22"), "dev", bridge],
+            )
+            .await?;
             run("ip", &["link", "set", bridge, "up"]).await?;
-            return Ok(Network { bridge: bridge.into(), gateway, prefix: 22 });
+            return Ok(Network {
+                bridge: bridge.into(),
+                gateway,
+                prefix: 22,
+            });
         }
         Err(io::Error::other("no free /22 subnet in 10.64.0.0/10"))
     }
@@ -229,13 +256,21 @@ async fn bridge_address(bridge: &str) -> io::Result<Option<Ipv4Addr>> {
     if !out.status.success() {
         return Ok(None);
     }
-    Ok(parse_inet(&String::from_utf8_lossy(&out.stdout)).into_iter().next())
+    Ok(parse_inet(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .next())
 }
 
 async fn used_ipv4() -> io::Result<Vec<Ipv4Addr>> {
-    let out = tokio::process::Command::new("ip").args(["-4", "-o", "addr"]).output().await?;
+    let out = tokio::process::Command::new("ip")
+        .args(["-4", "-o", "addr"])
+        .output()
+        .await?;
     let mut v = parse_inet(&String::from_utf8_lossy(&out.stdout));
-    let routes = tokio::process::Command::new("ip").args(["-4", "route"]).output().await?;
+    let routes = tokio::process::Command::new("ip")
+        .args(["-4", "route"])
+        .output()
+        .await?;
     for line in String::from_utf8_lossy(&routes.stdout).lines() {
         if let Some(ip) = line.split(['/', ' ']).next().and_then(|s| s.parse().ok()) {
             v.push(ip);
@@ -344,7 +379,10 @@ mod tests {
     fn parses_proc_net_tables() {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n";
         assert!(table_has_port(tcp, 7777, Proto::Tcp));
-        assert!(!table_has_port(tcp, 8080, Proto::Tcp), "established, not listening");
+        assert!(
+            !table_has_port(tcp, 8080, Proto::Tcp),
+            "established, not listening"
+        );
         let udp = "  sl  local_address rem_address   st\n  10: 00000000:1E61 00000000:0000 07 00000000:00000000\n";
         assert!(table_has_port(udp, 7777, Proto::Udp));
         assert!(!table_has_port(udp, 7778, Proto::Udp));

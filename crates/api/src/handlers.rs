@@ -22,33 +22,87 @@ pub fn routes() -> Router<AppState> {
         .route("/orgs/v1", get(get_orgs))
         .route("/tokens/v1/orgs/{org_id}", get(list_tokens))
         .route("/tokens/v1/orgs/{org_id}/create", post(create_token))
-        .route("/tokens/v1/orgs/{org_id}/tokens/{token_id}/revoke", post(revoke_token))
+        .route(
+            "/tokens/v1/orgs/{org_id}/tokens/{token_id}/revoke",
+            post(revoke_token),
+        )
         .route("/apps/v2/apps", get(get_apps).post(create_app))
-        .route("/apps/v2/apps/{app_id}", get(get_app).post(update_app).patch(patch_app).delete(delete_app))
+        .route(
+            "/apps/v2/apps/{app_id}",
+            get(get_app)
+                .post(update_app)
+                .patch(patch_app)
+                .delete(delete_app),
+        )
         .route("/builds/v3/builds", get(get_builds).post(create_build))
-        .route("/builds/v3/builds/{build_id}", get(get_build).delete(delete_build))
+        .route(
+            "/builds/v3/builds/{build_id}",
+            get(get_build).delete(delete_build),
+        )
         .route("/builds/v3/builds/{build_id}/run", post(run_build))
-        .route("/uploads/{build_id}/parts/{part}", put(put_part).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/uploads/{build_id}/parts/{part}",
+            put(put_part).layer(DefaultBodyLimit::disable()),
+        )
         .route("/uploads/{build_id}/complete", post(complete_upload))
-        .route("/deployments/v3/apps/{app_id}/deployments", get(get_deployments).post(create_deployment))
-        .route("/deployments/v3/apps/{app_id}/deployments/latest", get(latest_deployment))
-        .route("/deployments/v3/apps/{app_id}/deployments/{deployment_id}", get(get_deployment))
-        .route("/processes/v3/apps/{app_id}/processes/latest", get(latest_processes))
-        .route("/processes/v3/apps/{app_id}/processes/count", get(count_processes))
-        .route("/processes/v3/apps/{app_id}/processes/regions/{region}", post(create_process))
-        .route("/processes/v3/apps/{app_id}/processes/{process_id}", get(get_process))
-        .route("/processes/v3/apps/{app_id}/processes/{process_id}/stop", post(stop_process))
+        .route(
+            "/deployments/v3/apps/{app_id}/deployments",
+            get(get_deployments).post(create_deployment),
+        )
+        .route(
+            "/deployments/v3/apps/{app_id}/deployments/latest",
+            get(latest_deployment),
+        )
+        .route(
+            "/deployments/v3/apps/{app_id}/deployments/{deployment_id}",
+            get(get_deployment),
+        )
+        .route(
+            "/processes/v3/apps/{app_id}/processes/latest",
+            get(latest_processes),
+        )
+        .route(
+            "/processes/v3/apps/{app_id}/processes/count",
+            get(count_processes),
+        )
+        .route(
+            "/processes/v3/apps/{app_id}/processes/regions/{region}",
+            post(create_process),
+        )
+        .route(
+            "/processes/v3/apps/{app_id}/processes/{process_id}",
+            get(get_process),
+        )
+        .route(
+            "/processes/v3/apps/{app_id}/processes/{process_id}/stop",
+            post(stop_process),
+        )
         .route("/rooms/v2/{app_id}/create", post(create_room))
         .route("/rooms/v2/{app_id}/info/{room_id}", get(get_room))
-        .route("/rooms/v2/{app_id}/list/{process_id}/active", get(active_rooms))
-        .route("/rooms/v2/{app_id}/list/{process_id}/inactive", get(inactive_rooms))
+        .route(
+            "/rooms/v2/{app_id}/list/{process_id}/active",
+            get(active_rooms),
+        )
+        .route(
+            "/rooms/v2/{app_id}/list/{process_id}/inactive",
+            get(inactive_rooms),
+        )
         .route("/rooms/v2/{app_id}/destroy/{room_id}", post(destroy_room))
         .route("/rooms/v2/{app_id}/suspend/{room_id}", post(suspend_room))
         .route("/rooms/v2/{app_id}/resume/{room_id}", post(resume_room))
-        .route("/rooms/v2/{app_id}/connectioninfo/{room_id}", get(connection_info))
-        .route("/rooms/v2/{app_id}/update/{room_id}", post(update_room_config))
+        .route(
+            "/rooms/v2/{app_id}/connectioninfo/{room_id}",
+            get(connection_info),
+        )
+        .route(
+            "/rooms/v2/{app_id}/update/{room_id}",
+            post(update_room_config),
+        )
         .route("/logs/v1/{app_id}/process/{process_id}", get(logs::tail))
-        .route("/logs/v1/{app_id}/process/{process_id}/download", get(logs::download))
+        .route(
+            "/logs/v1/{app_id}/process/{process_id}/download",
+            get(logs::download),
+        )
         .route("/discovery/v2/ping", get(ping_endpoints))
         .route("/discovery/v1/ping", get(ping_endpoints))
 }
@@ -70,33 +124,93 @@ async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     let m = s.control.metrics();
     let mut out = String::new();
     let counters = [
-        ("lodge_rooms_created_total", "Rooms created.", &m.rooms_created),
-        ("lodge_rooms_destroyed_total", "Rooms destroyed (by request or with their process).", &m.rooms_destroyed),
-        ("lodge_processes_started_total", "Processes requested.", &m.processes_started),
-        ("lodge_processes_ended_total", "Processes that stopped or failed.", &m.processes_ended),
-        ("lodge_placement_retries_total", "Room placements retried after losing a race for a slot.", &m.placement_retries),
+        (
+            "lodge_rooms_created_total",
+            "Rooms created.",
+            &m.rooms_created,
+        ),
+        (
+            "lodge_rooms_destroyed_total",
+            "Rooms destroyed (by request or with their process).",
+            &m.rooms_destroyed,
+        ),
+        (
+            "lodge_processes_started_total",
+            "Processes requested.",
+            &m.processes_started,
+        ),
+        (
+            "lodge_processes_ended_total",
+            "Processes that stopped or failed.",
+            &m.processes_ended,
+        ),
+        (
+            "lodge_placement_retries_total",
+            "Room placements retried after losing a race for a slot.",
+            &m.placement_retries,
+        ),
     ];
     for (name, help, c) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            c.load(Ordering::Relaxed)
+        );
     }
-    let _ = writeln!(out, "# HELP lodge_processes Processes by status.\n# TYPE lodge_processes gauge");
+    let _ = writeln!(
+        out,
+        "# HELP lodge_processes Processes by status.\n# TYPE lodge_processes gauge"
+    );
     for status in ProcessStatus::ALL {
-        let q = lodge_store::ProcessQuery { statuses: vec![*status], ..Default::default() };
-        let n = s.control.store().count_processes(&q).await.map_err(lodge_control::Error::from)?;
+        let q = lodge_store::ProcessQuery {
+            statuses: vec![*status],
+            ..Default::default()
+        };
+        let n = s
+            .control
+            .store()
+            .count_processes(&q)
+            .await
+            .map_err(lodge_control::Error::from)?;
         let _ = writeln!(out, "lodge_processes{{status=\"{status}\"}} {n}");
     }
     let _ = writeln!(
         out,
         "# HELP lodge_process_active_connections Open TCP connections and live UDP sessions per process.\n# TYPE lodge_process_active_connections gauge"
     );
-    let q = lodge_store::ProcessQuery { statuses: vec![ProcessStatus::Running], ..Default::default() };
-    let running = s.control.store().processes(&q).await.map_err(lodge_control::Error::from)?;
+    let q = lodge_store::ProcessQuery {
+        statuses: vec![ProcessStatus::Running],
+        ..Default::default()
+    };
+    let running = s
+        .control
+        .store()
+        .processes(&q)
+        .await
+        .map_err(lodge_control::Error::from)?;
     let mut bytes = String::new();
     for p in &running {
-        if let Some(st) = s.control.agents().iter().find_map(|a| a.stats(&p.process_id)) {
-            let _ = writeln!(out, "lodge_process_active_connections{{process_id=\"{}\"}} {}", p.process_id, st.active_connections);
-            let _ = writeln!(bytes, "lodge_process_bytes_total{{process_id=\"{}\",direction=\"in\"}} {}", p.process_id, st.bytes_in);
-            let _ = writeln!(bytes, "lodge_process_bytes_total{{process_id=\"{}\",direction=\"out\"}} {}", p.process_id, st.bytes_out);
+        if let Some(st) = s
+            .control
+            .agents()
+            .iter()
+            .find_map(|a| a.stats(&p.process_id))
+        {
+            let _ = writeln!(
+                out,
+                "lodge_process_active_connections{{process_id=\"{}\"}} {}",
+                p.process_id, st.active_connections
+            );
+            let _ = writeln!(
+                bytes,
+                "lodge_process_bytes_total{{process_id=\"{}\",direction=\"in\"}} {}",
+                p.process_id, st.bytes_in
+            );
+            let _ = writeln!(
+                bytes,
+                "lodge_process_bytes_total{{process_id=\"{}\",direction=\"out\"}} {}",
+                p.process_id, st.bytes_out
+            );
         }
     }
     let _ = writeln!(out, "# HELP lodge_process_bytes_total Bytes proxied per process.\n# TYPE lodge_process_bytes_total counter\n{bytes}");
@@ -118,7 +232,11 @@ async fn get_orgs(State(s): State<AppState>, Dev(c): Dev) -> ApiResult<Json<wire
     Ok(Json(s.control.get_orgs(&c).await?))
 }
 
-async fn list_tokens(State(s): State<AppState>, Dev(c): Dev, Path(org): Path<String>) -> ApiResult<Json<wire::ListOrgTokens>> {
+async fn list_tokens(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path(org): Path<String>,
+) -> ApiResult<Json<wire::ListOrgTokens>> {
     Ok(Json(s.control.list_tokens(&c, &org).await?))
 }
 
@@ -131,21 +249,38 @@ async fn create_token(
     Ok(created(s.control.create_token(&c, &org, p).await?))
 }
 
-async fn revoke_token(State(s): State<AppState>, Dev(c): Dev, Path((org, id)): Path<(String, String)>) -> ApiResult<Json<bool>> {
+async fn revoke_token(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((org, id)): Path<(String, String)>,
+) -> ApiResult<Json<bool>> {
     Ok(Json(s.control.revoke_token(&c, &org, &id).await?))
 }
 
 // --- apps ------------------------------------------------------------------------------------
 
-async fn get_apps(State(s): State<AppState>, Dev(c): Dev, q: QueryPairs) -> ApiResult<Json<wire::ApplicationsPage>> {
+async fn get_apps(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+) -> ApiResult<Json<wire::ApplicationsPage>> {
     Ok(Json(s.control.get_apps(&c, q.get("orgId")).await?))
 }
 
-async fn create_app(State(s): State<AppState>, Dev(c): Dev, q: QueryPairs, Body(p): Body<wire::CreateAppConfig>) -> ApiResult<Response> {
+async fn create_app(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+    Body(p): Body<wire::CreateAppConfig>,
+) -> ApiResult<Response> {
     Ok(created(s.control.create_app(&c, q.get("orgId"), p).await?))
 }
 
-async fn get_app(State(s): State<AppState>, Dev(c): Dev, Path(app): Path<String>) -> ApiResult<Json<wire::ApplicationOut>> {
+async fn get_app(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path(app): Path<String>,
+) -> ApiResult<Json<wire::ApplicationOut>> {
     Ok(Json(s.control.get_app(&c, &app).await?))
 }
 
@@ -167,14 +302,22 @@ async fn patch_app(
     Ok(Json(s.control.update_app(&c, &app, p, false).await?))
 }
 
-async fn delete_app(State(s): State<AppState>, Dev(c): Dev, Path(app): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_app(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path(app): Path<String>,
+) -> ApiResult<StatusCode> {
     s.control.delete_app(&c, &app).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 // --- builds ----------------------------------------------------------------------------------
 
-async fn get_builds(State(s): State<AppState>, Dev(c): Dev, q: QueryPairs) -> ApiResult<Json<wire::BuildsV3Page>> {
+async fn get_builds(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+) -> ApiResult<Json<wire::BuildsV3Page>> {
     Ok(Json(s.control.get_builds(&c, q.get("orgId")).await?))
 }
 
@@ -186,23 +329,48 @@ async fn create_build(
     Body(p): Body<wire::CreateMultipartBuildParams>,
 ) -> ApiResult<Response> {
     let base = base_url(&headers);
-    Ok(created(s.control.create_build(&c, q.get("orgId"), p, UploadTarget { base_url: &base }).await?))
+    Ok(created(
+        s.control
+            .create_build(&c, q.get("orgId"), p, UploadTarget { base_url: &base })
+            .await?,
+    ))
 }
 
-async fn get_build(State(s): State<AppState>, Dev(c): Dev, q: QueryPairs, Path(b): Path<String>) -> ApiResult<Json<wire::BuildV3>> {
+async fn get_build(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+    Path(b): Path<String>,
+) -> ApiResult<Json<wire::BuildV3>> {
     Ok(Json(s.control.get_build(&c, q.get("orgId"), &b).await?))
 }
 
-async fn delete_build(State(s): State<AppState>, Dev(c): Dev, q: QueryPairs, Path(b): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn delete_build(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+    Path(b): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     s.control.delete_build(&c, q.get("orgId"), &b).await?;
     Ok(Json(json!({})))
 }
 
-async fn run_build(State(s): State<AppState>, Dev(c): Dev, q: QueryPairs, Path(b): Path<String>) -> ApiResult<Response> {
+async fn run_build(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+    Path(b): Path<String>,
+) -> ApiResult<Response> {
     let rx = s.control.run_build(&c, q.get("orgId"), &b).await?;
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let stream = futures_util::StreamExt::map(stream, |line| Ok::<_, std::io::Error>(bytes::Bytes::from(line)));
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], axum::body::Body::from_stream(stream)).into_response())
+    let stream = futures_util::StreamExt::map(stream, |line| {
+        Ok::<_, std::io::Error>(bytes::Bytes::from(line))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn put_part(
@@ -211,22 +379,41 @@ async fn put_part(
     q: QueryPairs,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let etag = s.control.put_part(&b, part, q.get("signature").unwrap_or(""), &body).await?;
+    let etag = s
+        .control
+        .put_part(&b, part, q.get("signature").unwrap_or(""), &body)
+        .await?;
     Ok((StatusCode::OK, [(header::ETAG, etag)]).into_response())
 }
 
-async fn complete_upload(State(s): State<AppState>, Path(b): Path<String>, q: QueryPairs, body: String) -> ApiResult<Response> {
-    let xml = s.control.complete_upload(&b, q.get("signature").unwrap_or(""), &body).await?;
+async fn complete_upload(
+    State(s): State<AppState>,
+    Path(b): Path<String>,
+    q: QueryPairs,
+    body: String,
+) -> ApiResult<Response> {
+    let xml = s
+        .control
+        .complete_upload(&b, q.get("signature").unwrap_or(""), &body)
+        .await?;
     Ok(([(header::CONTENT_TYPE, "application/xml")], xml).into_response())
 }
 
 // --- deployments -----------------------------------------------------------------------------
 
-async fn get_deployments(State(s): State<AppState>, Dev(c): Dev, Path(app): Path<String>, q: QueryPairs) -> ApiResult<Json<wire::DeploymentsV3Page>> {
+async fn get_deployments(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path(app): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Json<wire::DeploymentsV3Page>> {
     let f = DeploymentFilter {
         deployment_tag: q.get("deploymentTag").map(str::to_string),
         build_tag: q.get("buildTag").map(str::to_string),
-        next_page_token: q.get("nextPageToken").filter(|t| !t.is_empty()).map(str::to_string),
+        next_page_token: q
+            .get("nextPageToken")
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
         page_size: q.parse_opt("pageSize")?,
     };
     Ok(Json(s.control.get_deployments(&c, &app, f).await?))
@@ -241,12 +428,22 @@ async fn create_deployment(
     Ok(created(s.control.create_deployment(&c, &app, p).await?))
 }
 
-async fn latest_deployment(State(s): State<AppState>, Dev(c): Dev, Path(app): Path<String>) -> ApiResult<Json<DeploymentV3>> {
+async fn latest_deployment(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path(app): Path<String>,
+) -> ApiResult<Json<DeploymentV3>> {
     Ok(Json((&s.control.latest_deployment(&c, &app).await?).into()))
 }
 
-async fn get_deployment(State(s): State<AppState>, Dev(c): Dev, Path((app, d)): Path<(String, String)>) -> ApiResult<Json<DeploymentV3>> {
-    Ok(Json((&s.control.get_deployment(&c, &app, &d).await?).into()))
+async fn get_deployment(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, d)): Path<(String, String)>,
+) -> ApiResult<Json<DeploymentV3>> {
+    Ok(Json(
+        (&s.control.get_deployment(&c, &app, &d).await?).into(),
+    ))
 }
 
 // --- processes -------------------------------------------------------------------------------
@@ -260,12 +457,29 @@ fn process_filter(q: &QueryPairs) -> ApiResult<lodge_control::ProcessFilter> {
     })
 }
 
-async fn latest_processes(State(s): State<AppState>, Dev(c): Dev, Path(app): Path<String>, q: QueryPairs) -> ApiResult<Json<Vec<wire::ProcessV3>>> {
-    Ok(Json(s.control.latest_processes(&c, &app, process_filter(&q)?).await?))
+async fn latest_processes(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path(app): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Json<Vec<wire::ProcessV3>>> {
+    Ok(Json(
+        s.control
+            .latest_processes(&c, &app, process_filter(&q)?)
+            .await?,
+    ))
 }
 
-async fn count_processes(State(s): State<AppState>, Dev(c): Dev, Path(app): Path<String>, q: QueryPairs) -> ApiResult<Json<serde_json::Value>> {
-    let n = s.control.count_processes(&c, &app, process_filter(&q)?).await?;
+async fn count_processes(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path(app): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Json<serde_json::Value>> {
+    let n = s
+        .control
+        .count_processes(&c, &app, process_filter(&q)?)
+        .await?;
     Ok(Json(json!({ "count": n })))
 }
 
@@ -273,15 +487,29 @@ fn region(r: &str) -> ApiResult<Region> {
     r.parse().map_err(invalid)
 }
 
-async fn create_process(State(s): State<AppState>, Dev(c): Dev, Path((app, r)): Path<(String, String)>) -> ApiResult<Response> {
-    Ok(created(s.control.create_process(&c, &app, region(&r)?).await?))
+async fn create_process(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, r)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    Ok(created(
+        s.control.create_process(&c, &app, region(&r)?).await?,
+    ))
 }
 
-async fn get_process(State(s): State<AppState>, Dev(c): Dev, Path((app, p)): Path<(String, String)>) -> ApiResult<Json<wire::ProcessV3>> {
+async fn get_process(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, p)): Path<(String, String)>,
+) -> ApiResult<Json<wire::ProcessV3>> {
     Ok(Json(s.control.get_process(&c, &app, &p).await?))
 }
 
-async fn stop_process(State(s): State<AppState>, Dev(c): Dev, Path((app, p)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn stop_process(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, p)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     s.control.stop_process(&c, &app, &p).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -295,37 +523,69 @@ async fn create_room(
     q: QueryPairs,
     Body(p): Body<wire::CreateRoomParams>,
 ) -> ApiResult<Response> {
-    let room_id = q.get("roomId").filter(|r| !r.is_empty()).map(str::to_string);
+    let room_id = q
+        .get("roomId")
+        .filter(|r| !r.is_empty())
+        .map(str::to_string);
     Ok(created(s.control.create_room(&c, &app, p, room_id).await?))
 }
 
-async fn get_room(State(s): State<AppState>, Dev(c): Dev, Path((app, r)): Path<(String, String)>) -> ApiResult<Json<wire::RoomOut>> {
+async fn get_room(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, r)): Path<(String, String)>,
+) -> ApiResult<Json<wire::RoomOut>> {
     Ok(Json(s.control.get_room(&c, &app, &r).await?))
 }
 
-async fn active_rooms(State(s): State<AppState>, Dev(c): Dev, Path((app, p)): Path<(String, String)>) -> ApiResult<Json<Vec<wire::RoomOut>>> {
+async fn active_rooms(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, p)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<wire::RoomOut>>> {
     Ok(Json(s.control.rooms_for_process(&c, &app, &p, true).await?))
 }
 
-async fn inactive_rooms(State(s): State<AppState>, Dev(c): Dev, Path((app, p)): Path<(String, String)>) -> ApiResult<Json<Vec<wire::RoomOut>>> {
-    Ok(Json(s.control.rooms_for_process(&c, &app, &p, false).await?))
+async fn inactive_rooms(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, p)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<wire::RoomOut>>> {
+    Ok(Json(
+        s.control.rooms_for_process(&c, &app, &p, false).await?,
+    ))
 }
 
-async fn destroy_room(State(s): State<AppState>, Dev(c): Dev, Path((app, r)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn destroy_room(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, r)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     s.control.destroy_room(&c, &app, &r).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn suspend_room(State(s): State<AppState>, Dev(c): Dev, Path((app, r)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn suspend_room(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, r)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
     s.control.suspend_room(&c, &app, &r).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn resume_room(State(s): State<AppState>, Dev(c): Dev, Path((app, r)): Path<(String, String)>) -> ApiResult<Json<wire::ConnectionInfoV2>> {
+async fn resume_room(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, r)): Path<(String, String)>,
+) -> ApiResult<Json<wire::ConnectionInfoV2>> {
     Ok(Json(s.control.resume_room(&c, &app, &r).await?))
 }
 
-async fn connection_info(State(s): State<AppState>, Path((app, r)): Path<(String, String)>) -> ApiResult<Json<wire::ConnectionInfoV2>> {
+async fn connection_info(
+    State(s): State<AppState>,
+    Path((app, r)): Path<(String, String)>,
+) -> ApiResult<Json<wire::ConnectionInfoV2>> {
     Ok(Json(s.control.connection_info(&app, &r).await?))
 }
 
@@ -335,6 +595,8 @@ async fn update_room_config(
     Path((app, r)): Path<(String, String)>,
     Body(p): Body<wire::UpdateRoomConfigParams>,
 ) -> ApiResult<StatusCode> {
-    s.control.update_room_config(&c, &app, &r, &p.room_config).await?;
+    s.control
+        .update_room_config(&c, &app, &r, &p.room_config)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

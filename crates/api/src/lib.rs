@@ -65,8 +65,14 @@ pub struct Dev(pub Caller);
 impl FromRequestParts<AppState> for Dev {
     type Rejection = ApiFailure;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         Ok(Dev(state.control.authenticate(header).await?))
     }
 }
@@ -80,11 +86,18 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiFailure(StatusCode::BAD_REQUEST, format!("cannot read request body: {e}")))?;
+            .map_err(|e| {
+                ApiFailure(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read request body: {e}"),
+                )
+            })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(invalid("a JSON request body is required"));
         }
-        serde_json::from_slice(&bytes).map(Body).map_err(|e| invalid(format!("invalid request body: {e}")))
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| invalid(format!("invalid request body: {e}")))
     }
 }
 
@@ -101,19 +114,32 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 
 impl QueryPairs {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0.iter().filter(move |(k, _)| k == key || *k == format!("{key}[]")).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == key || *k == format!("{key}[]"))
+            .map(|(_, v)| v.as_str())
     }
     /// Every value of `key`, parsed; a bad value is a 422 naming it.
     pub fn parse_all<T: std::str::FromStr<Err = String>>(&self, key: &str) -> ApiResult<Vec<T>> {
-        self.all(key).flat_map(|v| v.split(',')).filter(|v| !v.is_empty()).map(|v| v.parse().map_err(invalid)).collect()
+        self.all(key)
+            .flat_map(|v| v.split(','))
+            .filter(|v| !v.is_empty())
+            .map(|v| v.parse().map_err(invalid))
+            .collect()
     }
     pub fn parse_opt<T: std::str::FromStr>(&self, key: &str) -> ApiResult<Option<T>> {
         match self.get(key) {
             None | Some("") => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| invalid(format!("invalid value '{v}' for query parameter {key}"))),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| invalid(format!("invalid value '{v}' for query parameter {key}"))),
         }
     }
 }
@@ -136,7 +162,10 @@ fn percent_decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
                     Ok(b) => {
                         out.push(b);
                         i += 2;
@@ -154,27 +183,49 @@ fn percent_decode(s: &str) -> String {
 /// CORS for browser games and tools: any origin, the headers the SDKs send.
 async fn cors(req: Request, next: Next) -> Response {
     let preflight = req.method() == Method::OPTIONS;
-    let mut res = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(req).await };
+    let mut res = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
     let h = res.headers_mut();
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-    h.insert("access-control-allow-methods", HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"));
-    h.insert("access-control-allow-headers", HeaderValue::from_static("authorization, content-type, accept, user-agent"));
-    h.insert("access-control-expose-headers", HeaderValue::from_static("etag"));
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static("authorization, content-type, accept, user-agent"),
+    );
+    h.insert(
+        "access-control-expose-headers",
+        HeaderValue::from_static("etag"),
+    );
     h.insert("access-control-max-age", HeaderValue::from_static("86400"));
     res
 }
 
 /// The base URL a client used to reach us, for self-served upload URLs.
 pub(crate) fn base_url(headers: &HeaderMap) -> String {
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("127.0.0.1");
-    let proto = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    let proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http");
     format!("{proto}://{host}")
 }
 
 pub fn router(state: AppState) -> axum::Router {
     handlers::routes()
         .fallback(|method: Method, uri: axum::http::Uri| async move {
-            ApiFailure(StatusCode::NOT_FOUND, format!("No such endpoint: {method} {}", uri.path()))
+            ApiFailure(
+                StatusCode::NOT_FOUND,
+                format!("No such endpoint: {method} {}", uri.path()),
+            )
         })
         .layer(axum::middleware::from_fn(cors))
         .with_state(state)
@@ -192,11 +243,16 @@ mod tests {
     fn query_parsing() {
         let q = parse_query("status=running&status=starting&region=Washington_DC&x=a%20b+c&empty=");
         let q = QueryPairs(q);
-        assert_eq!(q.all("status").collect::<Vec<_>>(), vec!["running", "starting"]);
+        assert_eq!(
+            q.all("status").collect::<Vec<_>>(),
+            vec!["running", "starting"]
+        );
         assert_eq!(q.get("x"), Some("a b c"));
         let regions: Vec<Region> = q.parse_all("region").unwrap();
         assert_eq!(regions, vec![Region::WashingtonDc]);
-        assert!(QueryPairs(parse_query("region=Mars")).parse_all::<Region>("region").is_err());
+        assert!(QueryPairs(parse_query("region=Mars"))
+            .parse_all::<Region>("region")
+            .is_err());
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%4"), "%4");
     }

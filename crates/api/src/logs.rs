@@ -64,7 +64,9 @@ pub async fn tail(
         return Err(invalid(format!("tailLines must be 1 to 5000, got {lines}")));
     }
     let (process, path) = s.control.process_log(&c, &app, &pid).await?;
-    let (initial, mut offset) = tail_lines(&path, lines as usize).await.map_err(lodge_control::Error::from)?;
+    let (initial, mut offset) = tail_lines(&path, lines as usize)
+        .await
+        .map_err(lodge_control::Error::from)?;
     if !follow || process.status.is_terminal() {
         return Ok(octet_stream(axum::body::Body::from(initial)));
     }
@@ -75,13 +77,19 @@ pub async fn tail(
             return;
         }
         loop {
-            let ended = !matches!(control.process_status(&pid).await, Ok(Some(st)) if !st.is_terminal());
+            let ended =
+                !matches!(control.process_status(&pid).await, Ok(Some(st)) if !st.is_terminal());
             // Read whatever was appended since the last look.
             if let Ok(mut f) = tokio::fs::File::open(&path).await {
                 let len = f.metadata().await.map(|m| m.len()).unwrap_or(offset);
                 if len > offset && f.seek(SeekFrom::Start(offset)).await.is_ok() {
                     let mut chunk = Vec::with_capacity((len - offset) as usize);
-                    if (&mut f).take(len - offset).read_to_end(&mut chunk).await.is_ok() {
+                    if (&mut f)
+                        .take(len - offset)
+                        .read_to_end(&mut chunk)
+                        .await
+                        .is_ok()
+                    {
                         offset += chunk.len() as u64;
                         if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                             return;
@@ -98,7 +106,9 @@ pub async fn tail(
             }
         }
     });
-    Ok(octet_stream(axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    Ok(octet_stream(axum::body::Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
 }
 
 pub async fn download(
@@ -108,14 +118,20 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let (_, path) = s.control.process_log(&c, &app, &pid).await?;
     match tokio::fs::File::open(&path).await {
-        Ok(f) => Ok(octet_stream(axum::body::Body::from_stream(tokio_util_stream(f)))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(octet_stream(axum::body::Body::empty())),
+        Ok(f) => Ok(octet_stream(axum::body::Body::from_stream(
+            tokio_util_stream(f),
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(octet_stream(axum::body::Body::empty()))
+        }
         Err(e) => Err(ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 
 /// A file as a stream of chunks.
-fn tokio_util_stream(f: tokio::fs::File) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+fn tokio_util_stream(
+    f: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
     futures_util::stream::unfold(f, |mut f| async move {
         let mut buf = vec![0u8; 64 * 1024];
         match f.read(&mut buf).await {

@@ -1,6 +1,8 @@
 //! Applications.
 
-use lodge_model::wire::{ApplicationOut, ApplicationsPage, CreateAppConfig, DeploymentWithBuild, PatchAppConfig};
+use lodge_model::wire::{
+    ApplicationOut, ApplicationsPage, CreateAppConfig, DeploymentWithBuild, PatchAppConfig,
+};
 use lodge_model::{id, validate, App};
 use serde_json::Value;
 
@@ -12,7 +14,9 @@ fn check_auth_config(v: &Value) -> Result<()> {
     }
     if let Some(g) = v.get("google") {
         if g.get("clientId").and_then(Value::as_str).is_none() {
-            return Err(Error::Invalid("authConfiguration.google.clientId must be a string".into()));
+            return Err(Error::Invalid(
+                "authConfiguration.google.clientId must be a string".into(),
+            ));
         }
     }
     Ok(())
@@ -23,14 +27,21 @@ fn check_service_config(v: &Option<Value>) -> Result<()> {
         None | Some(Value::Null) => Ok(()),
         Some(Value::Object(o)) => match o.get("staticProcessAllocation") {
             Some(Value::Array(_)) => Ok(()),
-            _ => Err(Error::Invalid("serviceConfig.staticProcessAllocation must be a list".into())),
+            _ => Err(Error::Invalid(
+                "serviceConfig.staticProcessAllocation must be a list".into(),
+            )),
         },
         Some(_) => Err(Error::Invalid("serviceConfig must be an object".into())),
     }
 }
 
 impl Control {
-    pub async fn create_app(&self, caller: &Caller, org_id: Option<&str>, p: CreateAppConfig) -> Result<ApplicationOut> {
+    pub async fn create_app(
+        &self,
+        caller: &Caller,
+        org_id: Option<&str>,
+        p: CreateAppConfig,
+    ) -> Result<ApplicationOut> {
         let org = self.org_of(caller, org_id)?;
         validate::app_name(&p.app_name).map_err(Error::Invalid)?;
         check_auth_config(&p.auth_configuration)?;
@@ -51,14 +62,27 @@ impl Control {
         Ok((&app).into())
     }
 
-    pub async fn get_apps(&self, caller: &Caller, org_id: Option<&str>) -> Result<ApplicationsPage> {
+    pub async fn get_apps(
+        &self,
+        caller: &Caller,
+        org_id: Option<&str>,
+    ) -> Result<ApplicationsPage> {
         let org = self.org_of(caller, org_id)?;
         let mut applications = Vec::new();
         for app in self.store.apps(&org).await? {
             let mut out = ApplicationOut::from(&app);
-            if let Some(d) = self.store.deployments(&app.app_id).await?.into_iter().next() {
+            if let Some(d) = self
+                .store
+                .deployments(&app.app_id)
+                .await?
+                .into_iter()
+                .next()
+            {
                 if let Some(b) = self.store.build(&d.build_id).await? {
-                    out.deployment = Some(DeploymentWithBuild { deployment: (&d).into(), build: (&b).into() });
+                    out.deployment = Some(DeploymentWithBuild {
+                        deployment: (&d).into(),
+                        build: (&b).into(),
+                    });
                 }
             }
             applications.push(out);
@@ -71,10 +95,18 @@ impl Control {
     }
 
     /// UpdateApp replaces every field; PatchApp only those given.
-    pub async fn update_app(&self, caller: &Caller, app_id: &str, p: PatchAppConfig, replace: bool) -> Result<ApplicationOut> {
+    pub async fn update_app(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        p: PatchAppConfig,
+        replace: bool,
+    ) -> Result<ApplicationOut> {
         let mut app = self.app_of(caller, app_id).await?;
         if replace && (p.app_name.is_none() || p.auth_configuration.is_none()) {
-            return Err(Error::Invalid("appName and authConfiguration are required".into()));
+            return Err(Error::Invalid(
+                "appName and authConfiguration are required".into(),
+            ));
         }
         if let Some(name) = p.app_name {
             validate::app_name(&name).map_err(Error::Invalid)?;

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use lodge_agent::bundle;
-use lodge_model::wire::{BuildV3, BuildsV3Page, CreateMultipartBuildParams, CreatedBuildV3WithMultipartUrls, UploadPart};
+use lodge_model::wire::{
+    BuildV3, BuildsV3Page, CreateMultipartBuildParams, CreatedBuildV3WithMultipartUrls, UploadPart,
+};
 use lodge_model::{id, validate, Build, BuildStatus, UploadSession};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -28,7 +30,12 @@ impl Control {
         self.cfg.data_dir.join("builds").join(build_id)
     }
 
-    async fn build_of(&self, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<Build> {
+    async fn build_of(
+        &self,
+        caller: &Caller,
+        org_id: Option<&str>,
+        build_id: &str,
+    ) -> Result<Build> {
         let org = self.org_of(caller, org_id)?;
         match self.store.build(build_id).await? {
             Some(b) if b.org_id == org && b.deleted_at.is_none() => Ok(b),
@@ -46,18 +53,24 @@ impl Control {
         let org = self.org_of(caller, org_id)?;
         let size = p.build_size_in_bytes;
         if !(size.is_finite() && size >= 1.0 && size.fract() == 0.0) {
-            return Err(Error::Invalid("buildSizeInBytes must be a positive integer".into()));
+            return Err(Error::Invalid(
+                "buildSizeInBytes must be a positive integer".into(),
+            ));
         }
         let size = size as u64;
         if size > self.cfg.max_build_bytes {
-            return Err(Error::Invalid(format!("buildSizeInBytes exceeds the limit of {} bytes", self.cfg.max_build_bytes)));
+            return Err(Error::Invalid(format!(
+                "buildSizeInBytes exceeds the limit of {} bytes",
+                self.cfg.max_build_bytes
+            )));
         }
         if let Some(tag) = &p.build_tag {
             validate::max_len("buildTag", tag, 1000).map_err(Error::Invalid)?;
         }
         let build_id = match p.build_id {
             Some(b) => {
-                validate::room_id(&b).map_err(|m| Error::Invalid(m.replace("roomId", "buildId")))?;
+                validate::room_id(&b)
+                    .map_err(|m| Error::Invalid(m.replace("roomId", "buildId")))?;
                 b
             }
             None => id::build_id(),
@@ -76,32 +89,52 @@ impl Control {
             deleted_at: None,
             build_tag: p.build_tag,
             content_hash: None,
-            upload: Some(UploadSession { size, max_chunk_size: chunk, parts, secret: id::secret_hex(), completed: false }),
+            upload: Some(UploadSession {
+                size,
+                max_chunk_size: chunk,
+                parts,
+                secret: id::secret_hex(),
+                completed: false,
+            }),
         };
         self.store.insert_build(&build).await?;
-        let secret = build.upload.as_ref().map(|u| u.secret.clone()).unwrap_or_default();
+        let secret = build
+            .upload
+            .as_ref()
+            .map(|u| u.secret.clone())
+            .unwrap_or_default();
         let base = target.base_url.trim_end_matches('/');
         Ok(CreatedBuildV3WithMultipartUrls {
             build: (&build).into(),
             upload_parts: (1..=parts)
                 .map(|n| UploadPart {
                     part_number: n,
-                    put_request_url: format!("{base}/uploads/{build_id}/parts/{n}?signature={secret}"),
+                    put_request_url: format!(
+                        "{base}/uploads/{build_id}/parts/{n}?signature={secret}"
+                    ),
                 })
                 .collect(),
             max_chunk_size: chunk,
-            complete_upload_post_request_url: format!("{base}/uploads/{build_id}/complete?signature={secret}"),
+            complete_upload_post_request_url: format!(
+                "{base}/uploads/{build_id}/complete?signature={secret}"
+            ),
         })
     }
 
     /// The build an upload URL refers to, if the signature matches and it still takes uploads.
-    async fn upload_session(&self, build_id: &str, signature: &str) -> Result<(Build, UploadSession)> {
+    async fn upload_session(
+        &self,
+        build_id: &str,
+        signature: &str,
+    ) -> Result<(Build, UploadSession)> {
         let build = self.store.build(build_id).await?;
         match build {
             Some(b) if b.deleted_at.is_none() => match b.upload.clone() {
                 Some(u) if u.secret == signature => {
                     if b.status != BuildStatus::Created {
-                        return Err(Error::BadRequest(format!("build {build_id} no longer accepts uploads")));
+                        return Err(Error::BadRequest(format!(
+                            "build {build_id} no longer accepts uploads"
+                        )));
                     }
                     Ok((b, u))
                 }
@@ -112,13 +145,25 @@ impl Control {
     }
 
     /// Store one part; returns its ETag (quoted, as S3 does).
-    pub async fn put_part(&self, build_id: &str, part: u32, signature: &str, data: &[u8]) -> Result<String> {
+    pub async fn put_part(
+        &self,
+        build_id: &str,
+        part: u32,
+        signature: &str,
+        data: &[u8],
+    ) -> Result<String> {
         let (_, u) = self.upload_session(build_id, signature).await?;
         if part == 0 || part > u.parts {
-            return Err(Error::BadRequest(format!("part number must be 1 to {}", u.parts)));
+            return Err(Error::BadRequest(format!(
+                "part number must be 1 to {}",
+                u.parts
+            )));
         }
         if data.len() as u64 > u.max_chunk_size {
-            return Err(Error::BadRequest(format!("a part may hold at most {} bytes", u.max_chunk_size)));
+            return Err(Error::BadRequest(format!(
+                "a part may hold at most {} bytes",
+                u.max_chunk_size
+            )));
         }
         let dir = self.build_dir(build_id).join("parts");
         tokio::fs::create_dir_all(&dir).await?;
@@ -130,7 +175,12 @@ impl Control {
     }
 
     /// CompleteMultipartUpload: assemble the parts named in the XML, in order.
-    pub async fn complete_upload(&self, build_id: &str, signature: &str, xml: &str) -> Result<String> {
+    pub async fn complete_upload(
+        &self,
+        build_id: &str,
+        signature: &str,
+        xml: &str,
+    ) -> Result<String> {
         let (mut build, mut u) = self.upload_session(build_id, signature).await?;
         let mut numbers: Vec<u32> = xml
             .split("<PartNumber>")
@@ -171,10 +221,18 @@ impl Control {
 
     /// RunBuild: returns the log as it is produced; the build's final status is in the store
     /// once the log ends.
-    pub async fn run_build(self: &std::sync::Arc<Self>, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<BuildLog> {
+    pub async fn run_build(
+        self: &std::sync::Arc<Self>,
+        caller: &Caller,
+        org_id: Option<&str>,
+        build_id: &str,
+    ) -> Result<BuildLog> {
         let mut build = self.build_of(caller, org_id, build_id).await?;
         if build.status != BuildStatus::Created {
-            return Err(Error::BadRequest(format!("build {build_id} has already been run (status {})", build.status)));
+            return Err(Error::BadRequest(format!(
+                "build {build_id} has already been run (status {})",
+                build.status
+            )));
         }
         build.status = BuildStatus::Running;
         build.started_at = Some(self.now());
@@ -212,7 +270,11 @@ impl Control {
         Ok(rx)
     }
 
-    async fn do_build<F, Fut>(&self, build: &Build, say: &F) -> std::result::Result<(u64, String), String>
+    async fn do_build<F, Fut>(
+        &self,
+        build: &Build,
+        say: &F,
+    ) -> std::result::Result<(u64, String), String>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = ()>,
@@ -222,7 +284,9 @@ impl Control {
         let upload = build.upload.clone().ok_or("this build has no upload")?;
         if !archive.exists() {
             // Clients that skipped the completion call: assemble whatever parts arrived.
-            let have: Vec<u32> = (1..=upload.parts).filter(|n| dir.join("parts").join(n.to_string()).exists()).collect();
+            let have: Vec<u32> = (1..=upload.parts)
+                .filter(|n| dir.join("parts").join(n.to_string()).exists())
+                .collect();
             if have.len() as u32 != upload.parts {
                 return Err(format!(
                     "the upload is incomplete: {} of {} parts were received; upload every part before RunBuild",
@@ -230,7 +294,9 @@ impl Control {
                     upload.parts
                 ));
             }
-            self.assemble(&build.build_id, &have).await.map_err(|e| e.to_string())?;
+            self.assemble(&build.build_id, &have)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         let bytes = tokio::fs::read(&archive).await.map_err(|e| e.to_string())?;
         say(format!("received {} bytes", bytes.len())).await;
@@ -250,9 +316,10 @@ impl Control {
         let staging = dir.join("bundle.tmp");
         let _ = tokio::fs::remove_dir_all(&staging).await;
         let (a, s) = (archive.clone(), staging.clone());
-        let unpacked = tokio::task::spawn_blocking(move || bundle::unpack(&a, &s, bundle::Limits::default()))
-            .await
-            .map_err(|e| e.to_string())?;
+        let unpacked =
+            tokio::task::spawn_blocking(move || bundle::unpack(&a, &s, bundle::Limits::default()))
+                .await
+                .map_err(|e| e.to_string())?;
         let unpacked = match unpacked {
             Ok(u) => u,
             Err(e) => {
@@ -261,8 +328,14 @@ impl Control {
             }
         };
         let _ = tokio::fs::remove_dir_all(&dest).await;
-        tokio::fs::rename(&staging, &dest).await.map_err(|e| e.to_string())?;
-        say(format!("unpacked {} files, {} bytes", unpacked.files, unpacked.bytes)).await;
+        tokio::fs::rename(&staging, &dest)
+            .await
+            .map_err(|e| e.to_string())?;
+        say(format!(
+            "unpacked {} files, {} bytes",
+            unpacked.files, unpacked.bytes
+        ))
+        .await;
         say(format!("command: {}", unpacked.manifest.command.join(" "))).await;
         if !unpacked.manifest.env.is_empty() {
             let names: Vec<&str> = unpacked.manifest.env.keys().map(String::as_str).collect();
@@ -272,19 +345,35 @@ impl Control {
         Ok((unpacked.bytes, hash))
     }
 
-    pub async fn get_build(&self, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<BuildV3> {
+    pub async fn get_build(
+        &self,
+        caller: &Caller,
+        org_id: Option<&str>,
+        build_id: &str,
+    ) -> Result<BuildV3> {
         Ok((&self.build_of(caller, org_id, build_id).await?).into())
     }
 
     pub async fn get_builds(&self, caller: &Caller, org_id: Option<&str>) -> Result<BuildsV3Page> {
         let org = self.org_of(caller, org_id)?;
         let builds = self.store.builds(&org).await?;
-        Ok(BuildsV3Page { builds: builds.iter().filter(|b| b.deleted_at.is_none()).map(Into::into).collect() })
+        Ok(BuildsV3Page {
+            builds: builds
+                .iter()
+                .filter(|b| b.deleted_at.is_none())
+                .map(Into::into)
+                .collect(),
+        })
     }
 
     /// Delete a build's record and upload. Its unpacked bundle stays while processes may run
     /// from it; new deployments cannot use it.
-    pub async fn delete_build(&self, caller: &Caller, org_id: Option<&str>, build_id: &str) -> Result<()> {
+    pub async fn delete_build(
+        &self,
+        caller: &Caller,
+        org_id: Option<&str>,
+        build_id: &str,
+    ) -> Result<()> {
         let mut build = self.build_of(caller, org_id, build_id).await?;
         build.deleted_at = Some(self.now());
         self.store.update_build(&build).await?;

@@ -105,7 +105,13 @@ pub struct Metrics {
 
 impl Control {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ControlConfig) -> Arc<Self> {
-        Arc::new(Self { store, clock, cfg, local_agents: RwLock::default(), metrics: Metrics::default() })
+        Arc::new(Self {
+            store,
+            clock,
+            cfg,
+            local_agents: RwLock::default(),
+            metrics: Metrics::default(),
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -129,7 +135,11 @@ impl Control {
         if let Some(org) = self.store.orgs().await?.into_iter().next() {
             return Ok(org);
         }
-        let org = Org { org_id: lodge_model::id::org_id(), name: "default".into(), created_at: self.now() };
+        let org = Org {
+            org_id: lodge_model::id::org_id(),
+            name: "default".into(),
+            created_at: self.now(),
+        };
         self.store.put_org(&org).await?;
         Ok(self.store.orgs().await?.into_iter().next().unwrap_or(org))
     }
@@ -145,12 +155,17 @@ impl Control {
     /// The org a request is about: `orgId` if given (must be the caller's), else the caller's.
     fn org_of(&self, caller: &Caller, org_id: Option<&str>) -> Result<String> {
         match org_id {
-            Some(o) if o != caller.org_id => Err(Error::NotFound(format!("Organization not found: {o}"))),
+            Some(o) if o != caller.org_id => {
+                Err(Error::NotFound(format!("Organization not found: {o}")))
+            }
             _ => Ok(caller.org_id.clone()),
         }
     }
 
     pub fn agents(&self) -> Vec<Arc<Agent>> {
-        self.local_agents.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.local_agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

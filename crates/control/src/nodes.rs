@@ -23,7 +23,10 @@ impl Control {
     /// Register a node and the agent that runs in this process for it.
     pub async fn register_local_node(&self, node: Node, agent: Arc<Agent>) -> Result<()> {
         self.store.put_node(&node).await?;
-        self.local_agents.write().unwrap_or_else(|p| p.into_inner()).push(agent);
+        self.local_agents
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(agent);
         Ok(())
     }
 
@@ -48,8 +51,10 @@ impl Control {
         };
         let mut out = Vec::new();
         for p in self.store.processes(&q).await? {
-            let (Some(d), Some(app)) = (self.store.deployment(&p.deployment_id).await?, self.store.app(&p.app_id).await?)
-            else {
+            let (Some(d), Some(app)) = (
+                self.store.deployment(&p.deployment_id).await?,
+                self.store.app(&p.app_id).await?,
+            ) else {
                 continue;
             };
             out.push(ProcessSpec {
@@ -77,7 +82,11 @@ impl Control {
 
     pub async fn handle_event(&self, event: AgentEvent) -> Result<()> {
         match event {
-            AgentEvent::Booted { process_id, at, exposed_ports } => {
+            AgentEvent::Booted {
+                process_id,
+                at,
+                exposed_ports,
+            } => {
                 self.store
                     .update_process(&process_id, &|p| {
                         p.booted_at = Some(at);
@@ -100,9 +109,22 @@ impl Control {
                     .await?;
                 tracing::info!(%process_id, "process running");
             }
-            AgentEvent::Exited { process_id, at, exit, failed } => {
-                let status = if failed { ProcessStatus::Failed } else { ProcessStatus::Stopped };
-                if let Some(ended) = self.store.end_process(&process_id, status, at, &exit.reason).await? {
+            AgentEvent::Exited {
+                process_id,
+                at,
+                exit,
+                failed,
+            } => {
+                let status = if failed {
+                    ProcessStatus::Failed
+                } else {
+                    ProcessStatus::Stopped
+                };
+                if let Some(ended) = self
+                    .store
+                    .end_process(&process_id, status, at, &exit.reason)
+                    .await?
+                {
                     self.metrics.processes_ended.fetch_add(1, Ordering::Relaxed);
                     self.metrics
                         .rooms_destroyed
@@ -116,7 +138,11 @@ impl Control {
                     );
                 }
             }
-            AgentEvent::Activity { process_id, at, active_connections } => {
+            AgentEvent::Activity {
+                process_id,
+                at,
+                active_connections,
+            } => {
                 if active_connections > 0 {
                     self.store
                         .update_process(&process_id, &|p| {
@@ -133,10 +159,15 @@ impl Control {
     /// One pass of the idle reaper: stop running processes of deployments with
     /// `idleTimeoutEnabled` that had no room and no connection for the idle timeout.
     pub async fn reap_idle(&self) -> Result<Vec<String>> {
-        let q = ProcessQuery { statuses: vec![ProcessStatus::Running], ..Default::default() };
+        let q = ProcessQuery {
+            statuses: vec![ProcessStatus::Running],
+            ..Default::default()
+        };
         let mut live = Vec::new();
         for p in self.store.processes(&q).await? {
-            let Some(d) = self.store.deployment(&p.deployment_id).await? else { continue };
+            let Some(d) = self.store.deployment(&p.deployment_id).await? else {
+                continue;
+            };
             let active = self
                 .agents()
                 .iter()
@@ -155,7 +186,8 @@ impl Control {
         let idle_ms = i64::try_from(self.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
         let idle = lodge_scheduler::idle_processes(self.now(), idle_ms, &live);
         for id in &idle {
-            self.request_stop(id, "idle timeout: no rooms and no connections").await?;
+            self.request_stop(id, "idle timeout: no rooms and no connections")
+                .await?;
         }
         Ok(idle)
     }
@@ -167,7 +199,9 @@ impl Control {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                let Some(control) = weak.upgrade() else { return };
+                let Some(control) = weak.upgrade() else {
+                    return;
+                };
                 if let Err(e) = control.reap_idle().await {
                     tracing::warn!(error = %e, "idle reaper pass failed");
                 }
@@ -180,18 +214,26 @@ impl Control {
 impl ControlLink for LocalLink {
     async fn desired(&self, node_id: &str) -> std::result::Result<Vec<ProcessSpec>, String> {
         let control = self.0.upgrade().ok_or("control plane is gone")?;
-        control.desired_for(node_id).await.map_err(|e| e.to_string())
+        control
+            .desired_for(node_id)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn report(&self, event: AgentEvent) {
-        let Some(control) = self.0.upgrade() else { return };
+        let Some(control) = self.0.upgrade() else {
+            return;
+        };
         // Reports are retried: losing one would leave a process in the wrong state.
         for attempt in 0..20u32 {
             match control.handle_event(event.clone()).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "cannot record a node report; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt + 1))).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        100 * u64::from(attempt + 1),
+                    ))
+                    .await;
                 }
             }
         }

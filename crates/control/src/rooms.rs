@@ -3,7 +3,9 @@
 use std::sync::atomic::Ordering;
 
 use lodge_model::wire::{ConnectionInfoV2, CreateRoomParams, ProcessV3, RoomOut};
-use lodge_model::{id, validate, Deployment, Process, ProcessStatus, Region, Room, RoomAllocation, RoomStatus};
+use lodge_model::{
+    id, validate, Deployment, Process, ProcessStatus, Region, Room, RoomAllocation, RoomStatus,
+};
 use lodge_scheduler::{Candidate, Placement, PlacementError};
 use lodge_store::{PlaceTarget, ProcessQuery, StoreError};
 
@@ -21,7 +23,13 @@ pub struct ProcessFilter {
 }
 
 impl Control {
-    fn new_process(&self, d: &Deployment, region: Region, node_id: String, first_room: Option<&Room>) -> Process {
+    fn new_process(
+        &self,
+        d: &Deployment,
+        region: Region,
+        node_id: String,
+        first_room: Option<&Room>,
+    ) -> Process {
         let now = self.now();
         Process {
             process_id: id::process_id(),
@@ -55,14 +63,22 @@ impl Control {
                 ..Default::default()
             };
             let live = self.store.count_processes(&q).await? as u32;
-            out.push(lodge_scheduler::NodeLoad { node, live_processes: live });
+            out.push(lodge_scheduler::NodeLoad {
+                node,
+                live_processes: live,
+            });
         }
         Ok(out)
     }
 
     /// Place `room` (status and config set, allocations as before) onto a process of the
     /// deployment in the region. Returns the process it landed on.
-    async fn allocate(&self, d: &Deployment, region: Region, mut room: Room) -> Result<(Room, Process)> {
+    async fn allocate(
+        &self,
+        d: &Deployment,
+        region: Region,
+        mut room: Room,
+    ) -> Result<(Room, Process)> {
         room.status = RoomStatus::Active;
         for attempt in 0..PLACEMENT_ATTEMPTS {
             let q = ProcessQuery {
@@ -83,16 +99,23 @@ impl Control {
                 })
                 .collect();
             let nodes = self.node_loads().await?;
-            let placement = lodge_scheduler::place_room(region, &candidates, &nodes).map_err(|e| match e {
-                PlacementError::NoNode(r) => Error::BadRequest(format!("no node serves region {r}")),
-            })?;
+            let placement =
+                lodge_scheduler::place_room(region, &candidates, &nodes).map_err(|e| match e {
+                    PlacementError::NoNode(r) => {
+                        Error::BadRequest(format!("no node serves region {r}"))
+                    }
+                })?;
             let (process_id, target, new) = match placement {
                 Placement::Existing { process_id } => {
                     (process_id.clone(), PlaceTarget::Existing(process_id), None)
                 }
                 Placement::NewProcess { node_id } => {
                     let p = self.new_process(d, region, node_id, Some(&room));
-                    (p.process_id.clone(), PlaceTarget::New(Box::new(p.clone())), Some(p))
+                    (
+                        p.process_id.clone(),
+                        PlaceTarget::New(Box::new(p.clone())),
+                        Some(p),
+                    )
                 }
             };
             room.allocations.push(RoomAllocation {
@@ -105,21 +128,23 @@ impl Control {
                 Ok(()) => {
                     let process = match new {
                         Some(p) => {
-                            self.metrics.processes_started.fetch_add(1, Ordering::Relaxed);
+                            self.metrics
+                                .processes_started
+                                .fetch_add(1, Ordering::Relaxed);
                             self.wake_node(&p.node_id);
                             p
                         }
-                        None => self
-                            .store
-                            .process(&process_id)
-                            .await?
-                            .ok_or_else(|| Error::Internal(format!("process {process_id} vanished")))?,
+                        None => self.store.process(&process_id).await?.ok_or_else(|| {
+                            Error::Internal(format!("process {process_id} vanished"))
+                        })?,
                     };
                     return Ok((room, process));
                 }
                 Err(StoreError::Conflict(_)) => {
                     room.allocations.pop();
-                    self.metrics.placement_retries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .placement_retries
+                        .fetch_add(1, Ordering::Relaxed);
                     if attempt > 4 {
                         tokio::task::yield_now().await;
                     }
@@ -127,10 +152,16 @@ impl Control {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(Error::Internal("could not place the room: too much contention, try again".into()))
+        Err(Error::Internal(
+            "could not place the room: too much contention, try again".into(),
+        ))
     }
 
-    async fn deployment_for(&self, app_id: &str, deployment_id: Option<&str>) -> Result<Deployment> {
+    async fn deployment_for(
+        &self,
+        app_id: &str,
+        deployment_id: Option<&str>,
+    ) -> Result<Deployment> {
         match deployment_id {
             Some(id) => match self.store.deployment(id).await? {
                 Some(d) if d.app_id == app_id => Ok(d),
@@ -142,7 +173,11 @@ impl Control {
                 .await?
                 .into_iter()
                 .next()
-                .ok_or_else(|| Error::NotFound(format!("No deployment found for app {app_id}; create one first"))),
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "No deployment found for app {app_id}; create one first"
+                    ))
+                }),
         }
     }
 
@@ -160,12 +195,17 @@ impl Control {
         if let Some(c) = &p.room_config {
             validate::max_len("roomConfig", c, 10_000).map_err(Error::Invalid)?;
         }
-        let d = self.deployment_for(&app.app_id, p.deployment_id.as_deref()).await?;
+        let d = self
+            .deployment_for(&app.app_id, p.deployment_id.as_deref())
+            .await?;
         if let Some(existing) = match &room_id {
             Some(id) => self.store.room(id).await?,
             None => None,
         } {
-            return Err(Error::Invalid(format!("room id '{}' is already taken", existing.room_id)));
+            return Err(Error::Invalid(format!(
+                "room id '{}' is already taken",
+                existing.room_id
+            )));
         }
         let room = Room {
             room_id: room_id.unwrap_or_else(id::room_id),
@@ -192,10 +232,18 @@ impl Control {
 
     pub async fn get_room(&self, caller: &Caller, app_id: &str, room_id: &str) -> Result<RoomOut> {
         let app = self.app_of(caller, app_id).await?;
-        Ok(RoomOut::with_allocations(&self.room_of(&app.app_id, room_id).await?))
+        Ok(RoomOut::with_allocations(
+            &self.room_of(&app.app_id, room_id).await?,
+        ))
     }
 
-    pub async fn rooms_for_process(&self, caller: &Caller, app_id: &str, process_id: &str, active: bool) -> Result<Vec<RoomOut>> {
+    pub async fn rooms_for_process(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        process_id: &str,
+        active: bool,
+    ) -> Result<Vec<RoomOut>> {
         let app = self.app_of(caller, app_id).await?;
         self.process_of(&app.app_id, process_id).await?;
         let rooms = self.store.rooms_of_process(process_id, active).await?;
@@ -208,7 +256,9 @@ impl Control {
         if room.status == RoomStatus::Destroyed {
             return Ok(());
         }
-        self.store.unallocate_room(room_id, RoomStatus::Destroyed, self.now()).await?;
+        self.store
+            .unallocate_room(room_id, RoomStatus::Destroyed, self.now())
+            .await?;
         self.metrics.rooms_destroyed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(room_id, "room destroyed");
         Ok(())
@@ -220,12 +270,19 @@ impl Control {
         if room.status == RoomStatus::Destroyed {
             return Err(Error::BadRequest(format!("room {room_id} is destroyed")));
         }
-        self.store.unallocate_room(room_id, RoomStatus::Suspended, self.now()).await?;
+        self.store
+            .unallocate_room(room_id, RoomStatus::Suspended, self.now())
+            .await?;
         Ok(())
     }
 
     /// ResumeRoom: re-allocate a suspended room; an allocated room is returned as it is.
-    pub async fn resume_room(&self, caller: &Caller, app_id: &str, room_id: &str) -> Result<ConnectionInfoV2> {
+    pub async fn resume_room(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        room_id: &str,
+    ) -> Result<ConnectionInfoV2> {
         let app = self.app_of(caller, app_id).await?;
         let room = self.room_of(&app.app_id, room_id).await?;
         self.resume(room).await
@@ -233,7 +290,10 @@ impl Control {
 
     async fn resume(&self, room: Room) -> Result<ConnectionInfoV2> {
         match room.status {
-            RoomStatus::Destroyed => Err(Error::BadRequest(format!("room {} is destroyed", room.room_id))),
+            RoomStatus::Destroyed => Err(Error::BadRequest(format!(
+                "room {} is destroyed",
+                room.room_id
+            ))),
             RoomStatus::Suspended => {
                 let last = room.allocations.last().map(|a| a.process_id.clone());
                 let prior = match last {
@@ -241,9 +301,14 @@ impl Control {
                     None => None,
                 };
                 let Some(prior) = prior else {
-                    return Err(Error::BadRequest(format!("room {} has no allocation to resume from", room.room_id)));
+                    return Err(Error::BadRequest(format!(
+                        "room {} has no allocation to resume from",
+                        room.room_id
+                    )));
                 };
-                let d = self.deployment_for(&room.app_id, Some(&prior.deployment_id)).await?;
+                let d = self
+                    .deployment_for(&room.app_id, Some(&prior.deployment_id))
+                    .await?;
                 let (room, process) = self.allocate(&d, prior.region, room).await?;
                 let mut info = ConnectionInfoV2::of(&room.room_id, Some(&process));
                 info.process_id = Some(process.process_id);
@@ -268,7 +333,9 @@ impl Control {
         let room = self.room_of(app_id, room_id).await?;
         let mut info = match room.status {
             RoomStatus::Destroyed => {
-                return Err(Error::NotFound(format!("Room {room_id} has been destroyed")));
+                return Err(Error::NotFound(format!(
+                    "Room {room_id} has been destroyed"
+                )));
             }
             RoomStatus::Suspended => self.resume(room).await?,
             _ => self.connection_info_of(&room).await?,
@@ -277,7 +344,13 @@ impl Control {
         Ok(info)
     }
 
-    pub async fn update_room_config(&self, caller: &Caller, app_id: &str, room_id: &str, config: &str) -> Result<()> {
+    pub async fn update_room_config(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        room_id: &str,
+        config: &str,
+    ) -> Result<()> {
         let app = self.app_of(caller, app_id).await?;
         validate::max_len("roomConfig", config, 10_000).map_err(Error::Invalid)?;
         self.room_of(&app.app_id, room_id).await?;
@@ -294,7 +367,12 @@ impl Control {
         }
     }
 
-    pub async fn get_process(&self, caller: &Caller, app_id: &str, process_id: &str) -> Result<ProcessV3> {
+    pub async fn get_process(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        process_id: &str,
+    ) -> Result<ProcessV3> {
         let app = self.app_of(caller, app_id).await?;
         Ok((&self.process_of(&app.app_id, process_id).await?).into())
     }
@@ -309,20 +387,44 @@ impl Control {
         }
     }
 
-    pub async fn latest_processes(&self, caller: &Caller, app_id: &str, f: ProcessFilter) -> Result<Vec<ProcessV3>> {
+    pub async fn latest_processes(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        f: ProcessFilter,
+    ) -> Result<Vec<ProcessV3>> {
         let app = self.app_of(caller, app_id).await?;
         let mut q = Self::process_query(&app.app_id, f);
         q.limit = Some(10);
-        Ok(self.store.processes(&q).await?.iter().map(Into::into).collect())
+        Ok(self
+            .store
+            .processes(&q)
+            .await?
+            .iter()
+            .map(Into::into)
+            .collect())
     }
 
-    pub async fn count_processes(&self, caller: &Caller, app_id: &str, f: ProcessFilter) -> Result<u64> {
+    pub async fn count_processes(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        f: ProcessFilter,
+    ) -> Result<u64> {
         let app = self.app_of(caller, app_id).await?;
-        Ok(self.store.count_processes(&Self::process_query(&app.app_id, f)).await?)
+        Ok(self
+            .store
+            .count_processes(&Self::process_query(&app.app_id, f))
+            .await?)
     }
 
     /// CreateProcess: pre-warm a process of the latest deployment.
-    pub async fn create_process(&self, caller: &Caller, app_id: &str, region: Region) -> Result<ProcessV3> {
+    pub async fn create_process(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        region: Region,
+    ) -> Result<ProcessV3> {
         let app = self.app_of(caller, app_id).await?;
         let d = self.deployment_for(&app.app_id, None).await?;
         let nodes = self.node_loads().await?;
@@ -330,14 +432,21 @@ impl Control {
             .map_err(|_| Error::BadRequest(format!("no node serves region {region}")))?;
         let p = self.new_process(&d, region, node_id, None);
         self.store.insert_process(&p).await?;
-        self.metrics.processes_started.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .processes_started
+            .fetch_add(1, Ordering::Relaxed);
         self.wake_node(&p.node_id);
         Ok((&p).into())
     }
 
     /// StopProcess: SIGTERM now, SIGKILL after the grace period; its rooms are destroyed when
     /// it ends.
-    pub async fn stop_process(&self, caller: &Caller, app_id: &str, process_id: &str) -> Result<()> {
+    pub async fn stop_process(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        process_id: &str,
+    ) -> Result<()> {
         let app = self.app_of(caller, app_id).await?;
         let p = self.process_of(&app.app_id, process_id).await?;
         self.request_stop(&p.process_id, "stopped by request").await
@@ -365,10 +474,20 @@ impl Control {
     }
 
     /// For log endpoints: the process (checked against the app) and its log file.
-    pub async fn process_log(&self, caller: &Caller, app_id: &str, process_id: &str) -> Result<(Process, std::path::PathBuf)> {
+    pub async fn process_log(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        process_id: &str,
+    ) -> Result<(Process, std::path::PathBuf)> {
         let app = self.app_of(caller, app_id).await?;
         let p = self.process_of(&app.app_id, process_id).await?;
-        let path = self.cfg.data_dir.join("processes").join(process_id).join("log");
+        let path = self
+            .cfg
+            .data_dir
+            .join("processes")
+            .join(process_id)
+            .join("log");
         Ok((p, path))
     }
 

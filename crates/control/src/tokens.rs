@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use lodge_model::wire::{self, CreateOrgTokenParams, CreatedOrgToken, ListOrgTokens, Organization, OrgsPage};
+use lodge_model::wire::{
+    self, CreateOrgTokenParams, CreatedOrgToken, ListOrgTokens, Organization, OrgsPage,
+};
 use lodge_model::{id, validate, OrgToken, OrgTokenStatus};
 use sha2::{Digest, Sha256};
 
@@ -24,14 +26,20 @@ pub fn hash_secret(secret: &str) -> String {
 
 /// Constant-time comparison for secrets.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 impl Control {
     /// Authenticate an `Authorization` header value.
     pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller> {
         let Some(value) = header else {
-            return Err(Error::Unauthorized("Missing Authorization header with a Bearer developer token".into()));
+            return Err(Error::Unauthorized(
+                "Missing Authorization header with a Bearer developer token".into(),
+            ));
         };
         let token = value
             .strip_prefix("Bearer ")
@@ -44,14 +52,22 @@ impl Control {
         if let Some(admin) = &self.cfg.admin_token {
             if same(admin, token) {
                 let org = self.bootstrap().await?;
-                return Ok(Caller { org_id: org.org_id, token_id: None, name: "admin".into() });
+                return Ok(Caller {
+                    org_id: org.org_id,
+                    token_id: None,
+                    name: "admin".into(),
+                });
             }
         }
         match self.store.token_by_hash(&hash_secret(token)).await? {
-            Some(t) if t.status == OrgTokenStatus::Active => {
-                Ok(Caller { org_id: t.org_id, token_id: Some(t.org_token_id), name: t.name })
-            }
-            Some(_) => Err(Error::Unauthorized("This developer token has been revoked".into())),
+            Some(t) if t.status == OrgTokenStatus::Active => Ok(Caller {
+                org_id: t.org_id,
+                token_id: Some(t.org_token_id),
+                name: t.name,
+            }),
+            Some(_) => Err(Error::Unauthorized(
+                "This developer token has been revoked".into(),
+            )),
             None => Err(Error::Unauthorized("Invalid developer token".into())),
         }
     }
@@ -74,7 +90,9 @@ impl Control {
             created_by: "lodge".into(),
             scopes: Some(serde_json::json!("admin")),
         };
-        self.store.insert_token(&token, &hash_secret(&secret)).await?;
+        self.store
+            .insert_token(&token, &hash_secret(&secret))
+            .await?;
         write_private(path, &secret)?;
         Ok(Some(secret))
     }
@@ -102,10 +120,17 @@ impl Control {
     pub async fn list_tokens(&self, caller: &Caller, org_id: &str) -> Result<ListOrgTokens> {
         let org = self.org_of(caller, Some(org_id))?;
         let tokens = self.store.tokens(&org).await?;
-        Ok(ListOrgTokens { tokens: tokens.iter().map(Into::into).collect() })
+        Ok(ListOrgTokens {
+            tokens: tokens.iter().map(Into::into).collect(),
+        })
     }
 
-    pub async fn create_token(&self, caller: &Caller, org_id: &str, p: CreateOrgTokenParams) -> Result<CreatedOrgToken> {
+    pub async fn create_token(
+        &self,
+        caller: &Caller,
+        org_id: &str,
+        p: CreateOrgTokenParams,
+    ) -> Result<CreatedOrgToken> {
         let org = self.org_of(caller, Some(org_id))?;
         if p.name.trim().is_empty() {
             return Err(Error::Invalid("token name must not be empty".into()));
@@ -125,11 +150,21 @@ impl Control {
             created_by: caller.name.clone(),
             scopes: p.scopes,
         };
-        self.store.insert_token(&token, &hash_secret(&secret)).await?;
-        Ok(CreatedOrgToken { plain_text_token: secret, org_token: (&token).into() })
+        self.store
+            .insert_token(&token, &hash_secret(&secret))
+            .await?;
+        Ok(CreatedOrgToken {
+            plain_text_token: secret,
+            org_token: (&token).into(),
+        })
     }
 
-    pub async fn revoke_token(&self, caller: &Caller, org_id: &str, token_id: &str) -> Result<bool> {
+    pub async fn revoke_token(
+        &self,
+        caller: &Caller,
+        org_id: &str,
+        token_id: &str,
+    ) -> Result<bool> {
         let org = self.org_of(caller, Some(org_id))?;
         match self.store.revoke_token(&org, token_id).await? {
             Some(_) => Ok(true),
@@ -150,12 +185,21 @@ fn validate_scopes(scopes: &serde_json::Value) -> Result<()> {
             }
             Ok(())
         }
-        other => Err(Error::Invalid(format!("scopes must be \"admin\" or a list of scopes, got {other}"))),
+        other => Err(Error::Invalid(format!(
+            "scopes must be \"admin\" or a list of scopes, got {other}"
+        ))),
     }
 }
 
 fn last_four(secret: &str) -> String {
-    secret.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect()
+    secret
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -164,6 +208,10 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     writeln!(f, "{contents}")
 }

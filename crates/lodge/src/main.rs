@@ -5,7 +5,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lodge", version, about = "Self-hostable game-server hosting that speaks the Hathora Cloud API")]
+#[command(
+    name = "lodge",
+    version,
+    about = "Self-hostable game-server hosting that speaks the Hathora Cloud API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +35,10 @@ fn main() -> std::process::ExitCode {
             }
         },
         Command::Serve(args) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("lodge: cannot start the runtime: {e}");

@@ -63,7 +63,9 @@ pub struct ServeArgs {
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or("expected LOW-HIGH, for example 30000-31999")?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or("expected LOW-HIGH, for example 30000-31999")?;
     let lo: u16 = a.trim().parse().map_err(|_| format!("bad port '{a}'"))?;
     let hi: u16 = b.trim().parse().map_err(|_| format!("bad port '{b}'"))?;
     if lo == 0 || hi < lo {
@@ -76,17 +78,23 @@ fn parse_regions(s: &str) -> Result<Option<Vec<Region>>, String> {
     if s.trim().eq_ignore_ascii_case("all") {
         return Ok(None);
     }
-    s.split(',').map(|r| r.trim().parse()).collect::<Result<Vec<_>, _>>().map(Some)
+    s.split(',')
+        .map(|r| r.trim().parse())
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 fn secs(s: f64, name: &str) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(s).map_err(|_| format!("--{name} must be a non-negative number of seconds"))
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| format!("--{name} must be a non-negative number of seconds"))
 }
 
 /// A short stable key for this data dir: names of the bridge and cgroups derive from it.
 fn instance_key(dir: &Path) -> String {
     let s = dir.to_string_lossy();
-    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     format!("{:06x}", h & 0xff_ffff)
 }
 
@@ -125,23 +133,37 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             args.store
         ));
     }
-    std::fs::create_dir_all(&args.data_dir).map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir).map_err(|e| e.to_string())?;
     let store = SqliteStore::open(&data_dir.join("lodge.db")).map_err(|e| e.to_string())?;
     let mut cfg = ControlConfig::new(data_dir.clone());
-    cfg.admin_token = std::env::var("LODGE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    cfg.admin_token = std::env::var("LODGE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
     cfg.idle_timeout = secs(args.idle_timeout, "idle-timeout")?;
     let control = Control::new(Arc::new(store), Arc::new(SystemClock), cfg);
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
     let token_file = data_dir.join("admin-token");
-    if let Some(token) = control.ensure_admin_token(&token_file).await.map_err(|e| e.to_string())? {
-        println!("Lodge admin token (shown once; also saved to {}):\n  {token}", token_file.display());
+    if let Some(token) = control
+        .ensure_admin_token(&token_file)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        println!(
+            "Lodge admin token (shown once; also saved to {}):\n  {token}",
+            token_file.display()
+        );
     }
 
     let isolation = match args.isolation {
         IsolationArg::Netns => Isolation::Netns,
         IsolationArg::None => Isolation::None,
-        IsolationArg::Auto if lodge_agent::sys::is_root() && Path::new("/proc/self/ns/net").exists() => Isolation::Netns,
+        IsolationArg::Auto
+            if lodge_agent::sys::is_root() && Path::new("/proc/self/ns/net").exists() =>
+        {
+            Isolation::Netns
+        }
         IsolationArg::Auto => Isolation::None,
     };
     let listener = tokio::net::TcpListener::bind(args.api_addr)
@@ -171,7 +193,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let agent = Agent::start(agent_cfg, control.local_link())
         .await
         .map_err(|e| format!("cannot start the node agent ({isolation:?} isolation): {e}"))?;
-    control.register_local_node(node, agent.clone()).await.map_err(|e| e.to_string())?;
+    control
+        .register_local_node(node, agent.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let _reconciler = control.spawn_reconciler();
     let _ping = spawn_ping(args.ping_port).await;
 
@@ -204,7 +229,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
-    tracing::info!("shutting down; game-server processes keep running and are re-adopted on the next start");
+    tracing::info!(
+        "shutting down; game-server processes keep running and are re-adopted on the next start"
+    );
     Ok(())
 }
 

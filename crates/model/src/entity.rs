@@ -177,7 +177,9 @@ pub struct Room {
 
 impl Room {
     pub fn current_allocation(&self) -> Option<&RoomAllocation> {
-        self.allocations.last().filter(|a| a.unscheduled_at.is_none())
+        self.allocations
+            .last()
+            .filter(|a| a.unscheduled_at.is_none())
     }
 }
 

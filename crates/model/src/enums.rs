@@ -79,7 +79,8 @@ impl ProcessStatus {
         matches!(self, ProcessStatus::Stopped | ProcessStatus::Failed)
     }
     /// Statuses in which a process accepts new rooms.
-    pub const PLACEABLE: &'static [ProcessStatus] = &[ProcessStatus::Starting, ProcessStatus::Running];
+    pub const PLACEABLE: &'static [ProcessStatus] =
+        &[ProcessStatus::Starting, ProcessStatus::Running];
     /// Statuses in which a process is (or should be) alive on its node.
     pub const LIVE: &'static [ProcessStatus] = &[
         ProcessStatus::Starting,
@@ -137,7 +138,10 @@ mod tests {
     fn wire_strings_round_trip() {
         for r in Region::ALL {
             assert_eq!(r.as_str().parse::<Region>().unwrap(), *r);
-            assert_eq!(serde_json::to_string(r).unwrap(), format!("\"{}\"", r.as_str()));
+            assert_eq!(
+                serde_json::to_string(r).unwrap(),
+                format!("\"{}\"", r.as_str())
+            );
         }
         assert_eq!(Region::ALL.len(), 14);
         assert!("washington_dc".parse::<Region>().is_err());

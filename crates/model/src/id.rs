@@ -56,7 +56,9 @@ mod tests {
     fn room_ids_are_13_base36() {
         let id = super::room_id();
         assert_eq!(id.len(), 13);
-        assert!(id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()));
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()));
         assert_ne!(id, super::room_id());
     }
 }

@@ -57,11 +57,24 @@ impl ExitInfo {
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum AgentEvent {
     /// Spawned; public ports assigned.
-    Booted { process_id: String, at: Millis, exposed_ports: Vec<ExposedPort> },
+    Booted {
+        process_id: String,
+        at: Millis,
+        exposed_ports: Vec<ExposedPort>,
+    },
     /// The default port is bound and the proxy forwards to it.
     Running { process_id: String, at: Millis },
     /// The process is gone.
-    Exited { process_id: String, at: Millis, exit: ExitInfo, failed: bool },
+    Exited {
+        process_id: String,
+        at: Millis,
+        exit: ExitInfo,
+        failed: bool,
+    },
     /// Periodic activity sample.
-    Activity { process_id: String, at: Millis, active_connections: u64 },
+    Activity {
+        process_id: String,
+        at: Millis,
+        active_connections: u64,
+    },
 }

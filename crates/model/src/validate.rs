@@ -5,10 +5,18 @@ pub type Invalid = String;
 
 pub fn room_id(id: &str) -> Result<(), Invalid> {
     if id.is_empty() || id.len() > 100 {
-        return Err(format!("roomId must be 1 to 100 characters, got {}", id.len()));
+        return Err(format!(
+            "roomId must be 1 to 100 characters, got {}",
+            id.len()
+        ));
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-        return Err(format!("roomId '{id}' may contain only letters, digits, '_' and '-'"));
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "roomId '{id}' may contain only letters, digits, '_' and '-'"
+        ));
     }
     Ok(())
 }
@@ -17,8 +25,13 @@ pub fn app_name(name: &str) -> Result<(), Invalid> {
     if name.is_empty() || name.len() > 64 {
         return Err("appName must be 1 to 64 characters".into());
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        return Err(format!("appName '{name}' may contain only a-z, 0-9 and '-'"));
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "appName '{name}' may contain only a-z, 0-9 and '-'"
+        ));
     }
     Ok(())
 }
@@ -26,7 +39,10 @@ pub fn app_name(name: &str) -> Result<(), Invalid> {
 pub fn port_name(name: &str) -> Result<(), Invalid> {
     let mut bytes = name.bytes();
     let ok_first = bytes.next().is_some_and(|b| b.is_ascii_lowercase());
-    if !ok_first || name.len() > 100 || !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !ok_first
+        || name.len() > 100
+        || !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err(format!(
             "port name '{name}' must be 1 to 100 characters matching ^[a-z][a-z0-9-]*$"
         ));
@@ -36,9 +52,13 @@ pub fn port_name(name: &str) -> Result<(), Invalid> {
 
 pub fn env_name(name: &str) -> Result<(), Invalid> {
     let mut bytes = name.bytes();
-    let ok_first = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    let ok_first = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
     if !ok_first || name.len() > 100 || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(format!("env name '{name}' must match ^[a-zA-Z_][a-zA-Z0-9_]*$ (at most 100)"));
+        return Err(format!(
+            "env name '{name}' must match ^[a-zA-Z_][a-zA-Z0-9_]*$ (at most 100)"
+        ));
     }
     Ok(())
 }

@@ -396,7 +396,10 @@ fn split_ports(p: &Process) -> (Option<ExposedPort>, Vec<ExposedPort>) {
     if p.status != ProcessStatus::Running || p.exposed_ports.is_empty() {
         return (None, Vec::new());
     }
-    (Some(p.exposed_ports[0].clone()), p.exposed_ports[1..].to_vec())
+    (
+        Some(p.exposed_ports[0].clone()),
+        p.exposed_ports[1..].to_vec(),
+    )
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -76,7 +76,12 @@ impl Drop for Route {
 
 /// Start forwarding `public` to `target`. Binds before returning, so a taken port is an error
 /// the caller sees.
-pub async fn open(public: SocketAddr, target: SocketAddr, protocol: Protocol, counters: Arc<Counters>) -> io::Result<Route> {
+pub async fn open(
+    public: SocketAddr,
+    target: SocketAddr,
+    protocol: Protocol,
+    counters: Arc<Counters>,
+) -> io::Result<Route> {
     let task = match protocol {
         Protocol::Tcp => {
             let listener = TcpListener::bind(public).await?;
@@ -87,7 +92,12 @@ pub async fn open(public: SocketAddr, target: SocketAddr, protocol: Protocol, co
             tokio::spawn(udp_loop(socket, target, counters))
         }
     };
-    Ok(Route { public, target, protocol, task })
+    Ok(Route {
+        public,
+        target,
+        protocol,
+        task,
+    })
 }
 
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -178,10 +188,10 @@ async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>
             loop {
                 tick.tick().await;
                 let now = now_secs(start);
-                sessions
-                    .lock()
-                    .await
-                    .retain(|_, s| now.saturating_sub(s.last_seen.load(Ordering::Relaxed)) < UDP_SESSION_TTL.as_secs());
+                sessions.lock().await.retain(|_, s| {
+                    now.saturating_sub(s.last_seen.load(Ordering::Relaxed))
+                        < UDP_SESSION_TTL.as_secs()
+                });
             }
         })
     };
@@ -229,13 +239,21 @@ async fn new_udp_session(
     counters: &Arc<Counters>,
     start: tokio::time::Instant,
 ) -> io::Result<UdpSession> {
-    let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
     let upstream = Arc::new(bind_udp(bind)?);
     upstream.connect(target).await?;
     let last_seen = Arc::new(AtomicU64::new(now_secs(start)));
     let task = {
-        let (upstream, public, counters, last_seen) =
-            (upstream.clone(), public.clone(), counters.clone(), last_seen.clone());
+        let (upstream, public, counters, last_seen) = (
+            upstream.clone(),
+            public.clone(),
+            counters.clone(),
+            last_seen.clone(),
+        );
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             loop {
@@ -252,7 +270,12 @@ async fn new_udp_session(
             }
         })
     };
-    Ok(UdpSession { upstream, last_seen, _task: task, _guard: ActiveGuard::new(counters) })
+    Ok(UdpSession {
+        upstream,
+        last_seen,
+        _task: task,
+        _guard: ActiveGuard::new(counters),
+    })
 }
 
 #[cfg(test)]
@@ -297,13 +320,18 @@ mod tests {
         let target = udp_echo().await;
         let counters = Arc::new(Counters::default());
         let public = free_port();
-        let route = open(public, target, Protocol::Udp, counters.clone()).await.unwrap();
+        let route = open(public, target, Protocol::Udp, counters.clone())
+            .await
+            .unwrap();
         let mut clients = Vec::new();
         for i in 0..3u8 {
             let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             c.send_to(&[i; 10], public).await.unwrap();
             let mut buf = [0u8; 64];
-            let (n, from) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut buf)).await.unwrap().unwrap();
+            let (n, from) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(&buf[..n], &[i; 10]);
             assert_eq!(from, public, "replies come from the public port");
             clients.push(c);
@@ -323,7 +351,9 @@ mod tests {
         let target = tcp_echo().await;
         let counters = Arc::new(Counters::default());
         let public = free_port();
-        let route = open(public, target, Protocol::Tcp, counters.clone()).await.unwrap();
+        let route = open(public, target, Protocol::Tcp, counters.clone())
+            .await
+            .unwrap();
         let mut c = TcpStream::connect(public).await.unwrap();
         c.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
@@ -347,7 +377,13 @@ mod tests {
     #[tokio::test]
     async fn taken_port_is_an_error() {
         let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let r = open(taken.local_addr().unwrap(), "127.0.0.1:9".parse().unwrap(), Protocol::Udp, Arc::default()).await;
+        let r = open(
+            taken.local_addr().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+            Protocol::Udp,
+            Arc::default(),
+        )
+        .await;
         assert!(r.is_err());
     }
 }

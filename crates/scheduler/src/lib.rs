@@ -46,7 +46,9 @@ pub fn place_room(
 ) -> Result<Placement, PlacementError> {
     let best = candidates
         .iter()
-        .filter(|c| ProcessStatus::PLACEABLE.contains(&c.status) && c.rooms_allocated < c.rooms_per_process)
+        .filter(|c| {
+            ProcessStatus::PLACEABLE.contains(&c.status) && c.rooms_allocated < c.rooms_per_process
+        })
         .min_by_key(|c| {
             (
                 c.status != ProcessStatus::Running,
@@ -56,7 +58,9 @@ pub fn place_room(
             )
         });
     if let Some(c) = best {
-        return Ok(Placement::Existing { process_id: c.process_id.clone() });
+        return Ok(Placement::Existing {
+            process_id: c.process_id.clone(),
+        });
     }
     place_process(region, nodes).map(|node_id| Placement::NewProcess { node_id })
 }
@@ -104,7 +108,12 @@ mod tests {
 
     fn node(id: &str, regions: Option<Vec<Region>>, live: u32) -> NodeLoad {
         NodeLoad {
-            node: Node { node_id: id.into(), public_host: "h".into(), regions, started_at: 0 },
+            node: Node {
+                node_id: id.into(),
+                public_host: "h".into(),
+                regions,
+                started_at: 0,
+            },
             live_processes: live,
         }
     }
@@ -144,7 +153,9 @@ mod tests {
         let n = vec![node("n1", None, 0)];
         assert_eq!(
             place_room(Region::London, &c, &n),
-            Ok(Placement::Existing { process_id: "c".into() })
+            Ok(Placement::Existing {
+                process_id: "c".into()
+            })
         );
     }
 
@@ -155,12 +166,21 @@ mod tests {
             cand("b", ProcessStatus::Stopping, 0, 2, 1),
             cand("c", ProcessStatus::Draining, 0, 2, 1),
         ];
-        let n = vec![node("busy", None, 5), node("idle", None, 1), node("tokyo", Some(vec![Region::Tokyo]), 0)];
+        let n = vec![
+            node("busy", None, 5),
+            node("idle", None, 1),
+            node("tokyo", Some(vec![Region::Tokyo]), 0),
+        ];
         assert_eq!(
             place_room(Region::London, &c, &n),
-            Ok(Placement::NewProcess { node_id: "idle".into() })
+            Ok(Placement::NewProcess {
+                node_id: "idle".into()
+            })
         );
-        assert_eq!(place_room(Region::London, &c, &n[2..]), Err(PlacementError::NoNode(Region::London)));
+        assert_eq!(
+            place_room(Region::London, &c, &n[2..]),
+            Err(PlacementError::NoNode(Region::London))
+        );
     }
 
     /// Property: whatever the snapshot, a placement onto an existing process always has a free
@@ -184,16 +204,19 @@ mod tests {
                 })
                 .collect();
             let nodes = vec![node("n", None, 0)];
-            let has_free = cands
-                .iter()
-                .any(|c| ProcessStatus::PLACEABLE.contains(&c.status) && c.rooms_allocated < c.rooms_per_process);
+            let has_free = cands.iter().any(|c| {
+                ProcessStatus::PLACEABLE.contains(&c.status)
+                    && c.rooms_allocated < c.rooms_per_process
+            });
             match place_room(Region::Dallas, &cands, &nodes).unwrap() {
                 Placement::Existing { process_id } => {
                     let c = cands.iter().find(|c| c.process_id == process_id).unwrap();
                     assert!(c.rooms_allocated < c.rooms_per_process);
                     assert!(ProcessStatus::PLACEABLE.contains(&c.status));
                 }
-                Placement::NewProcess { .. } => assert!(!has_free, "started a process with {cands:?}"),
+                Placement::NewProcess { .. } => {
+                    assert!(!has_free, "started a process with {cands:?}")
+                }
             }
         }
     }
@@ -210,12 +233,21 @@ mod tests {
             for _ in 0..rooms {
                 match place_room(Region::Tokyo, &procs, &[node("n", None, 0)]).unwrap() {
                     Placement::Existing { process_id } => {
-                        let p = procs.iter_mut().find(|p| p.process_id == process_id).unwrap();
+                        let p = procs
+                            .iter_mut()
+                            .find(|p| p.process_id == process_id)
+                            .unwrap();
                         p.rooms_allocated += 1;
                     }
                     Placement::NewProcess { .. } => {
                         let id = format!("p{}", procs.len());
-                        procs.push(cand(&id, ProcessStatus::Running, 1, cap, procs.len() as i64));
+                        procs.push(cand(
+                            &id,
+                            ProcessStatus::Running,
+                            1,
+                            cap,
+                            procs.len() as i64,
+                        ));
                     }
                 }
             }
@@ -241,7 +273,10 @@ mod tests {
             p("conns", 0, 3, 0, true),
             p("disabled", 0, 0, 0, false),
         ];
-        assert_eq!(idle_processes(300_000, 300_000, &ps), vec!["idle".to_string()]);
+        assert_eq!(
+            idle_processes(300_000, 300_000, &ps),
+            vec!["idle".to_string()]
+        );
         assert!(idle_processes(299_999, 300_000, &ps).is_empty());
     }
 }

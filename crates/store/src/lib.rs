@@ -115,6 +115,11 @@ pub trait Store: Send + Sync + 'static {
     async fn place_room(&self, room: &Room, target: PlaceTarget) -> Result<()>;
     /// End the room's current allocation, freeing the slot, and set its status (`destroyed` or
     /// `suspended`). `None` if the room is unknown or already in that state.
-    async fn unallocate_room(&self, room_id: &str, status: RoomStatus, at: Millis) -> Result<Option<Room>>;
+    async fn unallocate_room(
+        &self,
+        room_id: &str,
+        status: RoomStatus,
+        at: Millis,
+    ) -> Result<Option<Room>>;
     async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool>;
 }

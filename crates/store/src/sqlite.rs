@@ -118,16 +118,31 @@ impl SqliteStore {
     }
 
     fn init(conn: Connection) -> Result<Self> {
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(backend)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
-            conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))
-                .map_err(backend)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(backend)?;
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            conn.execute_batch(&format!(
+                "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))
+            .map_err(backend)?;
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -136,14 +151,27 @@ impl SqliteStore {
     }
 }
 
-fn docs<T: DeserializeOwned>(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<T>> {
+fn docs<T: DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<T>> {
     let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
-    let rows = stmt.query_map(params, |r| r.get::<_, String>(0)).map_err(backend)?;
+    let rows = stmt
+        .query_map(params, |r| r.get::<_, String>(0))
+        .map_err(backend)?;
     rows.map(|r| from_json(&r.map_err(backend)?)).collect()
 }
 
-fn doc<T: DeserializeOwned>(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Option<T>> {
-    let s: Option<String> = conn.query_row(sql, params, |r| r.get(0)).optional().map_err(backend)?;
+fn doc<T: DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Option<T>> {
+    let s: Option<String> = conn
+        .query_row(sql, params, |r| r.get(0))
+        .optional()
+        .map_err(backend)?;
     s.map(|s| from_json(&s)).transpose()
 }
 
@@ -175,7 +203,12 @@ fn load_process(conn: &Connection, id: &str) -> Result<Option<Process>> {
 fn write_process(conn: &Connection, p: &Process) -> Result<()> {
     conn.execute(
         "UPDATE processes SET status = ?2, rooms_allocated = ?3, doc = ?4 WHERE process_id = ?1",
-        params![p.process_id, p.status.as_str(), p.rooms_allocated, to_json(p)?],
+        params![
+            p.process_id,
+            p.status.as_str(),
+            p.rooms_allocated,
+            to_json(p)?
+        ],
     )
     .map_err(backend)?;
     Ok(())
@@ -212,12 +245,16 @@ struct RoomDoc {
 
 fn load_room(conn: &Connection, id: &str) -> Result<Option<Room>> {
     let row: Option<(String, String, String)> = conn
-        .query_row("SELECT app_id, status, doc FROM rooms WHERE room_id = ?1", params![id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT app_id, status, doc FROM rooms WHERE room_id = ?1",
+            params![id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .optional()
         .map_err(backend)?;
-    let Some((app_id, status, doc)) = row else { return Ok(None) };
+    let Some((app_id, status, doc)) = row else {
+        return Ok(None);
+    };
     let d: RoomDoc = from_json(&doc)?;
     let mut stmt = conn
         .prepare_cached(
@@ -285,8 +322,18 @@ fn process_where(q: &ProcessQuery) -> (String, Vec<rusqlite::types::Value>) {
         }
         sql.push_str(&format!(" AND {col} IN ({})", marks.join(",")));
     };
-    any("status", q.statuses.iter().map(|s| s.as_str()).collect(), &mut sql, &mut args);
-    any("region", q.regions.iter().map(|s| s.as_str()).collect(), &mut sql, &mut args);
+    any(
+        "status",
+        q.statuses.iter().map(|s| s.as_str()).collect(),
+        &mut sql,
+        &mut args,
+    );
+    any(
+        "region",
+        q.regions.iter().map(|s| s.as_str()).collect(),
+        &mut sql,
+        &mut args,
+    );
     if let Some(before) = q.created_before {
         args.push(Value::Integer(before));
         sql.push_str(&format!(" AND created_at < ?{}", args.len()));
@@ -323,11 +370,23 @@ impl Store for SqliteStore {
     }
 
     async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>> {
-        self.with(|c| doc(c, "SELECT doc FROM tokens WHERE secret_hash = ?1", params![secret_hash]))
+        self.with(|c| {
+            doc(
+                c,
+                "SELECT doc FROM tokens WHERE secret_hash = ?1",
+                params![secret_hash],
+            )
+        })
     }
 
     async fn tokens(&self, org_id: &str) -> Result<Vec<OrgToken>> {
-        self.with(|c| docs(c, "SELECT doc FROM tokens WHERE org_id = ?1 ORDER BY rowid", params![org_id]))
+        self.with(|c| {
+            docs(
+                c,
+                "SELECT doc FROM tokens WHERE org_id = ?1 ORDER BY rowid",
+                params![org_id],
+            )
+        })
     }
 
     async fn revoke_token(&self, org_id: &str, token_id: &str) -> Result<Option<OrgToken>> {
@@ -365,9 +424,18 @@ impl Store for SqliteStore {
         self.with(|c| {
             c.execute(
                 "UPDATE apps SET app_name = ?2, deleted = ?3, doc = ?4 WHERE app_id = ?1",
-                params![app.app_id, app.app_name, app.deleted_at.is_some(), to_json(app)?],
+                params![
+                    app.app_id,
+                    app.app_name,
+                    app.deleted_at.is_some(),
+                    to_json(app)?
+                ],
             )
-            .map_err(|e| unique(e, || format!("an application named '{}' already exists", app.app_name)))?;
+            .map_err(|e| {
+                unique(e, || {
+                    format!("an application named '{}' already exists", app.app_name)
+                })
+            })?;
             Ok(())
         })
     }
@@ -377,7 +445,13 @@ impl Store for SqliteStore {
     }
 
     async fn apps(&self, org_id: &str) -> Result<Vec<App>> {
-        self.with(|c| docs(c, "SELECT doc FROM apps WHERE org_id = ?1 AND deleted = 0 ORDER BY rowid", params![org_id]))
+        self.with(|c| {
+            docs(
+                c,
+                "SELECT doc FROM apps WHERE org_id = ?1 AND deleted = 0 ORDER BY rowid",
+                params![org_id],
+            )
+        })
     }
 
     async fn insert_build(&self, b: &Build) -> Result<()> {
@@ -393,19 +467,32 @@ impl Store for SqliteStore {
 
     async fn update_build(&self, b: &Build) -> Result<()> {
         self.with(|c| {
-            c.execute("UPDATE builds SET doc = ?2 WHERE build_id = ?1", params![b.build_id, to_json(b)?])
-                .map_err(backend)?;
+            c.execute(
+                "UPDATE builds SET doc = ?2 WHERE build_id = ?1",
+                params![b.build_id, to_json(b)?],
+            )
+            .map_err(backend)?;
             Ok(())
         })
     }
 
     async fn build(&self, build_id: &str) -> Result<Option<Build>> {
-        self.with(|c| doc(c, "SELECT doc FROM builds WHERE build_id = ?1", params![build_id]))
+        self.with(|c| {
+            doc(
+                c,
+                "SELECT doc FROM builds WHERE build_id = ?1",
+                params![build_id],
+            )
+        })
     }
 
     async fn builds(&self, org_id: &str) -> Result<Vec<Build>> {
         self.with(|c| {
-            docs(c, "SELECT doc FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, rowid DESC", params![org_id])
+            docs(
+                c,
+                "SELECT doc FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, rowid DESC",
+                params![org_id],
+            )
         })
     }
 
@@ -415,17 +502,33 @@ impl Store for SqliteStore {
                 "INSERT INTO deployments (deployment_id, app_id, doc) VALUES (?1, ?2, ?3)",
                 params![d.deployment_id, d.app_id, to_json(d)?],
             )
-            .map_err(|e| unique(e, || format!("deployment {} already exists", d.deployment_id)))?;
+            .map_err(|e| {
+                unique(e, || {
+                    format!("deployment {} already exists", d.deployment_id)
+                })
+            })?;
             Ok(())
         })
     }
 
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
-        self.with(|c| doc(c, "SELECT doc FROM deployments WHERE deployment_id = ?1", params![id]))
+        self.with(|c| {
+            doc(
+                c,
+                "SELECT doc FROM deployments WHERE deployment_id = ?1",
+                params![id],
+            )
+        })
     }
 
     async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
-        self.with(|c| docs(c, "SELECT doc FROM deployments WHERE app_id = ?1 ORDER BY seq DESC", params![app_id]))
+        self.with(|c| {
+            docs(
+                c,
+                "SELECT doc FROM deployments WHERE app_id = ?1 ORDER BY seq DESC",
+                params![app_id],
+            )
+        })
     }
 
     async fn put_node(&self, n: &Node) -> Result<()> {
@@ -450,10 +553,14 @@ impl Store for SqliteStore {
     async fn processes(&self, q: &ProcessQuery) -> Result<Vec<Process>> {
         let (w, args) = process_where(q);
         let limit = q.limit.map(|l| format!(" LIMIT {l}")).unwrap_or_default();
-        let sql = format!("SELECT {PROCESS_COLS} FROM processes{w} ORDER BY created_at DESC, seq DESC{limit}");
+        let sql = format!(
+            "SELECT {PROCESS_COLS} FROM processes{w} ORDER BY created_at DESC, seq DESC{limit}"
+        );
         self.with(|c| {
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-            let rows = stmt.query_map(params_from_iter(args), read_process).map_err(backend)?;
+            let rows = stmt
+                .query_map(params_from_iter(args), read_process)
+                .map_err(backend)?;
             rows.map(|r| process_from(r.map_err(backend)?)).collect()
         })
     }
@@ -461,8 +568,12 @@ impl Store for SqliteStore {
     async fn count_processes(&self, q: &ProcessQuery) -> Result<u64> {
         let (w, args) = process_where(q);
         self.with(|c| {
-            c.query_row(&format!("SELECT COUNT(*) FROM processes{w}"), params_from_iter(args), |r| r.get(0))
-                .map_err(backend)
+            c.query_row(
+                &format!("SELECT COUNT(*) FROM processes{w}"),
+                params_from_iter(args),
+                |r| r.get(0),
+            )
+            .map_err(backend)
         })
     }
 
@@ -476,8 +587,12 @@ impl Store for SqliteStore {
         change: &(dyn for<'p> Fn(&'p mut Process) -> bool + Send + Sync),
     ) -> Result<Option<Process>> {
         self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
-            let Some(mut p) = load_process(&tx, id)? else { return Ok(None) };
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let Some(mut p) = load_process(&tx, id)? else {
+                return Ok(None);
+            };
             if p.status.is_terminal() {
                 return Ok(Some(p));
             }
@@ -491,7 +606,13 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn end_process(&self, id: &str, status: ProcessStatus, at: Millis, reason: &str) -> Result<Option<EndedProcess>> {
+    async fn end_process(
+        &self,
+        id: &str,
+        status: ProcessStatus,
+        at: Millis,
+        reason: &str,
+    ) -> Result<Option<EndedProcess>> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
             let Some(mut p) = load_process(&tx, id)? else { return Ok(None) };
@@ -612,7 +733,12 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn unallocate_room(&self, room_id: &str, status: RoomStatus, at: Millis) -> Result<Option<Room>> {
+    async fn unallocate_room(
+        &self,
+        room_id: &str,
+        status: RoomStatus,
+        at: Millis,
+    ) -> Result<Option<Room>> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
             let row: Option<(String, Option<String>)> = tx

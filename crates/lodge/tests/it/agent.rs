@@ -29,7 +29,12 @@ impl ControlLink for FakeLink {
         if let AgentEvent::Exited { process_id, .. } = &event {
             self.desired.lock().unwrap().remove(process_id);
         }
-        if let AgentEvent::Booted { process_id, exposed_ports, .. } = &event {
+        if let AgentEvent::Booted {
+            process_id,
+            exposed_ports,
+            ..
+        } = &event
+        {
             if let Some(s) = self.desired.lock().unwrap().get_mut(process_id) {
                 s.exposed_ports = exposed_ports.clone();
             }
@@ -76,24 +81,51 @@ async fn node(tag: &str, isolation: Isolation, bind_timeout: Duration) -> Node {
     node_in(dir, isolation, bind_timeout, None).await
 }
 
-async fn node_in(dir: TempDir, isolation: Isolation, bind_timeout: Duration, link: Option<Arc<FakeLink>>) -> Node {
+async fn node_in(
+    dir: TempDir,
+    isolation: Isolation,
+    bind_timeout: Duration,
+    link: Option<Arc<FakeLink>>,
+) -> Node {
     let (tx, rx) = mpsc::unbounded_channel();
     let link = match link {
         Some(l) => {
             // Re-point the reports of an existing fake control plane at the new receiver.
             let desired = std::mem::take(&mut *l.desired.lock().unwrap());
-            Arc::new(FakeLink { desired: Mutex::new(desired), events: tx })
+            Arc::new(FakeLink {
+                desired: Mutex::new(desired),
+                events: tx,
+            })
         }
-        None => Arc::new(FakeLink { desired: Mutex::default(), events: tx }),
+        None => Arc::new(FakeLink {
+            desired: Mutex::default(),
+            events: tx,
+        }),
     };
     let bundle = dir.0.join("builds/b1/bundle");
     std::fs::create_dir_all(&bundle).unwrap();
     std::fs::write(bundle.join("echo.py"), UDP_ECHO).unwrap();
-    std::fs::write(bundle.join("lodge.toml"), "command = [\"python3\", \"echo.py\"]\n").unwrap();
+    std::fs::write(
+        bundle.join("lodge.toml"),
+        "command = [\"python3\", \"echo.py\"]\n",
+    )
+    .unwrap();
     let sleeper = dir.0.join("builds/sleep/bundle");
     std::fs::create_dir_all(&sleeper).unwrap();
-    std::fs::write(sleeper.join("lodge.toml"), "command = [\"sleep\", \"30\"]\n").unwrap();
-    let key = format!("{:06x}", (std::process::id() ^ dir.0.to_string_lossy().len() as u32 * 7919) & 0xff_ffff);
+    std::fs::write(
+        sleeper.join("lodge.toml"),
+        "command = [\"sleep\", \"30\"]\n",
+    )
+    .unwrap();
+    let key = format!(
+        "{:06x}",
+        dir.0
+            .to_string_lossy()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b))
+                .wrapping_mul(0x100_0000_01b3))
+            & 0xff_ffff
+    );
     let cfg = AgentConfig {
         node_id: "n1".into(),
         data_dir: dir.0.clone(),
@@ -107,14 +139,26 @@ async fn node_in(dir: TempDir, isolation: Isolation, bind_timeout: Duration, lin
         exe: env!("CARGO_BIN_EXE_lodge").into(),
         instance: key,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let handle = rt.handle().clone();
     let (c, l) = (cfg.clone(), link.clone() as Arc<dyn ControlLink>);
     let agent = std::thread::spawn(move || handle.block_on(Agent::start(c, l)))
         .join()
         .unwrap()
         .unwrap();
-    Node { dir, link, events: rx, stash: Vec::new(), agent, cfg, rt: Some(rt) }
+    Node {
+        dir,
+        link,
+        events: rx,
+        stash: Vec::new(),
+        agent,
+        cfg,
+        rt: Some(rt),
+    }
 }
 
 fn spec(id: &str, build: &str, env: &[(&str, &str)]) -> ProcessSpec {
@@ -127,9 +171,19 @@ fn spec(id: &str, build: &str, env: &[(&str, &str)]) -> ProcessSpec {
         build_tag: None,
         region: Region::London,
         rooms_per_process: 1,
-        default_port: ContainerPort { name: "default".into(), port: 7777, transport_type: TransportType::Udp },
+        default_port: ContainerPort {
+            name: "default".into(),
+            port: 7777,
+            transport_type: TransportType::Udp,
+        },
         additional_ports: vec![],
-        env: env.iter().map(|(k, v)| EnvVar { name: k.to_string(), value: v.to_string() }).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| EnvVar {
+                name: k.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
         requested_cpu: 0.5,
         requested_memory_mb: 256.0,
         initial_room_id: None,
@@ -141,7 +195,11 @@ fn spec(id: &str, build: &str, env: &[(&str, &str)]) -> ProcessSpec {
 
 impl Node {
     fn run(&self, s: ProcessSpec) {
-        self.link.desired.lock().unwrap().insert(s.process_id.clone(), s);
+        self.link
+            .desired
+            .lock()
+            .unwrap()
+            .insert(s.process_id.clone(), s);
         self.agent.wake();
     }
 
@@ -190,14 +248,22 @@ impl Node {
     async fn running(&mut self, id: &str) -> u16 {
         let port = self
             .wait_for(&format!("boot of {id}"), |e| match e {
-                AgentEvent::Booted { process_id, exposed_ports, .. } if process_id == id => Some(exposed_ports[0].port),
-                AgentEvent::Exited { process_id, exit, .. } if process_id == id => panic!("{id} exited: {exit:?}"),
+                AgentEvent::Booted {
+                    process_id,
+                    exposed_ports,
+                    ..
+                } if process_id == id => Some(exposed_ports[0].port),
+                AgentEvent::Exited {
+                    process_id, exit, ..
+                } if process_id == id => panic!("{id} exited: {exit:?}"),
                 _ => None,
             })
             .await;
         self.wait_for(&format!("{id} running"), |e| match e {
             AgentEvent::Running { process_id, .. } if process_id == id => Some(()),
-            AgentEvent::Exited { process_id, exit, .. } if process_id == id => panic!("{id} exited: {exit:?}"),
+            AgentEvent::Exited {
+                process_id, exit, ..
+            } if process_id == id => panic!("{id} exited: {exit:?}"),
             _ => None,
         })
         .await;
@@ -206,14 +272,20 @@ impl Node {
 
     async fn exited(&mut self, id: &str) -> (lodge_model::spec::ExitInfo, bool) {
         self.wait_for(&format!("exit of {id}"), |e| match e {
-            AgentEvent::Exited { process_id, exit, failed, .. } if process_id == id => Some((exit.clone(), *failed)),
+            AgentEvent::Exited {
+                process_id,
+                exit,
+                failed,
+                ..
+            } if process_id == id => Some((exit.clone(), *failed)),
             _ => None,
         })
         .await
     }
 
     fn log(&self, id: &str) -> String {
-        std::fs::read_to_string(self.dir.0.join("processes").join(id).join("log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.0.join("processes").join(id).join("log"))
+            .unwrap_or_default()
     }
 }
 
@@ -222,7 +294,9 @@ async fn udp(port: u16, msg: &[u8]) -> Option<Vec<u8>> {
     for _ in 0..20 {
         s.send_to(msg, ("127.0.0.1", port)).await.unwrap();
         let mut buf = [0u8; 512];
-        if let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_millis(250), s.recv_from(&mut buf)).await {
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(250), s.recv_from(&mut buf)).await
+        {
             return Some(buf[..n].to_vec());
         }
     }
@@ -230,7 +304,9 @@ async fn udp(port: u16, msg: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn kill_leftovers(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir.join("processes")) else { return };
+    let Ok(entries) = std::fs::read_dir(dir.join("processes")) else {
+        return;
+    };
     for e in entries.flatten() {
         if let Ok(s) = std::fs::read_to_string(e.path().join("state.json")) {
             let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
@@ -294,15 +370,26 @@ async fn bind_timeout_fails_the_process() {
     let (exit, failed) = n.exited("p-sleep").await;
     assert!(failed);
     assert!(exit.reason.contains("did not bind"), "{exit:?}");
-    assert!(n.log("p-sleep").contains("did not bind 7777/udp") || n.log("p-sleep").contains("did not bind"));
+    assert!(
+        n.log("p-sleep").contains("did not bind 7777/udp")
+            || n.log("p-sleep").contains("did not bind")
+    );
     // A missing executable fails with a clear log line.
     let bundle = n.dir.0.join("builds/missing/bundle");
     std::fs::create_dir_all(&bundle).unwrap();
-    std::fs::write(bundle.join("lodge.toml"), "command = [\"./no-such-server\"]\n").unwrap();
+    std::fs::write(
+        bundle.join("lodge.toml"),
+        "command = [\"./no-such-server\"]\n",
+    )
+    .unwrap();
     n.run(spec("p-missing", "missing", &[]));
     let (_, failed) = n.exited("p-missing").await;
     assert!(failed);
-    assert!(n.log("p-missing").contains("cannot start"), "{}", n.log("p-missing"));
+    assert!(
+        n.log("p-missing").contains("cannot start"),
+        "{}",
+        n.log("p-missing")
+    );
 }
 
 /// A new agent on the same data dir re-adopts a live process (same public port, still
@@ -321,8 +408,10 @@ async fn a_new_agent_readopts_live_processes() {
     std::mem::forget(std::mem::replace(&mut n.dir, TempDir::new("scratch")));
     std::mem::forget(n);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.0.join("processes/p-dies/state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.0.join("processes/p-dies/state.json")).unwrap(),
+    )
+    .unwrap();
     // SAFETY: killing the game server this test started (and its shim).
     unsafe {
         libc::kill(state["shimPid"].as_i64().unwrap() as i32, libc::SIGKILL);
@@ -334,7 +423,9 @@ async fn a_new_agent_readopts_live_processes() {
     while !(saw_running && saw_dead) {
         match n.next("adoption").await {
             AgentEvent::Running { process_id, .. } if process_id == "p-live" => saw_running = true,
-            AgentEvent::Exited { process_id, failed, .. } if process_id == "p-dies" => {
+            AgentEvent::Exited {
+                process_id, failed, ..
+            } if process_id == "p-dies" => {
                 assert!(failed);
                 saw_dead = true;
             }
@@ -342,7 +433,10 @@ async fn a_new_agent_readopts_live_processes() {
             _ => {}
         }
     }
-    assert_eq!(udp(live_port, b"still here").await.as_deref(), Some(&b"still here"[..]));
+    assert_eq!(
+        udp(live_port, b"still here").await.as_deref(),
+        Some(&b"still here"[..])
+    );
     n.stop("p-live");
     n.exited("p-live").await;
 }
@@ -361,10 +455,16 @@ async fn isolated_processes_bind_the_same_port() {
     let mut ports = HashMap::new();
     while ports.len() < 2 {
         match n.next("isolated start").await {
-            AgentEvent::Booted { process_id, exposed_ports, .. } => {
+            AgentEvent::Booted {
+                process_id,
+                exposed_ports,
+                ..
+            } => {
                 ports.insert(process_id, exposed_ports[0].port);
             }
-            AgentEvent::Exited { process_id, exit, .. } => panic!("{process_id}: {exit:?}"),
+            AgentEvent::Exited {
+                process_id, exit, ..
+            } => panic!("{process_id}: {exit:?}"),
             _ => {}
         }
     }
@@ -377,9 +477,16 @@ async fn isolated_processes_bind_the_same_port() {
             }
         }
         let who = String::from_utf8(answer.expect("isolated process answers")).unwrap();
-        assert_eq!(who, format!("{id} 7777"), "each process binds the container port itself");
+        assert_eq!(
+            who,
+            format!("{id} 7777"),
+            "each process binds the container port itself"
+        );
     }
-    let cg = format!("/sys/fs/cgroup/memory/{}/iso-a/memory.limit_in_bytes", n.cfg.cgroup_group());
+    let cg = format!(
+        "/sys/fs/cgroup/memory/{}/iso-a/memory.limit_in_bytes",
+        n.cfg.cgroup_group()
+    );
     if let Ok(limit) = std::fs::read_to_string(&cg) {
         assert_eq!(limit.trim(), (256u64 << 20).to_string());
     }
@@ -387,8 +494,14 @@ async fn isolated_processes_bind_the_same_port() {
     n.stop("iso-b");
     n.exited("iso-a").await;
     n.exited("iso-b").await;
-    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
     let list = String::from_utf8_lossy(&netns.stdout);
-    assert!(!list.contains("lodge-iso-a") && !list.contains("lodge-iso-b"), "{list}");
+    assert!(
+        !list.contains("lodge-iso-a") && !list.contains("lodge-iso-b"),
+        "{list}"
+    );
     n.agent.teardown_node().await;
 }

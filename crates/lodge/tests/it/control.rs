@@ -16,16 +16,36 @@ struct Setup {
     app_id: String,
 }
 
-async fn setup(store: Arc<dyn Store>, clock: Arc<dyn Clock>, dir: &std::path::Path, rooms_per_process: u32, idle: bool) -> Setup {
+async fn setup(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    dir: &std::path::Path,
+    rooms_per_process: u32,
+    idle: bool,
+) -> Setup {
     let control = Control::new(store.clone(), clock, ControlConfig::new(dir.to_path_buf()));
     let org = control.bootstrap().await.unwrap();
-    let caller = Caller { org_id: org.org_id.clone(), token_id: None, name: "test".into() };
+    let caller = Caller {
+        org_id: org.org_id.clone(),
+        token_id: None,
+        name: "test".into(),
+    };
     control
-        .put_node(&Node { node_id: "n1".into(), public_host: "127.0.0.1".into(), regions: None, started_at: 0 })
+        .put_node(&Node {
+            node_id: "n1".into(),
+            public_host: "127.0.0.1".into(),
+            regions: None,
+            started_at: 0,
+        })
         .await
         .unwrap();
     let app = control
-        .create_app(&caller, None, serde_json::from_value(serde_json::json!({"appName": "race", "authConfiguration": {}})).unwrap())
+        .create_app(
+            &caller,
+            None,
+            serde_json::from_value(serde_json::json!({"appName": "race", "authConfiguration": {}}))
+                .unwrap(),
+        )
         .await
         .unwrap();
     let build = Build {
@@ -50,8 +70,15 @@ async fn setup(store: Arc<dyn Store>, clock: Arc<dyn Clock>, dir: &std::path::Pa
         "transportType": "udp", "containerPort": 7777, "requestedCPU": 0.5, "requestedMemoryMB": 512
     }))
     .unwrap();
-    control.create_deployment(&caller, &app.app_id, cfg).await.unwrap();
-    Setup { control, caller, app_id: app.app_id }
+    control
+        .create_deployment(&caller, &app.app_id, cfg)
+        .await
+        .unwrap();
+    Setup {
+        control,
+        caller,
+        app_id: app.app_id,
+    }
 }
 
 fn params(region: Region) -> CreateRoomParams {
@@ -67,14 +94,30 @@ async fn racing_creates_never_overallocate() {
     let store_a: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
     let store_b: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
     let a = setup(store_a.clone(), Arc::new(SystemClock), &dir.0, 3, false).await;
-    let b = Control::new(store_b, Arc::new(SystemClock), ControlConfig::new(dir.0.clone()));
+    let b = Control::new(
+        store_b,
+        Arc::new(SystemClock),
+        ControlConfig::new(dir.0.clone()),
+    );
     const N: usize = 400;
     let mut tasks = Vec::new();
     for i in 0..N {
-        let control = if i % 2 == 0 { a.control.clone() } else { b.clone() };
+        let control = if i % 2 == 0 {
+            a.control.clone()
+        } else {
+            b.clone()
+        };
         let (caller, app) = (a.caller.clone(), a.app_id.clone());
-        let region = if i % 5 == 0 { Region::Tokyo } else { Region::London };
-        tasks.push(tokio::spawn(async move { control.create_room(&caller, &app, params(region), None).await }));
+        let region = if i % 5 == 0 {
+            Region::Tokyo
+        } else {
+            Region::London
+        };
+        tasks.push(tokio::spawn(async move {
+            control
+                .create_room(&caller, &app, params(region), None)
+                .await
+        }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -86,8 +129,18 @@ async fn racing_creates_never_overallocate() {
     let mut total = 0;
     for p in &procs {
         let rooms = store_a.rooms_of_process(&p.process_id, true).await.unwrap();
-        assert!(p.rooms_allocated <= 3, "process {} has {} rooms", p.process_id, p.rooms_allocated);
-        assert_eq!(rooms.len() as u32, p.rooms_allocated, "slot count matches the rooms on {}", p.process_id);
+        assert!(
+            p.rooms_allocated <= 3,
+            "process {} has {} rooms",
+            p.process_id,
+            p.rooms_allocated
+        );
+        assert_eq!(
+            rooms.len() as u32,
+            p.rooms_allocated,
+            "slot count matches the rooms on {}",
+            p.process_id
+        );
         for r in &rooms {
             let region = p.region;
             assert!(r.current_allocation().is_some());
@@ -108,7 +161,11 @@ async fn packing_and_custom_ids() {
     let c = |id: Option<&str>| {
         let (control, caller, app) = (s.control.clone(), s.caller.clone(), s.app_id.clone());
         let id = id.map(str::to_string);
-        async move { control.create_room(&caller, &app, params(Region::Frankfurt), id).await }
+        async move {
+            control
+                .create_room(&caller, &app, params(Region::Frankfurt), id)
+                .await
+        }
     };
     let r1 = c(Some("my-room_1")).await.unwrap();
     let r2 = c(None).await.unwrap();
@@ -116,13 +173,25 @@ async fn packing_and_custom_ids() {
     assert_eq!(r1.room_id, "my-room_1");
     assert_eq!(r1.process_id, r2.process_id);
     assert_ne!(r1.process_id, r3.process_id);
-    assert!(matches!(c(Some("my-room_1")).await, Err(lodge_control::Error::Invalid(_))));
-    assert!(matches!(c(Some("bad id")).await, Err(lodge_control::Error::Invalid(_))));
+    assert!(matches!(
+        c(Some("my-room_1")).await,
+        Err(lodge_control::Error::Invalid(_))
+    ));
+    assert!(matches!(
+        c(Some("bad id")).await,
+        Err(lodge_control::Error::Invalid(_))
+    ));
     // A destroyed room frees its slot: the next two rooms fill the two processes, no third.
-    s.control.destroy_room(&s.caller, &s.app_id, "my-room_1").await.unwrap();
+    s.control
+        .destroy_room(&s.caller, &s.app_id, "my-room_1")
+        .await
+        .unwrap();
     let r4 = c(None).await.unwrap();
     let r5 = c(None).await.unwrap();
-    let used: std::collections::BTreeSet<_> = [&r1, &r3, &r4, &r5].iter().map(|r| r.process_id.clone()).collect();
+    let used: std::collections::BTreeSet<_> = [&r1, &r3, &r4, &r5]
+        .iter()
+        .map(|r| r.process_id.clone())
+        .collect();
     assert_eq!(used.len(), 2, "no new process while slots are free");
     assert_ne!(r4.process_id, r5.process_id);
 }
@@ -133,35 +202,69 @@ async fn idle_reaper_follows_the_clock() {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
     let clock = ManualClock::new(1_000_000);
     let s = setup(store.clone(), Arc::new(clock.clone()), &dir.0, 1, true).await;
-    let room = s.control.create_room(&s.caller, &s.app_id, params(Region::Sydney), None).await.unwrap();
+    let room = s
+        .control
+        .create_room(&s.caller, &s.app_id, params(Region::Sydney), None)
+        .await
+        .unwrap();
     let pid = room.process_id.clone().unwrap();
     // Pretend the node started it.
     s.control
-        .handle_event(spec::AgentEvent::Running { process_id: pid.clone(), at: clock.now_ms() })
+        .handle_event(spec::AgentEvent::Running {
+            process_id: pid.clone(),
+            at: clock.now_ms(),
+        })
         .await
         .unwrap();
     clock.advance_ms(600_000);
-    assert!(s.control.reap_idle().await.unwrap().is_empty(), "a process with a room is not idle");
-    s.control.destroy_room(&s.caller, &s.app_id, &room.room_id).await.unwrap();
+    assert!(
+        s.control.reap_idle().await.unwrap().is_empty(),
+        "a process with a room is not idle"
+    );
+    s.control
+        .destroy_room(&s.caller, &s.app_id, &room.room_id)
+        .await
+        .unwrap();
     clock.advance_ms(299_999);
-    assert!(s.control.reap_idle().await.unwrap().is_empty(), "not idle for 5 minutes yet");
+    assert!(
+        s.control.reap_idle().await.unwrap().is_empty(),
+        "not idle for 5 minutes yet"
+    );
     // Connections keep it busy.
     s.control
-        .handle_event(spec::AgentEvent::Activity { process_id: pid.clone(), at: clock.now_ms(), active_connections: 2 })
+        .handle_event(spec::AgentEvent::Activity {
+            process_id: pid.clone(),
+            at: clock.now_ms(),
+            active_connections: 2,
+        })
         .await
         .unwrap();
     clock.advance_ms(299_999);
     assert!(s.control.reap_idle().await.unwrap().is_empty());
     clock.advance_ms(1);
     assert_eq!(s.control.reap_idle().await.unwrap(), vec![pid.clone()]);
-    assert_eq!(store.process(&pid).await.unwrap().unwrap().status, ProcessStatus::Stopping);
+    assert_eq!(
+        store.process(&pid).await.unwrap().unwrap().status,
+        ProcessStatus::Stopping
+    );
     // The node reports the exit: stopped, not failed.
-    let exit = spec::ExitInfo { code: None, reason: "killed by signal 15".into() };
+    let exit = spec::ExitInfo {
+        code: None,
+        reason: "killed by signal 15".into(),
+    };
     s.control
-        .handle_event(spec::AgentEvent::Exited { process_id: pid.clone(), at: clock.now_ms(), exit, failed: false })
+        .handle_event(spec::AgentEvent::Exited {
+            process_id: pid.clone(),
+            at: clock.now_ms(),
+            exit,
+            failed: false,
+        })
         .await
         .unwrap();
-    assert_eq!(store.process(&pid).await.unwrap().unwrap().status, ProcessStatus::Stopped);
+    assert_eq!(
+        store.process(&pid).await.unwrap().unwrap().status,
+        ProcessStatus::Stopped
+    );
 }
 
 #[tokio::test]
@@ -170,9 +273,16 @@ async fn processes_without_idle_timeout_are_never_reaped() {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
     let clock = ManualClock::new(0);
     let s = setup(store, Arc::new(clock.clone()), &dir.0, 1, false).await;
-    let p = s.control.create_process(&s.caller, &s.app_id, Region::Dubai).await.unwrap();
+    let p = s
+        .control
+        .create_process(&s.caller, &s.app_id, Region::Dubai)
+        .await
+        .unwrap();
     s.control
-        .handle_event(spec::AgentEvent::Running { process_id: p.process_id.clone(), at: 0 })
+        .handle_event(spec::AgentEvent::Running {
+            process_id: p.process_id.clone(),
+            at: 0,
+        })
         .await
         .unwrap();
     clock.advance_ms(86_400_000);

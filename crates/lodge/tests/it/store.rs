@@ -51,15 +51,34 @@ async fn placement_is_conditional_and_durable() {
     let path = dir.0.join("lodge.db");
     {
         let s = SqliteStore::open(&path).unwrap();
-        s.place_room(&room("r1", "p1"), PlaceTarget::New(Box::new(process("p1", 2, 1)))).await.unwrap();
-        s.place_room(&room("r2", "p1"), PlaceTarget::Existing("p1".into())).await.unwrap();
+        s.place_room(
+            &room("r1", "p1"),
+            PlaceTarget::New(Box::new(process("p1", 2, 1))),
+        )
+        .await
+        .unwrap();
+        s.place_room(&room("r2", "p1"), PlaceTarget::Existing("p1".into()))
+            .await
+            .unwrap();
         // Full: the conditional update refuses.
-        let e = s.place_room(&room("r3", "p1"), PlaceTarget::Existing("p1".into())).await.unwrap_err();
+        let e = s
+            .place_room(&room("r3", "p1"), PlaceTarget::Existing("p1".into()))
+            .await
+            .unwrap_err();
         assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
         // Room ids are unique.
-        let e = s.place_room(&room("r1", "p2"), PlaceTarget::New(Box::new(process("p2", 2, 1)))).await.unwrap_err();
+        let e = s
+            .place_room(
+                &room("r1", "p2"),
+                PlaceTarget::New(Box::new(process("p2", 2, 1))),
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(e, StoreError::Duplicate(_)), "{e:?}");
-        assert!(s.process("p2").await.unwrap().is_none(), "the failed placement left nothing behind");
+        assert!(
+            s.process("p2").await.unwrap().is_none(),
+            "the failed placement left nothing behind"
+        );
     }
     // Reopen: everything acknowledged is there.
     let s = SqliteStore::open(&path).unwrap();
@@ -71,16 +90,30 @@ async fn placement_is_conditional_and_durable() {
     assert_eq!(r.current_allocation().unwrap().process_id, "p1");
 
     // Destroying frees the slot and records history.
-    let r = s.unallocate_room("r1", RoomStatus::Destroyed, 9).await.unwrap().unwrap();
+    let r = s
+        .unallocate_room("r1", RoomStatus::Destroyed, 9)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(r.status, RoomStatus::Destroyed);
     assert!(r.current_allocation().is_none());
     assert_eq!(r.allocations[0].unscheduled_at, Some(9));
     assert_eq!(s.process("p1").await.unwrap().unwrap().rooms_allocated, 1);
-    assert_eq!(s.rooms_of_process("p1", false).await.unwrap()[0].room_id, "r1");
-    assert!(s.unallocate_room("r1", RoomStatus::Destroyed, 10).await.unwrap().is_none());
+    assert_eq!(
+        s.rooms_of_process("p1", false).await.unwrap()[0].room_id,
+        "r1"
+    );
+    assert!(s
+        .unallocate_room("r1", RoomStatus::Destroyed, 10)
+        .await
+        .unwrap()
+        .is_none());
 
     // Suspend then resume onto the same process.
-    s.unallocate_room("r2", RoomStatus::Suspended, 11).await.unwrap().unwrap();
+    s.unallocate_room("r2", RoomStatus::Suspended, 11)
+        .await
+        .unwrap()
+        .unwrap();
     let mut resumed = s.room("r2").await.unwrap().unwrap();
     resumed.status = RoomStatus::Active;
     resumed.allocations.push(RoomAllocation {
@@ -89,24 +122,40 @@ async fn placement_is_conditional_and_durable() {
         scheduled_at: 12,
         unscheduled_at: None,
     });
-    s.place_room(&resumed, PlaceTarget::Existing("p1".into())).await.unwrap();
+    s.place_room(&resumed, PlaceTarget::Existing("p1".into()))
+        .await
+        .unwrap();
     let r2 = s.room("r2").await.unwrap().unwrap();
     assert_eq!(r2.allocations.len(), 2);
     assert_eq!(r2.current_allocation().unwrap().room_allocation_id, "again");
 
     // Ending the process destroys its rooms atomically, once.
-    let ended = s.end_process("p1", ProcessStatus::Stopped, 20, "exited with code 0").await.unwrap().unwrap();
+    let ended = s
+        .end_process("p1", ProcessStatus::Stopped, 20, "exited with code 0")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ended.destroyed_rooms, vec!["r2".to_string()]);
     assert_eq!(ended.process.rooms_allocated, 0);
-    assert!(s.end_process("p1", ProcessStatus::Failed, 21, "again").await.unwrap().is_none());
-    assert_eq!(s.room("r2").await.unwrap().unwrap().status, RoomStatus::Destroyed);
+    assert!(s
+        .end_process("p1", ProcessStatus::Failed, 21, "again")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        s.room("r2").await.unwrap().unwrap().status,
+        RoomStatus::Destroyed
+    );
     // Terminal processes are not modified by update_process.
     let p = s.update_process("p1", &|p| {
         p.status = ProcessStatus::Running;
         true
     });
     assert_eq!(p.await.unwrap().unwrap().status, ProcessStatus::Stopped);
-    let q = ProcessQuery { statuses: vec![ProcessStatus::Stopped], ..Default::default() };
+    let q = ProcessQuery {
+        statuses: vec![ProcessStatus::Stopped],
+        ..Default::default()
+    };
     assert_eq!(s.count_processes(&q).await.unwrap(), 1);
 }
 
@@ -128,7 +177,10 @@ async fn names_are_unique_among_live_entities() {
     s.insert_app(&app).await.unwrap();
     let mut twin = app.clone();
     twin.app_id = "a2".into();
-    assert!(matches!(s.insert_app(&twin).await, Err(StoreError::Duplicate(_))));
+    assert!(matches!(
+        s.insert_app(&twin).await,
+        Err(StoreError::Duplicate(_))
+    ));
     let mut deleted = app.clone();
     deleted.deleted_at = Some(1);
     s.update_app(&deleted).await.unwrap();
