@@ -133,8 +133,9 @@ function pickPortRange(avoid) {
 // The server
 
 export class Lodge {
-  constructor({ args = [], env = {} } = {}) {
+  constructor({ args = [], env = {}, isolation = 'none' } = {}) {
     this.extraArgs = args;
+    this.isolation = isolation;
     this.extraEnv = env;
     this.adminToken = `lodge-test-${crypto.randomBytes(16).toString('hex')}`;
     this.child = null;
@@ -171,7 +172,7 @@ export class Lodge {
       '--api-addr', `127.0.0.1:${this.apiPort}`,
       '--port-range', `${this.portRange.start}-${this.portRange.end}`,
       '--ping-port', String(this.pingPort),
-      '--isolation', 'none',
+      '--isolation', this.isolation,
       ...this.extraArgs,
     ];
     // Inherited LODGE_* settings (a developer's shell) must not leak into the test server.

@@ -492,6 +492,11 @@ impl Agent {
 
     async fn report_exit(&self, id: &str, exit: ExitInfo, failed: bool) {
         tracing::info!(process_id = %id, reason = %exit.reason, failed, "process ended");
+        // Gone from this node before anyone hears it ended.
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.link
             .report(AgentEvent::Exited {
                 process_id: id.to_string(),

@@ -229,9 +229,16 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
-    tracing::info!(
-        "shutting down; game-server processes keep running and are re-adopted on the next start"
-    );
+    if agent.running_count() == 0 {
+        // Nothing runs here: leave no bridge or cgroups behind.
+        agent.teardown_node().await;
+        tracing::info!("shut down");
+    } else {
+        tracing::info!(
+            processes = agent.running_count(),
+            "shutting down; game-server processes keep running and are re-adopted on the next start"
+        );
+    }
     Ok(())
 }
 
