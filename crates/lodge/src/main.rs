@@ -1,16 +1,24 @@
-//! `lodge`: the single binary. `lodge serve` runs everything on one machine.
+//! `lodge`: the single binary. `lodge serve` runs everything on one machine; the other
+//! subcommands are the developer CLI, which talks to any Lodge through the public API.
 
+mod cli;
 mod serve;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "lodge",
     version,
-    about = "Self-hostable game-server hosting that speaks the Hathora Cloud API"
+    about = "Self-hostable game-server hosting that speaks the Hathora Cloud API",
+    after_help = "Start here:\n  lodge serve                                   run Lodge on this machine\n  \
+lodge deploy examples/echo                    upload a build and deploy it\n  \
+lodge rooms create --region London --wait     get a room; prints host:port\n  \
+lodge logs PROCESS_ID -f                      follow a game server's log"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: cli::Global,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,14 +27,85 @@ struct Cli {
 enum Command {
     /// Run the API, control plane, an embedded node agent and proxy on this machine.
     Serve(serve::ServeArgs),
+    /// Pack, upload and build a game server, then create a deployment.
+    Deploy(cli::DeployArgs),
+    /// Applications.
+    #[command(subcommand)]
+    Apps(cli::AppsCmd),
+    /// Builds.
+    #[command(subcommand)]
+    Builds(cli::BuildsCmd),
+    /// Deployments.
+    #[command(subcommand)]
+    Deployments(cli::DeploymentsCmd),
+    /// Rooms: create, inspect, connect, destroy.
+    #[command(subcommand)]
+    Rooms(cli::RoomsCmd),
+    /// Processes: list, inspect, stop, pre-warm.
+    #[command(subcommand)]
+    Processes(cli::ProcessesCmd),
+    /// Print (or follow) a process's log.
+    Logs(cli::LogsArgs),
+    /// Developer tokens of the organization.
+    #[command(subcommand)]
+    Tokens(cli::TokensCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Internal: supervise one game-server process (started by the agent).
     #[command(hide = true)]
     Shim { dir: std::path::PathBuf },
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Run a CLI command; API errors are printed as the server wrote them.
+fn client(
+    global: &cli::Global,
+    f: impl AsyncFnOnce(&cli::Ctx) -> Result<(), cli::CliError>,
+) -> std::process::ExitCode {
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let ctx = cli::Ctx::new(global).map_err(|e| e.0)?;
+            f(&ctx).await.map_err(|e| e.0)
+        })
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let g = &cli.global;
+    if !matches!(cli.command, Command::Serve(_) | Command::Shim { .. }) {
+        // A CLI piped into `head` ends quietly, like other Unix tools.
+        // SAFETY: setting a signal disposition to its default has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
+        Command::Deploy(a) => client(g, async |c| cli::deploy::run(c, a).await),
+        Command::Apps(cmd) => client(g, async |c| cli::apps(c, cmd).await),
+        Command::Builds(cmd) => client(g, async |c| cli::builds(c, cmd).await),
+        Command::Deployments(cmd) => client(g, async |c| cli::deployments(c, cmd).await),
+        Command::Rooms(cmd) => client(g, async |c| cli::rooms(c, cmd).await),
+        Command::Processes(cmd) => client(g, async |c| cli::processes(c, cmd).await),
+        Command::Logs(a) => client(g, async |c| cli::logs(c, a).await),
+        Command::Tokens(cmd) => client(g, async |c| cli::tokens(c, cmd).await),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lodge", &mut std::io::stdout());
+            std::process::ExitCode::SUCCESS
+        }
         Command::Shim { dir } => match lodge_agent::shim::main(&dir) {
             Ok(code) => std::process::ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)),
             Err(e) => {
@@ -35,13 +114,10 @@ fn main() -> std::process::ExitCode {
             }
         },
         Command::Serve(args) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("lodge: cannot start the runtime: {e}");
+                    eprintln!("lodge: {e}");
                     return std::process::ExitCode::FAILURE;
                 }
             };
