@@ -375,10 +375,13 @@ async fn run_build(
 
 async fn put_part(
     State(s): State<AppState>,
-    Path((b, part)): Path<(String, u32)>,
+    Path((b, part)): Path<(String, String)>,
     q: QueryPairs,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
+    let part: u32 = part
+        .parse()
+        .map_err(|_| invalid(format!("invalid part number '{part}'")))?;
     let etag = s
         .control
         .put_part(&b, part, q.get("signature").unwrap_or(""), &body)
@@ -390,8 +393,9 @@ async fn complete_upload(
     State(s): State<AppState>,
     Path(b): Path<String>,
     q: QueryPairs,
-    body: String,
+    body: axum::body::Bytes,
 ) -> ApiResult<Response> {
+    let body = String::from_utf8_lossy(&body);
     let xml = s
         .control
         .complete_upload(&b, q.get("signature").unwrap_or(""), &body)

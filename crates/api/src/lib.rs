@@ -227,6 +227,12 @@ pub fn router(state: AppState) -> axum::Router {
                 format!("No such endpoint: {method} {}", uri.path()),
             )
         })
+        .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+            ApiFailure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {}", uri.path()),
+            )
+        })
         .layer(axum::middleware::from_fn(cors))
         .with_state(state)
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
 /// How long a UDP session lives without traffic.
@@ -179,7 +178,7 @@ fn now_secs(start: tokio::time::Instant) -> u64 {
 /// peer, and replies go back through the public socket to that player.
 async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>) {
     let public = Arc::new(public);
-    let sessions: Arc<Mutex<HashMap<SocketAddr, UdpSession>>> = Arc::default();
+    let sessions: Arc<std::sync::Mutex<HashMap<SocketAddr, UdpSession>>> = Arc::default();
     let start = tokio::time::Instant::now();
     let sweeper = {
         let sessions = sessions.clone();
@@ -188,7 +187,7 @@ async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>
             loop {
                 tick.tick().await;
                 let now = now_secs(start);
-                sessions.lock().await.retain(|_, s| {
+                sessions.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, s| {
                     now.saturating_sub(s.last_seen.load(Ordering::Relaxed))
                         < UDP_SESSION_TTL.as_secs()
                 });
@@ -212,27 +211,28 @@ async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>
                 continue;
             }
         };
-        let mut map = sessions.lock().await;
-        let session = match map.get(&peer) {
-            Some(s) => s,
-            None => match new_udp_session(&public, peer, target, &counters, start).await {
-                Ok(s) => map.entry(peer).or_insert(s),
-                Err(e) => {
-                    tracing::warn!(%peer, %target, error = %e, "cannot open udp session");
-                    continue;
-                }
-            },
+        let upstream = {
+            let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let session = match map.get(&peer) {
+                Some(s) => s,
+                None => match new_udp_session(&public, peer, target, &counters, start) {
+                    Ok(s) => map.entry(peer).or_insert(s),
+                    Err(e) => {
+                        tracing::warn!(%peer, %target, error = %e, "cannot open udp session");
+                        continue;
+                    }
+                },
+            };
+            session.last_seen.store(now_secs(start), Ordering::Relaxed);
+            session.upstream.clone()
         };
-        session.last_seen.store(now_secs(start), Ordering::Relaxed);
-        let upstream = session.upstream.clone();
-        drop(map);
         if upstream.send(&buf[..n]).await.is_ok() {
             counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }
 
-async fn new_udp_session(
+fn new_udp_session(
     public: &Arc<UdpSocket>,
     peer: SocketAddr,
     target: SocketAddr,
@@ -244,8 +244,10 @@ async fn new_udp_session(
     } else {
         ([0u16; 8], 0).into()
     };
-    let upstream = Arc::new(bind_udp(bind)?);
-    upstream.connect(target).await?;
+    let std = std::net::UdpSocket::bind(bind)?;
+    std.connect(target)?;
+    std.set_nonblocking(true)?;
+    let upstream = Arc::new(UdpSocket::from_std(std)?);
     let last_seen = Arc::new(AtomicU64::new(now_secs(start)));
     let task = {
         let (upstream, public, counters, last_seen) = (

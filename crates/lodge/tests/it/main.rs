@@ -1,6 +1,7 @@
 //! Lodge's integration tests: one binary, modules per component.
 
 mod agent;
+mod api;
 mod control;
 mod store;
 
