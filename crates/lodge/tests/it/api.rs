@@ -38,6 +38,9 @@ async fn serve(dir: &std::path::Path) -> String {
     url
 }
 
+/// Method, path, token, body, expected status.
+type Case<'a> = (&'a str, String, Option<&'a str>, Option<String>, u16);
+
 #[tokio::test]
 async fn bad_input_gets_a_4xx_message() {
     let dir = TempDir::new("api");
@@ -55,7 +58,7 @@ async fn bad_input_gets_a_4xx_message() {
         .unwrap();
     let app = app["appId"].as_str().unwrap().to_string();
     let long = "x".repeat(10_001);
-    let cases: Vec<(&str, String, Option<&str>, Option<String>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         ("POST", "/apps/v2/apps".into(), Some("admin"), Some("not json".into()), 422),
         ("POST", "/apps/v2/apps".into(), Some("admin"), Some("{}".into()), 422),
         ("POST", "/apps/v2/apps".into(), Some("admin"), Some(r#"{"appName":"UPPER","authConfiguration":{}}"#.into()), 422),
