@@ -187,10 +187,13 @@ async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>
             loop {
                 tick.tick().await;
                 let now = now_secs(start);
-                sessions.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, s| {
-                    now.saturating_sub(s.last_seen.load(Ordering::Relaxed))
-                        < UDP_SESSION_TTL.as_secs()
-                });
+                sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|_, s| {
+                        now.saturating_sub(s.last_seen.load(Ordering::Relaxed))
+                            < UDP_SESSION_TTL.as_secs()
+                    });
             }
         })
     };

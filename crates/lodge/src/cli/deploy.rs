@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::api::{enc, err, pipe, CliError, Result};
 use super::pack;
-use super::table::s;
+use super::table::{print_json, s};
 use super::Ctx;
 
 #[derive(Debug, Args)]
@@ -381,7 +381,7 @@ pub async fn run(ctx: &Ctx, a: DeployArgs) -> Result<()> {
         )
         .await?;
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
+        print_json(&d);
     } else {
         println!("{}", s(&d["deploymentId"]));
         let port = &d["defaultContainerPort"];

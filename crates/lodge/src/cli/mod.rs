@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 pub use api::CliError;
 use api::{enc, err, Api, Result};
 pub use deploy::DeployArgs;
-use table::{s, Table};
+use table::{print_json, s, Table};
 
 /// Options shared by every API command.
 #[derive(Debug, Clone, Args)]
@@ -103,7 +103,7 @@ impl Ctx {
 
     fn print(&self, v: &Value, table: impl FnOnce(&Value) -> Table) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            print_json(v);
         } else {
             table(v).print();
         }
@@ -446,7 +446,7 @@ async fn wait_active(ctx: &Ctx, app: &str, room: &str, timeout: u64) -> Result<V
 
 fn print_connection(ctx: &Ctx, v: &Value) {
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        print_json(v);
         return;
     }
     let mut t = Table::new(&["PORT NAME", "TRANSPORT", "ADDRESS"]);
@@ -512,10 +512,7 @@ pub async fn rooms(ctx: &Ctx, cmd: RoomsCmd) -> Result<()> {
             );
             let info = wait_active(ctx, &app, &room, timeout).await?;
             if ctx.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&info).unwrap_or_default()
-                );
+                print_json(&info);
             } else {
                 println!("{}", addr(&info["exposedPort"]));
             }
@@ -690,7 +687,7 @@ pub async fn tokens(ctx: &Ctx, cmd: TokensCmd) -> Result<()> {
                 )
                 .await?;
             if ctx.json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                print_json(&v);
             } else {
                 eprintln!(
                     "created {} ({}); the secret is shown only now:",

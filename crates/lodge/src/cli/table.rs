@@ -15,6 +15,11 @@ pub fn s(v: &Value) -> String {
     }
 }
 
+/// Pretty JSON on stdout (`--json`).
+pub fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
 pub struct Table {
     headers: Vec<String>,
     rows: Vec<Vec<String>>,
