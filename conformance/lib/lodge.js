@@ -88,15 +88,19 @@ async function freeTcpPort() {
   return port;
 }
 
-async function freeUdpPort() {
-  const socket = dgram.createSocket('udp4');
-  await new Promise((resolve, reject) => {
-    socket.once('error', reject);
-    socket.bind(0, '0.0.0.0', resolve);
-  });
-  const { port } = socket.address();
-  await new Promise((resolve) => socket.close(resolve));
-  return port;
+/** A port free for both TCP and UDP (the ping service serves both on one port). */
+async function freeTcpUdpPort() {
+  for (let i = 0; i < 50; i++) {
+    const port = await freeTcpPort();
+    const socket = dgram.createSocket('udp4');
+    const ok = await new Promise((resolve) => {
+      socket.once('error', () => resolve(false));
+      socket.bind(port, '0.0.0.0', () => resolve(true));
+    });
+    await new Promise((resolve) => socket.close(() => resolve()));
+    if (ok) return port;
+  }
+  throw new Error('no port free for both TCP and UDP');
 }
 
 /**
@@ -162,7 +166,9 @@ export class Lodge {
       this.tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'lodge-conformance-'));
       this.dataDir = path.join(this.tmpDir, 'data');
       this.apiPort = await freeTcpPort();
-      this.pingPort = await freeUdpPort();
+      do {
+        this.pingPort = await freeTcpUdpPort();
+      } while (this.pingPort === this.apiPort);
       this.portRange = pickPortRange([this.apiPort, this.pingPort]);
     }
 
@@ -299,17 +305,13 @@ export class Lodge {
         }
       }
     } finally {
-      if (this.dataDir) {
-        for (const state of this.processStates()) {
-          for (const pid of [state.shimPid, state.gamePid]) {
-            if (Number.isInteger(pid) && pid > 1) {
-              try {
-                process.kill(pid, 'SIGKILL');
-              } catch {
-                // already gone
-              }
-            }
-          }
+      if (this.dataDir && fs.existsSync(this.dataDir)) {
+        // Game servers outlive Lodge by design: end them, with their namespaces, cgroups,
+        // containers and the bridge (`lodge cleanup`).
+        try {
+          await execFileAsync(LODGE_BIN, ['cleanup', '--data-dir', this.dataDir]);
+        } catch (err) {
+          console.error(`lodge cleanup failed: ${err.stderr || err.message}`);
         }
       }
       if (this.tmpDir) {

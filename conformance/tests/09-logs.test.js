@@ -57,6 +57,7 @@ test('process logs: tail, follow until the process ends, download', async () => 
     'the follow stream did not end within 10 s of the process stopping',
   );
   assert.match(text, /echo server listening/);
+  assert.match(text, /shutting down/, 'a line printed after the follow began arrives on the stream');
 
   const whole = await streamText(await sdk.logsV1.downloadLogForProcess(processId, appId));
   assert.match(whole, /echo server listening on port \d+/);

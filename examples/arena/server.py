@@ -127,10 +127,11 @@ def main():
     initial = os.environ.get("HATHORA_INITIAL_ROOM_ID")
     initial_cfg = os.environ.get("HATHORA_INITIAL_ROOM_CONFIG")
     while True:
+        # A zero timeout makes the socket non-blocking, which raises BlockingIOError instead.
         sock.settimeout(max(0.0, next_tick - time.monotonic()))
         try:
             data, addr = sock.recvfrom(2048)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             data = None
         if data is not None:
             parts = data.decode("utf-8", "replace").strip().split()

@@ -7,6 +7,9 @@ when that variable is set. Every message is echoed back unchanged, except:
   exit        reply "bye", then exit with code 0 (ends the process cleanly,
               which destroys all of its rooms)
   env NAME    reply with the value of environment variable NAME ("" if unset)
+  auth TOKEN  verify a player token (from Lodge's AuthV1 login) with the app
+              secret, as a game server should before trusting a player; reply
+              "player ID NAME" or "denied REASON"
 
 Over TCP each received chunk is one message; a trailing newline on a command
 is ignored and echoed back on the reply, so `nc` works interactively.
@@ -14,6 +17,10 @@ SIGTERM (and SIGINT) print "shutting down" and exit with code 0.
 ECHO_STARTUP_DELAY (seconds, default 0) delays binding, to simulate a slow boot.
 """
 
+import base64
+import hashlib
+import hmac
+import json
 import os
 import signal
 import socket
@@ -34,6 +41,25 @@ def shutdown(code=0):
     os._exit(code)
 
 
+def b64url(segment):
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def verify_player(token):
+    """Check an HS256 player token against HATHORA_APP_SECRET; return its claims."""
+    secret = os.environ.get("HATHORA_APP_SECRET", "").encode("utf-8")
+    try:
+        header, payload, signature = token.split(".")
+        if json.loads(b64url(header)).get("alg") != "HS256":
+            return None, "not HS256"
+        expected = hmac.new(secret, f"{header}.{payload}".encode("ascii"), hashlib.sha256)
+        if not hmac.compare_digest(expected.digest(), b64url(signature)):
+            return None, "bad signature"
+        return json.loads(b64url(payload)), None
+    except (ValueError, UnicodeError):
+        return None, "malformed token"
+
+
 def respond(message):
     """Return (reply bytes, exit afterwards?) for one received message."""
     newline = b"\n" if message.endswith(b"\n") else b""
@@ -43,6 +69,13 @@ def respond(message):
     if command.startswith(b"env "):
         name = command[4:].decode("utf-8", "replace").strip()
         return os.environ.get(name, "").encode("utf-8") + newline, False
+    if command.startswith(b"auth "):
+        claims, error = verify_player(command[5:].decode("utf-8", "replace").strip())
+        if claims is None:
+            return f"denied {error}".encode("utf-8") + newline, False
+        log(f"player {claims.get('id')} ({claims.get('type')}) joined")
+        reply = f"player {claims.get('id')} {claims.get('name')}"
+        return reply.encode("utf-8") + newline, False
     return message, False
 
 

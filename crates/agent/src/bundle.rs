@@ -79,14 +79,10 @@ impl Manifest {
     }
 }
 
-fn no_manifest(root: &Path) -> BundleError {
-    let hint = if root.join("Dockerfile").exists() {
-        ": it holds a Dockerfile, but container builds need an image builder and an OCI runtime, \
-         which this Lodge does not have; add a lodge.toml with the command that starts your server"
-    } else {
-        ""
-    };
-    BundleError::NoManifest { hint }
+fn no_manifest(_root: &Path) -> BundleError {
+    BundleError::NoManifest {
+        hint: " (nor a Dockerfile, nor an OCI image layout or docker archive)",
+    }
 }
 
 /// What unpacking produced.
@@ -99,6 +95,22 @@ pub struct Unpacked {
 
 /// Unpack `archive` into `dest` (which must not exist yet) and read its manifest.
 pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, BundleError> {
+    let (files, bytes) = unpack_archive(archive, dest, limits)?;
+    let manifest = Manifest::load(dest)?;
+    Ok(Unpacked {
+        files,
+        bytes,
+        manifest,
+    })
+}
+
+/// Unpack `archive` (tar, gzipped or not) into `dest` under the bundle rules; returns the
+/// number of files and bytes.
+pub fn unpack_archive(
+    archive: &Path,
+    dest: &Path,
+    limits: Limits,
+) -> Result<(usize, u64), BundleError> {
     let mut head = [0u8; 2];
     let mut f = fs::File::open(archive)?;
     let n = f.read(&mut head)?;
@@ -110,13 +122,7 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, B
         Box::new(io::BufReader::new(file))
     };
     fs::create_dir_all(dest)?;
-    let (files, bytes) = unpack_tar(reader, dest, limits)?;
-    let manifest = Manifest::load(dest)?;
-    Ok(Unpacked {
-        files,
-        bytes,
-        manifest,
-    })
+    unpack_tar(reader, dest, limits)
 }
 
 /// A relative path with only normal components, or an error naming what is wrong.
@@ -133,10 +139,37 @@ fn safe_relative(raw: &Path) -> Result<PathBuf, &'static str> {
     Ok(out)
 }
 
+/// `link` (relative to `base`, both inside the upload) as a normalised path inside the upload,
+/// or `None` if it is absolute or climbs out.
+fn inside(base: &Path, link: &Path) -> Option<PathBuf> {
+    if link.is_absolute() {
+        return None;
+    }
+    let mut out: Vec<&std::ffi::OsStr> = base
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    for c in link.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop()?;
+            }
+            _ => return None,
+        }
+    }
+    Some(out.iter().collect())
+}
+
 fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, u64), BundleError> {
     let mut archive = tar::Archive::new(reader);
     let mut files = 0usize;
     let mut total = 0u64;
+    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let entries = archive
         .entries()
         .map_err(|e| BundleError::Format(e.to_string()))?;
@@ -193,10 +226,21 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
             | tar::EntryType::XHeader
             | tar::EntryType::GNULongName => {}
             tar::EntryType::Symlink | tar::EntryType::Link => {
-                return Err(BundleError::Unsafe(
-                    name,
-                    "links are not allowed in bundles",
-                ));
+                // Links stay inside the upload or are refused; they become copies of their
+                // target once everything is unpacked (image archives link layers this way).
+                let link = entry
+                    .link_name()
+                    .map_err(|e| BundleError::Format(e.to_string()))?
+                    .ok_or_else(|| BundleError::Unsafe(name.clone(), "link without a target"))?;
+                let base = if kind == tar::EntryType::Symlink {
+                    rel.parent().unwrap_or(Path::new("")).to_path_buf()
+                } else {
+                    PathBuf::new()
+                };
+                let target = inside(&base, &link).ok_or_else(|| {
+                    BundleError::Unsafe(name.clone(), "link points outside the upload")
+                })?;
+                links.push((rel, target));
             }
             _ => {
                 return Err(BundleError::Unsafe(
@@ -205,6 +249,38 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
                 ))
             }
         }
+    }
+    // Links become copies of the regular file they name (following link chains).
+    for (from, mut to) in links.clone() {
+        for _ in 0..16 {
+            match links.iter().find(|(l, _)| *l == to) {
+                Some((_, next)) => to = next.clone(),
+                None => break,
+            }
+        }
+        let source = dest.join(&to);
+        let meta = fs::symlink_metadata(&source).map_err(|_| {
+            BundleError::Unsafe(from.display().to_string(), "link to a missing file")
+        })?;
+        if !meta.is_file() {
+            return Err(BundleError::Unsafe(
+                from.display().to_string(),
+                "links may only name regular files",
+            ));
+        }
+        files += 1;
+        total = total.saturating_add(meta.len());
+        if files > limits.max_files || total > limits.max_total_bytes {
+            return Err(BundleError::TooLarge(format!(
+                "{} files or {} bytes",
+                limits.max_files, limits.max_total_bytes
+            )));
+        }
+        let target = dest.join(&from);
+        if let Some(parent) = target.parent() {
+            ensure_plain_dirs(dest, parent)?;
+        }
+        fs::copy(&source, &target)?;
     }
     Ok((files, total))
 }
@@ -334,6 +410,34 @@ mod tests {
             ]);
             let (_t, r) = run(tag, gz(&tar), Limits::default());
             assert!(matches!(r, Err(BundleError::Unsafe(..))), "{tag}: {r:?}");
+            let tar = tar_with(&[
+                ("lodge.toml", tar::EntryType::Regular, TOML, None),
+                ("up", kind, b"", Some("../../x")),
+            ]);
+            let (_t, r) = run(tag, gz(&tar), Limits::default());
+            assert!(
+                matches!(r, Err(BundleError::Unsafe(..))),
+                "{tag} climbing out: {r:?}"
+            );
+            // A link to a file inside the upload becomes a copy of it.
+            let target = if kind == tar::EntryType::Symlink {
+                "../data/a"
+            } else {
+                "data/a"
+            };
+            let tar = tar_with(&[
+                ("lodge.toml", tar::EntryType::Regular, TOML, None),
+                ("data/a", tar::EntryType::Regular, b"payload", None),
+                ("lib/b", kind, b"", Some(target)),
+            ]);
+            let (t, r) = run(tag, gz(&tar), Limits::default());
+            r.unwrap_or_else(|e| panic!("{tag} inside: {e}"));
+            let copy = t.0.join("out/lib/b");
+            assert_eq!(fs::read(&copy).unwrap(), b"payload");
+            assert!(!fs::symlink_metadata(&copy)
+                .unwrap()
+                .file_type()
+                .is_symlink());
         }
         let tar = tar_with(&[("dev", tar::EntryType::Char, b"", None)]);
         let (_t, r) = run("char", gz(&tar), Limits::default());

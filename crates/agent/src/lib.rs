@@ -4,6 +4,9 @@
 //! here, so a restart re-adopts live processes and reports the ones that died meanwhile.
 
 pub mod bundle;
+pub mod image;
+pub mod metrics;
+pub mod oci;
 pub mod shim;
 pub mod sys;
 
@@ -32,8 +35,22 @@ pub use shim::ExitFile;
 pub trait ControlLink: Send + Sync + 'static {
     /// Live processes assigned to this node (to run, keep running, or stop).
     async fn desired(&self, node_id: &str) -> Result<Vec<ProcessSpec>, String>;
+    /// Just these processes, if live and on this node: what changed since the last look.
+    async fn specs(&self, node_id: &str, ids: &[String]) -> Result<Vec<ProcessSpec>, String> {
+        let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        Ok(self
+            .desired(node_id)
+            .await?
+            .into_iter()
+            .filter(|s| wanted.contains(s.process_id.as_str()))
+            .collect())
+    }
     async fn report(&self, event: AgentEvent);
 }
+
+/// How often the agent compares everything it runs with everything it should run; between
+/// full passes it looks only at the processes it was told about.
+const FULL_RECONCILE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
@@ -60,11 +77,21 @@ pub struct AgentConfig {
     pub exe: PathBuf,
     /// Short unique key of this installation: bridge and cgroup names derive from it.
     pub instance: String,
+    /// How often each running process's CPU, memory, egress and connections are sampled.
+    pub metrics_interval: Duration,
+    /// crun or runc, for builds that are container images; `None` if containers cannot run.
+    pub oci_runtime: Option<PathBuf>,
+    /// Benchmarks only: pretend to run processes (no process, no port, no proxy), so the
+    /// control plane can be measured with tens of thousands of them.
+    pub fake_processes: bool,
 }
 
 impl AgentConfig {
     pub fn process_dir(&self, process_id: &str) -> PathBuf {
         self.data_dir.join("processes").join(process_id)
+    }
+    pub fn image_dir(&self, build_id: &str) -> PathBuf {
+        self.data_dir.join("builds").join(build_id).join(image::DIR)
     }
     pub fn bundle_dir(&self, build_id: &str) -> PathBuf {
         self.data_dir.join("builds").join(build_id).join("bundle")
@@ -97,6 +124,17 @@ struct LocalState {
     targets: Vec<Target>,
     netns: Option<NsState>,
     cgroups: Vec<PathBuf>,
+    /// Set for container processes: how to reach their runtime.
+    #[serde(default)]
+    oci: Option<OciState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OciState {
+    runtime: PathBuf,
+    root: PathBuf,
+    id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +164,7 @@ struct Reservations {
     ports: BTreeSet<u16>,
     ip_indexes: BTreeSet<u32>,
     cursor: u16,
+    ip_cursor: u32,
 }
 
 pub struct Agent {
@@ -136,6 +175,8 @@ pub struct Agent {
     running: Mutex<HashMap<String, Running>>,
     reserved: Mutex<Reservations>,
     wake: Notify,
+    /// Processes the control plane said changed since the last pass.
+    changed: Mutex<Vec<String>>,
     ready: AtomicBool,
     api_forward: Mutex<Option<Route>>,
 }
@@ -165,6 +206,7 @@ impl Agent {
             running: Mutex::default(),
             reserved: Mutex::default(),
             wake: Notify::new(),
+            changed: Mutex::default(),
             ready: AtomicBool::new(false),
             api_forward: Mutex::new(None),
         });
@@ -184,14 +226,27 @@ impl Agent {
         }
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
+            let mut last_full: Option<Instant> = None;
             loop {
                 let Some(agent) = weak.upgrade() else { return };
-                agent.reconcile().await;
+                let changed =
+                    std::mem::take(&mut *agent.changed.lock().unwrap_or_else(|p| p.into_inner()));
+                match last_full {
+                    Some(t) if t.elapsed() < FULL_RECONCILE && !changed.is_empty() => {
+                        agent.reconcile_some(&changed).await;
+                    }
+                    _ => {
+                        agent.reconcile().await;
+                        last_full = Some(Instant::now());
+                    }
+                }
                 agent.ready.store(true, Ordering::Release);
                 let wait = async {
+                    let until_full = FULL_RECONCILE
+                        .saturating_sub(last_full.map_or(FULL_RECONCILE, |t| t.elapsed()));
                     tokio::select! {
                         _ = agent.wake.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = tokio::time::sleep(until_full) => {}
                     }
                 };
                 wait.await;
@@ -209,8 +264,17 @@ impl Agent {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Ask for a reconcile pass now (a process was assigned or should stop).
+    /// Ask for a full reconcile pass now.
     pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A process was assigned here or should stop: look at it now.
+    pub fn wake_for(&self, process_id: &str) {
+        self.changed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(process_id.to_string());
         self.wake.notify_one();
     }
 
@@ -245,6 +309,18 @@ impl Agent {
         sys::Cgroups::remove_group(&self.cfg.cgroup_group());
     }
 
+    /// Start or stop just these processes, as the control plane now wants them.
+    async fn reconcile_some(self: &Arc<Self>, ids: &[String]) {
+        let specs = match self.link.specs(&self.cfg.node_id, ids).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read changed processes");
+                return;
+            }
+        };
+        self.apply(&specs, false);
+    }
+
     async fn reconcile(self: &Arc<Self>) {
         let desired = match self.link.desired(&self.cfg.node_id).await {
             Ok(d) => d,
@@ -253,10 +329,16 @@ impl Agent {
                 return;
             }
         };
+        self.apply(&desired, true);
+    }
+
+    /// Start what should run and is not running, stop what should stop; with `complete`,
+    /// `desired` is everything, and whatever runs outside it is stopped too.
+    fn apply(self: &Arc<Self>, desired: &[ProcessSpec], complete: bool) {
         let mut to_start = Vec::new();
         {
             let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            for spec in &desired {
+            for spec in desired {
                 match running.get(&spec.process_id) {
                     Some(r) if spec.stop && !r.stop_requested.swap(true, Ordering::SeqCst) => {
                         r.stop.notify_one()
@@ -266,7 +348,7 @@ impl Agent {
                 }
             }
             let wanted: BTreeSet<&str> = desired.iter().map(|s| s.process_id.as_str()).collect();
-            for (id, r) in running.iter() {
+            for (id, r) in running.iter().filter(|_| complete) {
                 if !wanted.contains(id.as_str()) && !r.stop_requested.swap(true, Ordering::SeqCst) {
                     tracing::info!(process_id = %id, "process no longer wanted here; stopping it");
                     r.stop.notify_one();
@@ -317,13 +399,25 @@ impl Agent {
         stop_requested: Arc<AtomicBool>,
     ) {
         let id = spec.process_id.clone();
+        if self.cfg.fake_processes {
+            return self.supervise_fake(spec, stop).await;
+        }
         let dir = self.cfg.process_dir(&id);
-        let adopted = self.try_adopt(&spec, &dir).await;
+        let adopted = self.try_adopt(&spec, &dir, &counters).await;
         let (state, mut waiter, routes) = match adopted {
             Adopt::Live(state, routes) => {
                 tracing::info!(process_id = %id, pid = state.game_pid, "re-adopted live process");
+                // The control plane may not have heard of its ports (a crash right after the
+                // start); saying it again is harmless.
+                self.link
+                    .report(AgentEvent::Booted {
+                        process_id: id.clone(),
+                        at: self.now(),
+                        exposed_ports: state.exposed.clone(),
+                    })
+                    .await;
                 let w = Waiter::Pid(state.shim_pid);
-                (state, w, routes)
+                (*state, w, routes)
             }
             Adopt::Ended(exit) => {
                 let failed = !exit.clean() && !spec.stop;
@@ -419,19 +513,20 @@ impl Agent {
         // Run until it exits; a stop request sends SIGTERM, then SIGKILL after the grace period.
         if !exited_early {
             let activity = self.activity_reporter(id.clone(), counters.clone());
+            let sampler = self.metrics_sampler(dir.clone(), state.game_pid, counters.clone());
             tokio::select! {
                 _ = waiter.wait() => {}
                 _ = stop.notified() => {
                     stop_requested.store(true, Ordering::SeqCst);
-                    sys::signal_group(state.game_pid, libc::SIGTERM);
+                    terminate(&state, libc::SIGTERM).await;
                     if tokio::time::timeout(self.cfg.stop_grace, waiter.wait()).await.is_err() {
-                        sys::signal_group(state.game_pid, libc::SIGKILL);
-                        sys::signal(state.game_pid, libc::SIGKILL);
+                        terminate(&state, libc::SIGKILL).await;
                         waiter.wait().await;
                     }
                 }
             }
             activity.abort();
+            sampler.abort();
         }
         let mut exit = exit_info(&dir);
         if timed_out {
@@ -473,6 +568,83 @@ impl Agent {
         })
     }
 
+    /// A pretend process: booted and running at once on made-up ports, ends when stopped.
+    async fn supervise_fake(self: &Arc<Self>, spec: ProcessSpec, stop: Arc<Notify>) {
+        let id = spec.process_id.clone();
+        let (lo, hi) = self.cfg.port_range;
+        let span = u32::from(hi - lo) + 1;
+        let seed = id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let exposed = spec
+            .ports()
+            .enumerate()
+            .map(|(i, p)| ExposedPort {
+                name: p.name.clone(),
+                host: self.cfg.public_host.clone(),
+                port: lo + ((seed.wrapping_add(i as u32)) % span) as u16,
+                transport_type: p.transport_type,
+            })
+            .collect();
+        if !spec.stop {
+            self.link
+                .report(AgentEvent::Booted {
+                    process_id: id.clone(),
+                    at: self.now(),
+                    exposed_ports: exposed,
+                })
+                .await;
+            self.link
+                .report(AgentEvent::Running {
+                    process_id: id.clone(),
+                    at: self.now(),
+                })
+                .await;
+            stop.notified().await;
+        }
+        let exit = ExitInfo {
+            code: Some(0),
+            reason: "exited with code 0".into(),
+        };
+        self.report_exit(&id, exit, false).await;
+    }
+
+    /// Append a metrics sample for the process every `metrics_interval` while it runs.
+    fn metrics_sampler(
+        &self,
+        dir: PathBuf,
+        pid: u32,
+        counters: Arc<Counters>,
+    ) -> tokio::task::JoinHandle<()> {
+        let interval = self.cfg.metrics_interval.max(Duration::from_millis(100));
+        let clock = self.clock.clone();
+        tokio::spawn(async move {
+            let mut last_cpu = tokio::task::spawn_blocking(move || sys::tree_usage(pid).cpu_ns)
+                .await
+                .unwrap_or(0);
+            let mut last_egress = counters.bytes_out.load(Ordering::Relaxed);
+            let mut last_at = Instant::now();
+            loop {
+                tokio::time::sleep(interval).await;
+                let usage = tokio::task::spawn_blocking(move || sys::tree_usage(pid))
+                    .await
+                    .unwrap_or_default();
+                let egress = counters.bytes_out.load(Ordering::Relaxed);
+                let sample = metrics::Sample {
+                    at_ms: clock.now_ms(),
+                    interval_ms: last_at.elapsed().as_millis() as u64,
+                    cpu_ns: usage.cpu_ns.saturating_sub(last_cpu),
+                    rss_bytes: usage.rss_bytes,
+                    egress_bytes: egress.saturating_sub(last_egress),
+                    active_connections: counters.active(),
+                };
+                (last_cpu, last_egress, last_at) = (usage.cpu_ns, egress, Instant::now());
+                let dir = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || metrics::append(&dir, &sample)).await;
+            }
+        })
+    }
+
     async fn finish(
         &self,
         spec: &ProcessSpec,
@@ -483,7 +655,27 @@ impl Agent {
         failed: bool,
     ) {
         drop(routes);
+        let (mut exit, mut failed) = (exit, failed);
         if let Some(state) = &state {
+            // A container runtime reports a signal death as 128 + the signal.
+            if let (Some(_), Some(code)) = (&state.oci, exit.code) {
+                if code > 128 && code < 160 && exit.reason.starts_with("exited with code") {
+                    exit.reason = format!("killed by signal {}", code - 128);
+                }
+            }
+            // The kernel counts out-of-memory kills in the process's memory cgroup: read it
+            // before the cgroup goes.
+            let cgroups = sys::Cgroups {
+                dirs: state.cgroups.clone(),
+            };
+            let killed = exit.code == Some(137) || exit.reason.contains("signal 9");
+            if cgroups.oom_kills() > 0 || (failed && killed && cgroups.memory_limit_hit()) {
+                exit.reason = format!(
+                    "out of memory: it used its whole {} MB memory limit and was killed",
+                    spec.requested_memory_mb
+                );
+                failed = true;
+            }
             self.release(state).await;
         }
         append_log(dir, &format!("[lodge] process {}", exit.reason));
@@ -508,6 +700,9 @@ impl Agent {
     }
 
     async fn release(&self, state: &LocalState) {
+        if let Some(oci) = &state.oci {
+            oci::runtime(&oci.runtime, &oci.root, &["delete", "--force", &oci.id]).await;
+        }
         if let (Some(ns), Some(net)) = (&state.netns, &self.network) {
             if let Err(e) = net.delete_namespace(&ns.name, &ns.veth).await {
                 tracing::warn!(error = %e, ns = %ns.name, "cannot delete network namespace");
@@ -517,6 +712,11 @@ impl Agent {
             dirs: state.cgroups.clone(),
         }
         .destroy();
+        if let Some(oci) = &state.oci {
+            // The runtime made the container's cgroup under ours in every hierarchy.
+            let id = oci.id.trim_start_matches("lodge-");
+            sys::Cgroups::remove_everywhere(&self.cfg.cgroup_group(), id);
+        }
         let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         for t in &state.targets {
             r.ports.remove(&t.public_port);
@@ -526,7 +726,7 @@ impl Agent {
         }
     }
 
-    async fn try_adopt(&self, spec: &ProcessSpec, dir: &Path) -> Adopt {
+    async fn try_adopt(&self, spec: &ProcessSpec, dir: &Path, counters: &Arc<Counters>) -> Adopt {
         let Ok(bytes) = std::fs::read(dir.join("state.json")) else {
             return Adopt::Fresh;
         };
@@ -540,17 +740,25 @@ impl Agent {
                 r.ip_indexes.insert(ns.index);
             }
         }
+        let mut state = state;
+        if state.game_pid == 0 {
+            // Lodge died between starting the shim and hearing the game's pid.
+            state.game_pid = std::fs::read_to_string(dir.join(shim::PID))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0);
+        }
         if sys::alive(state.shim_pid, state.shim_start) {
             let mut routes = Vec::new();
             for t in &state.targets {
-                match self.open_route(t, &Arc::default()).await {
+                match self.open_route(t, counters).await {
                     Ok(r) => routes.push(r),
                     Err(e) => {
                         tracing::warn!(process_id = %spec.process_id, port = t.public_port, error = %e, "cannot reopen public port")
                     }
                 }
             }
-            return Adopt::Live(state, routes);
+            return Adopt::Live(Box::new(state), routes);
         }
         // The shim is gone. If its game server somehow lives on, it is unsupervised: end it.
         if shim::read_exit(dir).is_none() && sys::alive(state.game_pid, None) {
@@ -631,7 +839,22 @@ impl Agent {
         std::fs::create_dir_all(dir)?;
         let _ = std::fs::remove_file(dir.join(shim::EXIT));
         let bundle = self.cfg.bundle_dir(&spec.build_id);
-        let manifest = bundle::Manifest::load(&bundle).map_err(std::io::Error::other)?;
+        let image_dir = self.cfg.image_dir(&spec.build_id);
+        let image = if image_dir.join(image::CONFIG).is_file() {
+            if self.cfg.oci_runtime.is_none() || self.network.is_none() {
+                return Err(std::io::Error::other(
+                    "this build is a container image: running it needs Lodge as root with netns \
+                     isolation and an OCI runtime (apt-get install crun runc)",
+                ));
+            }
+            Some(image::ImageConfig::load(&image_dir).map_err(std::io::Error::other)?)
+        } else {
+            None
+        };
+        let manifest = match &image {
+            Some(_) => None,
+            None => Some(bundle::Manifest::load(&bundle).map_err(std::io::Error::other)?),
+        };
 
         // Network: a namespace of its own (bind the container ports) or the host (bind $PORT).
         let mut netns = None;
@@ -640,7 +863,15 @@ impl Agent {
         if let Some(net) = &self.network {
             let index = {
                 let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-                let i = (1..=sys::Network::MAX_INDEX).find(|i| !r.ip_indexes.contains(i));
+                // Round-robin, so an address just freed is the last to be used again.
+                let max = sys::Network::MAX_INDEX;
+                let start = r.ip_cursor;
+                let i = (0..max)
+                    .map(|k| (start + k) % max + 1)
+                    .find(|i| !r.ip_indexes.contains(i));
+                if let Some(i) = i {
+                    r.ip_cursor = i % max;
+                }
                 let i = i.ok_or_else(|| std::io::Error::other("no free address on the bridge"))?;
                 r.ip_indexes.insert(i);
                 i
@@ -692,6 +923,13 @@ impl Agent {
             sys::Cgroups { dirs: Vec::new() }
         };
 
+        let oci = image.as_ref().and_then(|_| {
+            Some(OciState {
+                runtime: self.cfg.oci_runtime.clone()?,
+                root: self.cfg.data_dir.join("oci"),
+                id: format!("lodge-{}", spec.process_id),
+            })
+        });
         let mut state = LocalState {
             shim_pid: 0,
             shim_start: None,
@@ -700,6 +938,7 @@ impl Agent {
             targets: Vec::new(),
             netns,
             cgroups: cgroups.dirs.clone(),
+            oci,
         };
         let mut routes = Vec::new();
         let result = async {
@@ -719,15 +958,85 @@ impl Agent {
                     transport_type: p.transport_type,
                 });
             }
-            let launch = shim::Launch {
-                argv: expand_argv(&manifest.command, spec, &inner_ports),
-                cwd: bundle.clone(),
-                env: self.environment(spec, &manifest, &state.exposed, &inner_ports),
-                netns: state
-                    .netns
-                    .as_ref()
-                    .map(|n| PathBuf::from(format!("/run/netns/{}", n.name))),
-                cgroup_procs: cgroups.procs_files(),
+            let netns_path = state
+                .netns
+                .as_ref()
+                .map(|n| PathBuf::from(format!("/run/netns/{}", n.name)));
+            let launch = match (&manifest, &image, &state.oci) {
+                (Some(manifest), _, _) => {
+                    let bundle_env: Vec<(String, String)> = manifest
+                        .env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    shim::Launch {
+                        argv: expand_argv(&manifest.command, spec, &inner_ports),
+                        cwd: bundle.clone(),
+                        env: self.environment(
+                            spec,
+                            host_env(),
+                            &bundle_env,
+                            &state.exposed,
+                            &inner_ports,
+                        ),
+                        netns: netns_path,
+                        cgroup_procs: cgroups.procs_files(),
+                    }
+                }
+                (None, Some(image), Some(oci)) => {
+                    let base = image
+                        .env
+                        .iter()
+                        .filter_map(|e| e.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    let env = self.environment(spec, base, &[], &state.exposed, &inner_ports);
+                    let bundle_dir = dir.join("oci");
+                    std::fs::create_dir_all(&bundle_dir)?;
+                    let config = oci::config(&oci::Container {
+                        rootfs: &image_dir.join(image::ROOTFS),
+                        image,
+                        env: &env,
+                        hostname: format!(
+                            "lodge-{}",
+                            &spec.process_id[..spec.process_id.len().min(8)]
+                        ),
+                        netns: netns_path,
+                        cgroups_path: format!(
+                            "/{}/{}/ctr",
+                            self.cfg.cgroup_group(),
+                            spec.process_id
+                        ),
+                    });
+                    std::fs::write(
+                        bundle_dir.join("config.json"),
+                        serde_json::to_vec_pretty(&config).map_err(std::io::Error::other)?,
+                    )?;
+                    std::fs::create_dir_all(&oci.root)?;
+                    // A container of this id left by a crash before its shim was recorded.
+                    let root = oci.root.to_string_lossy().into_owned();
+                    let _ = std::process::Command::new(&oci.runtime)
+                        .args(["--root", &root, "delete", "--force", &oci.id])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                    shim::Launch {
+                        argv: vec![
+                            oci.runtime.to_string_lossy().into_owned(),
+                            "--root".into(),
+                            root,
+                            "run".into(),
+                            "--bundle".into(),
+                            bundle_dir.to_string_lossy().into_owned(),
+                            oci.id.clone(),
+                        ],
+                        cwd: dir.to_path_buf(),
+                        env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
+                        netns: None,
+                        cgroup_procs: Vec::new(),
+                    }
+                }
+                _ => return Err(std::io::Error::other("nothing to run")),
             };
             std::fs::write(
                 dir.join(shim::LAUNCH),
@@ -749,6 +1058,11 @@ impl Agent {
             }
             let mut child = cmd.spawn()?;
             let shim_pid = child.id().unwrap_or(0);
+            // Recorded before anything else can fail or crash: a restart then re-adopts this
+            // shim instead of launching a second copy of the game.
+            state.shim_pid = shim_pid;
+            state.shim_start = sys::start_time(shim_pid);
+            write_state(dir, &state)?;
             let stdout = child
                 .stdout
                 .take()
@@ -758,8 +1072,6 @@ impl Agent {
                 .read_line(&mut line)
                 .await?;
             let game_pid: u32 = line.trim().parse().unwrap_or(0);
-            state.shim_pid = shim_pid;
-            state.shim_start = sys::start_time(shim_pid);
             state.game_pid = game_pid;
             write_state(dir, &state)?;
             Ok::<_, std::io::Error>(Waiter::Child(child))
@@ -790,17 +1102,17 @@ impl Agent {
         Ok((state, waiter, routes))
     }
 
+    /// The environment of a process: `base` (the host's basics, or an image's ENV), Hathora's
+    /// and Lodge's variables, the bundle's `[env]`, then the deployment's env (last wins).
     fn environment(
         &self,
         spec: &ProcessSpec,
-        manifest: &bundle::Manifest,
+        base: Vec<(String, String)>,
+        bundle_env: &[(String, String)],
         exposed: &[ExposedPort],
         inner: &[u16],
     ) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER"]
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-            .collect();
+        let mut env = base;
         if !env.iter().any(|(k, _)| k == "PATH") {
             env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
         }
@@ -851,7 +1163,7 @@ impl Agent {
             }
         };
         set("LODGE_API_URL", api_url);
-        for (k, v) in &manifest.env {
+        for (k, v) in bundle_env {
             set(k, v.clone());
         }
         for e in &spec.env {
@@ -867,6 +1179,31 @@ impl Agent {
         out.reverse();
         out
     }
+}
+
+/// Ask a process to end: through its runtime for containers, by signal to its process group
+/// otherwise.
+async fn terminate(state: &LocalState, sig: i32) {
+    if let Some(oci) = &state.oci {
+        let name = if sig == libc::SIGKILL { "KILL" } else { "TERM" };
+        oci::runtime(&oci.runtime, &oci.root, &["kill", &oci.id, name]).await;
+        if sig == libc::SIGKILL {
+            sys::signal(state.game_pid, libc::SIGKILL);
+        }
+        return;
+    }
+    sys::signal_group(state.game_pid, sig);
+    if sig == libc::SIGKILL {
+        sys::signal(state.game_pid, libc::SIGKILL);
+    }
+}
+
+/// What a native process inherits from Lodge's own environment.
+fn host_env() -> Vec<(String, String)> {
+    ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect()
 }
 
 trait PortInside {
@@ -886,7 +1223,7 @@ impl PortInside for ContainerPort {
 
 enum Adopt {
     Fresh,
-    Live(LocalState, Vec<Route>),
+    Live(Box<LocalState>, Vec<Route>),
     Ended(ExitInfo),
 }
 
@@ -970,4 +1307,66 @@ fn free_local_port(taken: &[u16]) -> std::io::Result<u16> {
         }
     }
     Err(std::io::Error::other("no free local port"))
+}
+
+/// End everything a Lodge left on this machine for `data_dir` (its node state there): every
+/// game server still running (containers through their runtime), their network namespaces and
+/// cgroups, the bridge and the cgroup parents. For a stopped Lodge only: an operator's
+/// uninstall, and test teardown. Returns how many processes it ended.
+pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
+    let cfg_group = format!("lodge-{instance}");
+    let bridge = format!("lodge{}", &instance[..instance.len().min(8)]);
+    let mut ended = 0;
+    let Ok(entries) = std::fs::read_dir(data_dir.join("processes")) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let Ok(bytes) = std::fs::read(e.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_slice::<LocalState>(&bytes) else {
+            continue;
+        };
+        if let Some(oci) = &state.oci {
+            oci::runtime(&oci.runtime, &oci.root, &["kill", &oci.id, "KILL"]).await;
+            oci::runtime(&oci.runtime, &oci.root, &["delete", "--force", &oci.id]).await;
+        }
+        if sys::alive(state.shim_pid, state.shim_start) {
+            ended += 1;
+        }
+        if state.game_pid > 1 {
+            sys::signal_group(state.game_pid, libc::SIGKILL);
+            sys::signal(state.game_pid, libc::SIGKILL);
+        }
+        if state.shim_pid > 1 && sys::alive(state.shim_pid, state.shim_start) {
+            sys::signal(state.shim_pid, libc::SIGKILL);
+        }
+        let cgroups = sys::Cgroups {
+            dirs: state.cgroups.clone(),
+        };
+        tokio::task::spawn_blocking(move || cgroups.destroy())
+            .await
+            .ok();
+        if let Some(ns) = &state.netns {
+            let _ = tokio::process::Command::new("ip")
+                .args(["link", "del", &ns.veth])
+                .stderr(Stdio::null())
+                .status()
+                .await;
+            let _ = tokio::process::Command::new("ip")
+                .args(["netns", "del", &ns.name])
+                .stderr(Stdio::null())
+                .status()
+                .await;
+        }
+        let id = e.file_name().to_string_lossy().into_owned();
+        sys::Cgroups::remove_everywhere(&cfg_group, &id);
+    }
+    let _ = tokio::process::Command::new("ip")
+        .args(["link", "del", &bridge])
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    sys::Cgroups::remove_group(&cfg_group);
+    ended
 }

@@ -49,6 +49,8 @@ impl ExitFile {
 pub const LAUNCH: &str = "launch.json";
 pub const EXIT: &str = "exit.json";
 pub const LOG: &str = "log";
+/// The game server's pid, written by the shim as soon as it started it.
+pub const PID: &str = "pid";
 
 /// Entry point of `lodge shim DIR`. Prints the game server's pid on stdout, then closes stdout.
 pub fn main(dir: &Path) -> io::Result<i32> {
@@ -110,14 +112,17 @@ pub fn main(dir: &Path) -> io::Result<i32> {
                     signal: None,
                 },
             )?;
-            println!("0");
+            let _ = writeln!(io::stdout(), "0");
             return Ok(127);
         }
     };
     drop(netns);
     drop(cgroups);
-    println!("{}", child.id());
-    io::stdout().flush()?;
+    // The pid goes to a file first: if Lodge dies before reading our stdout, it finds the game
+    // there when it re-adopts us. Writing to a closed pipe must not end the shim either.
+    let _ = fs::write(dir.join(PID), child.id().to_string());
+    let _ = writeln!(io::stdout(), "{}", child.id());
+    let _ = io::stdout().flush();
     // Nobody reads our stdout any more; never die of SIGPIPE for it.
     if let Ok(null) = OpenOptions::new().write(true).open("/dev/null") {
         // SAFETY: dup2 onto fd 1 with a valid fd.

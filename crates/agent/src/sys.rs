@@ -58,32 +58,129 @@ pub enum Proto {
     Udp,
 }
 
-/// Whether a socket in the network namespace of `pid` is bound to `port` (TCP: listening).
-/// Reading /proc/PID/net shows the namespace of that process, so this works for isolated and
-/// shared-network processes alike without entering the namespace.
+/// Whether process `pid` (or one of its descendants) holds a socket bound to `port` (TCP:
+/// listening). The socket tables come from /proc/PID/net, which shows the namespace of that
+/// process, so this works for isolated and shared-network processes alike; ownership is then
+/// checked through the processes' file descriptors, so another program's socket on the same
+/// port (in a shared network) never counts.
 pub fn port_bound(pid: u32, port: u16, proto: Proto) -> bool {
+    // Fast path: the process itself, in its own network namespace.
+    let own = sockets_in_netns_of(pid, port, proto);
+    if !own.is_empty() && holds_socket(pid, &own) {
+        return true;
+    }
+    // Its descendants, possibly in other namespaces (a container runtime's container).
+    let tree = descendants(pid);
+    if tree.is_empty() {
+        return false;
+    }
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(fs::read_link(format!("/proc/{pid}/ns/net")).ok());
+    if !own.is_empty() && tree.iter().any(|p| holds_socket(*p, &own)) {
+        return true;
+    }
+    tree.iter().any(|&p| {
+        if !seen.insert(fs::read_link(format!("/proc/{p}/ns/net")).ok()) {
+            return false;
+        }
+        let inodes = sockets_in_netns_of(p, port, proto);
+        !inodes.is_empty()
+            && (holds_socket(pid, &inodes) || tree.iter().any(|q| holds_socket(*q, &inodes)))
+    })
+}
+
+fn sockets_in_netns_of(pid: u32, port: u16, proto: Proto) -> Vec<u64> {
     let files: &[&str] = match proto {
         Proto::Tcp => &["tcp", "tcp6"],
         Proto::Udp => &["udp", "udp6"],
     };
-    files.iter().any(|f| {
-        fs::read_to_string(format!("/proc/{pid}/net/{f}"))
-            .map(|text| table_has_port(&text, port, proto))
-            .unwrap_or(false)
+    files
+        .iter()
+        .filter_map(|f| fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|text| sockets_on_port(&text, port, proto))
+        .collect()
+}
+
+/// Inodes of the sockets of a /proc/net table bound to `port` (TCP: listening).
+fn sockets_on_port(text: &str, port: u16, proto: Proto) -> Vec<u64> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let p = cols
+                .get(1)?
+                .rsplit(':')
+                .next()
+                .and_then(|h| u16::from_str_radix(h, 16).ok());
+            let listening = proto == Proto::Udp || cols.get(3) == Some(&"0A");
+            (p == Some(port) && listening).then(|| cols.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
+fn holds_socket(pid: u32, inodes: &[u64]) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path())
+            .ok()
+            .and_then(|l| {
+                l.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .is_some_and(|i| inodes.contains(&i))
     })
 }
 
-fn table_has_port(text: &str, port: u16, proto: Proto) -> bool {
-    text.lines().skip(1).any(|line| {
-        let mut cols = line.split_whitespace();
-        let local = cols.nth(1).unwrap_or("");
-        let state = cols.nth(1).unwrap_or("");
-        let p = local
-            .rsplit(':')
-            .next()
-            .and_then(|h| u16::from_str_radix(h, 16).ok());
-        p == Some(port) && (proto == Proto::Udp || state == "0A")
-    })
+/// Every live descendant of `root`.
+fn descendants(root: u32) -> Vec<u32> {
+    let parents = proc_parents();
+    parents
+        .keys()
+        .copied()
+        .filter(|&pid| {
+            let mut p = pid;
+            for _ in 0..64 {
+                match parents.get(&p) {
+                    Some(&pp) if pp == root => return true,
+                    Some(&pp) if pp != 0 && pp != p => p = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+/// pid → parent pid of every process.
+fn proc_parents() -> std::collections::HashMap<u32, u32> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(ppid) = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let close = stat.rfind(')')?;
+                stat[close + 2..].split_whitespace().nth(1)?.parse().ok()
+            })
+        {
+            out.insert(pid, ppid);
+        }
+    }
+    out
 }
 
 /// Wait until process `pid` (not necessarily our child) has exited.
@@ -219,9 +316,11 @@ impl Network {
     pub async fn create_namespace(&self, ns: &str, veth: &str, ip: Ipv4Addr) -> io::Result<()> {
         let _ = self.delete_namespace(ns, veth).await;
         run("ip", &["netns", "add", ns]).await?;
+        // The address may have belonged to an ended process: forget its old MAC, or packets
+        // to the new namespace go to a dead veth until the neighbour entry times out.
         let host = format!(
-            "link add {veth} type veth peer name eth0 netns {ns}\nlink set {veth} master {} up\n",
-            self.bridge
+            "link add {veth} type veth peer name eth0 netns {ns}\nlink set {veth} master {bridge} up\nneigh flush to {ip} dev {bridge}\n",
+            bridge = self.bridge
         );
         let inside = format!(
             "addr add {ip}/{} dev eth0\nlink set lo up\nlink set eth0 up\nroute add default via {}\n",
@@ -342,8 +441,12 @@ impl Cgroups {
 
     /// Remove the (empty) per-installation parent groups.
     pub fn remove_group(group: &str) {
-        for c in ["memory", "cpu", "pids", ""] {
-            let _ = fs::remove_dir(Path::new(V1_ROOT).join(c).join(group));
+        let mut roots: Vec<PathBuf> = fs::read_dir(V1_ROOT)
+            .map(|d| d.flatten().map(|h| h.path()).collect())
+            .unwrap_or_default();
+        roots.push(PathBuf::from(V1_ROOT));
+        for c in roots {
+            let _ = fs::remove_dir(c.join(group));
         }
     }
 
@@ -352,6 +455,55 @@ impl Cgroups {
     }
 
     /// SIGKILL everything still in the cgroups, then remove them.
+    /// Out-of-memory kills the kernel counted in the memory cgroup (v1 `memory.oom_control`,
+    /// v2 `memory.events`).
+    pub fn oom_kills(&self) -> u64 {
+        self.dirs
+            .iter()
+            .filter_map(|d| {
+                fs::read_to_string(d.join("memory.oom_control"))
+                    .or_else(|_| fs::read_to_string(d.join("memory.events")))
+                    .ok()
+            })
+            .filter_map(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    /// Whether memory use ever reached the limit (v1 `memory.failcnt`, v2 `memory.events`
+    /// `max`): with an unexplained SIGKILL, the mark of an out-of-memory kill in a child
+    /// cgroup (cgroup v1 counts the kill itself only in the victim's own group).
+    pub fn memory_limit_hit(&self) -> bool {
+        self.dirs.iter().any(|d| {
+            fs::read_to_string(d.join("memory.failcnt"))
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+                || fs::read_to_string(d.join("memory.events")).is_ok_and(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("max ")?.trim().parse::<u64>().ok())
+                        .is_some_and(|n| n > 0)
+                })
+        })
+    }
+
+    /// Remove `<hierarchy>/<group>/<id>` (and a nested `ctr`) in every cgroup v1 hierarchy and
+    /// on cgroup2: what an OCI runtime made below the agent's own groups.
+    pub fn remove_everywhere(group: &str, id: &str) {
+        let Ok(hierarchies) = fs::read_dir(V1_ROOT) else {
+            return;
+        };
+        let mut roots: Vec<PathBuf> = hierarchies.flatten().map(|h| h.path()).collect();
+        roots.push(PathBuf::from(V1_ROOT));
+        for h in roots {
+            let dir = h.join(group).join(id);
+            let _ = fs::remove_dir(dir.join("ctr"));
+            let _ = fs::remove_dir(&dir);
+        }
+    }
+
     pub fn destroy(&self) {
         for d in &self.dirs {
             if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
@@ -377,15 +529,39 @@ mod tests {
 
     #[test]
     fn parses_proc_net_tables() {
-        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1\n";
-        assert!(table_has_port(tcp, 7777, Proto::Tcp));
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1\n   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 77 1\n";
+        assert_eq!(sockets_on_port(tcp, 7777, Proto::Tcp), vec![4242]);
         assert!(
-            !table_has_port(tcp, 8080, Proto::Tcp),
+            sockets_on_port(tcp, 8080, Proto::Tcp).is_empty(),
             "established, not listening"
         );
-        let udp = "  sl  local_address rem_address   st\n  10: 00000000:1E61 00000000:0000 07 00000000:00000000\n";
-        assert!(table_has_port(udp, 7777, Proto::Udp));
-        assert!(!table_has_port(udp, 7778, Proto::Udp));
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n  10: 00000000:1E61 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 99 2\n";
+        assert_eq!(sockets_on_port(udp, 7777, Proto::Udp), vec![99]);
+        assert!(sockets_on_port(udp, 7778, Proto::Udp).is_empty());
+    }
+
+    #[test]
+    fn a_port_counts_only_when_the_process_tree_owns_its_socket() {
+        let me = std::process::id();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (u, t) = (
+            udp.local_addr().unwrap().port(),
+            tcp.local_addr().unwrap().port(),
+        );
+        assert!(port_bound(me, u, Proto::Udp));
+        assert!(port_bound(me, t, Proto::Tcp));
+        // A socket of this process is not bound by pid 1's tree... unless pid 1 is our
+        // ancestor, which it is: so check a sibling instead, a child that binds nothing.
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(!port_bound(child.id(), u, Proto::Udp));
+        assert!(!port_bound(child.id(), t, Proto::Tcp));
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]
@@ -402,4 +578,65 @@ mod tests {
         let out = "2: eth0    inet 10.0.2.15/24 brd 10.0.2.255 scope global eth0\n";
         assert_eq!(parse_inet(out), vec![Ipv4Addr::new(10, 0, 2, 15)]);
     }
+}
+
+/// CPU time (nanoseconds, user + system) and resident memory (bytes) of a process and all of
+/// its descendants, read from /proc.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeUsage {
+    pub cpu_ns: u64,
+    pub rss_bytes: u64,
+}
+
+pub fn tree_usage(root: u32) -> TreeUsage {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    // SAFETY: as above.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let mut parent = std::collections::HashMap::new();
+    let mut usage = std::collections::HashMap::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return TreeUsage::default();
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // Fields after the command: state(3) ppid(4) ... utime(14) stime(15) ... rss(24).
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        parent.insert(pid, num(1) as u32);
+        usage.insert(
+            pid,
+            ((num(11) + num(12)) * 1_000_000_000 / ticks, num(21) * page),
+        );
+    }
+    let mut total = TreeUsage::default();
+    for (&pid, &(cpu, rss)) in &usage {
+        let mut p = pid;
+        for _ in 0..64 {
+            if p == root {
+                total.cpu_ns += cpu;
+                total.rss_bytes += rss;
+                break;
+            }
+            match parent.get(&p) {
+                Some(&pp) if pp != 0 && pp != p => p = pp,
+                _ => break,
+            }
+        }
+    }
+    total
 }

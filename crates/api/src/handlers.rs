@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -12,7 +12,7 @@ use lodge_model::wire::{self, DeploymentV3, PatchAppConfig};
 use lodge_model::{ProcessStatus, Region};
 use serde_json::json;
 
-use crate::{base_url, invalid, is_ready, logs, ApiResult, AppState, Body, Dev, QueryPairs};
+use crate::{base_url, invalid, is_ready, logs, ApiResult, AppState, Body, Dev, Path, QueryPairs};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -39,7 +39,12 @@ pub fn routes() -> Router<AppState> {
             "/builds/v3/builds/{build_id}",
             get(get_build).delete(delete_build),
         )
+        .route("/builds/v3/builds/registry", post(create_build_registry))
         .route("/builds/v3/builds/{build_id}/run", post(run_build))
+        .route(
+            "/builds/v3/builds/{build_id}/runRegistry",
+            post(run_build_registry),
+        )
         .route(
             "/uploads/{build_id}/parts/{part}",
             put(put_part).layer(DefaultBodyLimit::disable()),
@@ -77,6 +82,14 @@ pub fn routes() -> Router<AppState> {
             "/processes/v3/apps/{app_id}/processes/{process_id}/stop",
             post(stop_process),
         )
+        .route(
+            "/processes/v3/apps/{app_id}/processes/process/{process_id}/metrics",
+            get(process_metrics),
+        )
+        .route(
+            "/metrics/v1/{app_id}/process/{process_id}",
+            get(process_metrics_v1),
+        )
         .route("/rooms/v2/{app_id}/create", post(create_room))
         .route("/rooms/v2/{app_id}/info/{room_id}", get(get_room))
         .route(
@@ -105,6 +118,8 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/discovery/v2/ping", get(ping_endpoints))
         .route("/discovery/v1/ping", get(ping_endpoints))
+        .route("/discovery/v1/ping/", get(ping_endpoints))
+        .route("/discovery/v2/ping/", get(ping_endpoints))
 }
 
 fn created<T: serde::Serialize>(v: T) -> Response {
@@ -362,26 +377,74 @@ async fn run_build(
     Path(b): Path<String>,
 ) -> ApiResult<Response> {
     let rx = s.control.run_build(&c, q.get("orgId"), &b).await?;
+    Ok(log_stream(rx))
+}
+
+async fn create_build_registry(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+    crate::OptBody(p): crate::OptBody<wire::CreateBuildV3Params>,
+) -> ApiResult<Response> {
+    let p = p.unwrap_or(wire::CreateBuildV3Params {
+        build_id: None,
+        build_tag: None,
+    });
+    Ok(created(
+        s.control
+            .create_build_registry(&c, q.get("orgId"), p)
+            .await?,
+    ))
+}
+
+async fn run_build_registry(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    q: QueryPairs,
+    Path(b): Path<String>,
+    Body(cfg): Body<wire::RegistryConfig>,
+) -> ApiResult<Response> {
+    let rx = s
+        .control
+        .run_build_registry(&c, q.get("orgId"), &b, cfg)
+        .await?;
+    Ok(log_stream(rx))
+}
+
+/// A build log as the streamed `application/octet-stream` body RunBuild answers with.
+fn log_stream(rx: lodge_control::BuildLog) -> Response {
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let stream = futures_util::StreamExt::map(stream, |line| {
         Ok::<_, std::io::Error>(bytes::Bytes::from(line))
     });
-    Ok((
+    (
         [(header::CONTENT_TYPE, "application/octet-stream")],
         axum::body::Body::from_stream(stream),
     )
-        .into_response())
+        .into_response()
 }
 
 async fn put_part(
     State(s): State<AppState>,
     Path((b, part)): Path<(String, String)>,
     q: QueryPairs,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
     let part: u32 = part
         .parse()
         .map_err(|_| invalid(format!("invalid part number '{part}'")))?;
+    let signature = q.get("signature").unwrap_or("");
+    // Authenticate before reading, and never read more than a part may hold.
+    let limit = s.control.part_limit(&b, part, signature).await?;
+    let body = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|_| {
+            crate::ApiFailure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a part may hold at most {limit} bytes"),
+                None,
+            )
+        })?;
     let etag = s
         .control
         .put_part(&b, part, q.get("signature").unwrap_or(""), &body)
@@ -454,6 +517,11 @@ async fn get_deployment(
 
 fn process_filter(q: &QueryPairs) -> ApiResult<lodge_control::ProcessFilter> {
     let before: Option<f64> = q.parse_opt("before")?;
+    if before.is_some_and(|b| !b.is_finite()) {
+        return Err(invalid(
+            "before must be a finite number (epoch milliseconds)",
+        ));
+    }
     Ok(lodge_control::ProcessFilter {
         statuses: q.parse_all("status")?,
         regions: q.parse_all("region")?,
@@ -603,4 +671,107 @@ async fn update_room_config(
         .update_room_config(&c, &app, &r, &p.room_config)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// --- metrics ---------------------------------------------------------------------------------
+
+/// The `metrics`, `start`, `end`, `step` query of both metrics endpoints; the names are mapped
+/// to v3's by `to_v3` (identity for v3, snake_case for v1).
+fn metrics_query(
+    q: &QueryPairs,
+    now_s: i64,
+    to_v3: fn(&str) -> Option<&'static str>,
+) -> ApiResult<(Vec<&'static str>, lodge_control::MetricsQuery)> {
+    let finite = |key: &str| -> ApiResult<Option<f64>> {
+        match q.parse_opt::<f64>(key)? {
+            Some(v) if !v.is_finite() => Err(invalid(format!("{key} must be a finite number"))),
+            v => Ok(v),
+        }
+    };
+    let end = finite("end")?.map_or(now_s, |v| v as i64);
+    let start = finite("start")?.map_or(end - 3600, |v| v as i64);
+    let step = finite("step")?.map_or(60, |v| v as i64);
+    let mut names = Vec::new();
+    for m in q
+        .all("metrics")
+        .flat_map(|v| v.split(','))
+        .filter(|v| !v.is_empty())
+    {
+        names.push(to_v3(m).ok_or_else(|| invalid(format!("unknown metric '{m}'")))?);
+    }
+    if names.is_empty() {
+        names = METRICS.iter().map(|(v3, _)| *v3).collect();
+    }
+    Ok((names, lodge_control::MetricsQuery { start, end, step }))
+}
+
+/// v3 names and their legacy (v1) spellings.
+const METRICS: &[(&str, &str)] = &[
+    ("cpu", "cpu"),
+    ("memory", "memory"),
+    ("rateEgress", "rate_egress"),
+    ("totalEgress", "total_egress"),
+    ("activeConnections", "active_connections"),
+];
+
+fn series_json(
+    series: &lodge_control::MetricSeries,
+    names: &[&'static str],
+    v1: bool,
+) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (v3, legacy) in METRICS {
+        if !names.contains(v3) {
+            continue;
+        }
+        let points = match *v3 {
+            "cpu" => &series.cpu,
+            "memory" => &series.memory,
+            "rateEgress" => &series.rate_egress,
+            "totalEgress" => &series.total_egress,
+            _ => &series.active_connections,
+        };
+        let key = if v1 { *legacy } else { *v3 };
+        let values: Vec<_> = points
+            .iter()
+            .map(|(t, v)| json!({"timestamp": t, "value": v}))
+            .collect();
+        out.insert(key.to_string(), json!(values));
+    }
+    serde_json::Value::Object(out)
+}
+
+fn metric_v3(name: &str) -> Option<&'static str> {
+    // GPU metrics exist on the wire but Lodge has no GPUs: asked for, they are simply absent.
+    METRICS
+        .iter()
+        .map(|(v3, _)| *v3)
+        .chain(["gpuMemory", "gpuUtilization"])
+        .find(|v3| *v3 == name)
+}
+
+fn metric_v1(name: &str) -> Option<&'static str> {
+    METRICS.iter().find(|(_, l)| *l == name).map(|(v3, _)| *v3)
+}
+
+async fn process_metrics(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, pid)): Path<(String, String)>,
+    q: QueryPairs,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (names, query) = metrics_query(&q, s.control.now() / 1000, metric_v3)?;
+    let series = s.control.process_metrics(&c, &app, &pid, query).await?;
+    Ok(Json(series_json(&series, &names, false)))
+}
+
+async fn process_metrics_v1(
+    State(s): State<AppState>,
+    Dev(c): Dev,
+    Path((app, pid)): Path<(String, String)>,
+    q: QueryPairs,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (names, query) = metrics_query(&q, s.control.now() / 1000, metric_v1)?;
+    let series = s.control.process_metrics(&c, &app, &pid, query).await?;
+    Ok(Json(series_json(&series, &names, true)))
 }

@@ -2,7 +2,10 @@
 //! Handlers are thin: parse, authenticate, call the control plane, shape the answer.
 
 mod handlers;
+mod legacy;
 mod logs;
+mod multipart;
+mod players;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,35 +31,45 @@ pub struct AppState {
 
 /// An error as the SDKs expect it: a status and `{"message"}`.
 #[derive(Debug)]
-pub struct ApiFailure(pub StatusCode, pub String);
+pub struct ApiFailure(pub StatusCode, pub String, pub Option<u64>);
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        (self.0, Json(ApiError { message: self.1 })).into_response()
+        let mut res = (self.0, Json(ApiError { message: self.1 })).into_response();
+        if let Some(secs) = self.2 {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
     }
 }
 
 impl From<Error> for ApiFailure {
     fn from(e: Error) -> Self {
+        if let Error::RateLimited(m, secs) = e {
+            return ApiFailure(StatusCode::TOO_MANY_REQUESTS, m, Some(secs));
+        }
         let status = match &e {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Gone(_) => StatusCode::GONE,
+            Error::NoCapacity(_) => StatusCode::PAYMENT_REQUIRED,
+            Error::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        ApiFailure(status, e.to_string())
+        ApiFailure(status, e.to_string(), None)
     }
 }
 
 pub type ApiResult<T> = Result<T, ApiFailure>;
 
 pub(crate) fn invalid(msg: impl Into<String>) -> ApiFailure {
-    ApiFailure(StatusCode::UNPROCESSABLE_ENTITY, msg.into())
+    ApiFailure(StatusCode::UNPROCESSABLE_ENTITY, msg.into(), None)
 }
 
 /// A developer-token caller.
@@ -90,6 +103,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
                 ApiFailure(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read request body: {e}"),
+                    None,
                 )
             })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -98,6 +112,49 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| invalid(format!("invalid request body: {e}")))
+    }
+}
+
+/// An optional JSON body: absent or blank (whatever the content type) is `None`.
+pub struct OptBody<T>(pub Option<T>);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for OptBody<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                ApiFailure(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read request body: {e}"),
+                    None,
+                )
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptBody(None));
+        }
+        serde_json::from_slice(&bytes)
+            .map(|v| OptBody(Some(v)))
+            .map_err(|e| invalid(format!("invalid request body: {e}")))
+    }
+}
+
+/// Path parameters; a segment that cannot be decoded is a 400 with our error shape.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => Err(ApiFailure(StatusCode::BAD_REQUEST, e.body_text(), None)),
+        }
     }
 }
 
@@ -221,16 +278,20 @@ pub(crate) fn base_url(headers: &HeaderMap) -> String {
 
 pub fn router(state: AppState) -> axum::Router {
     handlers::routes()
+        .merge(players::routes())
+        .merge(legacy::routes())
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiFailure(
                 StatusCode::NOT_FOUND,
                 format!("No such endpoint: {method} {}", uri.path()),
+                None,
             )
         })
         .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiFailure(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not allowed on {}", uri.path()),
+                None,
             )
         })
         .layer(axum::middleware::from_fn(cors))

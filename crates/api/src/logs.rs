@@ -4,13 +4,13 @@ use std::io::SeekFrom;
 use std::path::Path as FsPath;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::{invalid, ApiFailure, ApiResult, AppState, Dev, QueryPairs};
+use crate::{invalid, ApiFailure, ApiResult, AppState, Dev, Path, QueryPairs};
 
 /// Never read more than this from the end of a log to find the last lines.
 const TAIL_WINDOW: u64 = 8 << 20;
@@ -124,7 +124,11 @@ pub async fn download(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Ok(octet_stream(axum::body::Body::empty()))
         }
-        Err(e) => Err(ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => Err(ApiFailure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            None,
+        )),
     }
 }
 

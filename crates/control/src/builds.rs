@@ -64,10 +64,39 @@ impl Control {
                 self.cfg.max_build_bytes
             )));
         }
-        if let Some(tag) = &p.build_tag {
+        let chunk = self.cfg.max_chunk_size;
+        let upload = UploadSession {
+            size,
+            max_chunk_size: chunk,
+            parts: size.div_ceil(chunk) as u32,
+            secret: id::secret_hex(),
+            completed: false,
+        };
+        let build = self
+            .new_build(caller, org, p.build_id, p.build_tag, Some(upload))
+            .await?;
+        let (upload_parts, complete_upload_post_request_url) = Self::upload_urls(&build, &target);
+        Ok(CreatedBuildV3WithMultipartUrls {
+            build: (&build).into(),
+            upload_parts,
+            max_chunk_size: chunk,
+            complete_upload_post_request_url,
+        })
+    }
+
+    /// Validate and store a new build record (status `created`).
+    pub(crate) async fn new_build(
+        &self,
+        caller: &Caller,
+        org: String,
+        build_id: Option<String>,
+        build_tag: Option<String>,
+        upload: Option<UploadSession>,
+    ) -> Result<Build> {
+        if let Some(tag) = &build_tag {
             validate::max_len("buildTag", tag, 1000).map_err(Error::Invalid)?;
         }
-        let build_id = match p.build_id {
+        let build_id = match build_id {
             Some(b) => {
                 validate::room_id(&b)
                     .map_err(|m| Error::Invalid(m.replace("roomId", "buildId")))?;
@@ -75,10 +104,8 @@ impl Control {
             }
             None => id::build_id(),
         };
-        let chunk = self.cfg.max_chunk_size;
-        let parts = size.div_ceil(chunk) as u32;
         let build = Build {
-            build_id: build_id.clone(),
+            build_id,
             org_id: org,
             created_by: caller.name.clone(),
             created_at: self.now(),
@@ -87,26 +114,28 @@ impl Control {
             started_at: None,
             finished_at: None,
             deleted_at: None,
-            build_tag: p.build_tag,
+            build_tag,
             content_hash: None,
-            upload: Some(UploadSession {
-                size,
-                max_chunk_size: chunk,
-                parts,
-                secret: id::secret_hex(),
-                completed: false,
-            }),
+            upload,
         };
         self.store.insert_build(&build).await?;
-        let secret = build
+        Ok(build)
+    }
+
+    /// The presigned part URLs and completion URL of a build's multipart upload.
+    pub(crate) fn upload_urls(
+        build: &Build,
+        target: &UploadTarget<'_>,
+    ) -> (Vec<UploadPart>, String) {
+        let (parts, secret) = build
             .upload
             .as_ref()
-            .map(|u| u.secret.clone())
+            .map(|u| (u.parts, u.secret.clone()))
             .unwrap_or_default();
         let base = target.base_url.trim_end_matches('/');
-        Ok(CreatedBuildV3WithMultipartUrls {
-            build: (&build).into(),
-            upload_parts: (1..=parts)
+        let build_id = &build.build_id;
+        (
+            (1..=parts)
                 .map(|n| UploadPart {
                     part_number: n,
                     put_request_url: format!(
@@ -114,11 +143,8 @@ impl Control {
                     ),
                 })
                 .collect(),
-            max_chunk_size: chunk,
-            complete_upload_post_request_url: format!(
-                "{base}/uploads/{build_id}/complete?signature={secret}"
-            ),
-        })
+            format!("{base}/uploads/{build_id}/complete?signature={secret}"),
+        )
     }
 
     /// The build an upload URL refers to, if the signature matches and it still takes uploads.
@@ -130,7 +156,7 @@ impl Control {
         let build = self.store.build(build_id).await?;
         match build {
             Some(b) if b.deleted_at.is_none() => match b.upload.clone() {
-                Some(u) if u.secret == signature => {
+                Some(u) if crate::tokens::same(&u.secret, signature) => {
                     if b.status != BuildStatus::Created {
                         return Err(Error::BadRequest(format!(
                             "build {build_id} no longer accepts uploads"
@@ -142,6 +168,19 @@ impl Control {
             },
             _ => Err(Error::NotFound(format!("Build not found: {build_id}"))),
         }
+    }
+
+    /// Check an upload URL before its body is read: the signature, the part number. Returns
+    /// the most bytes the part may hold.
+    pub async fn part_limit(&self, build_id: &str, part: u32, signature: &str) -> Result<u64> {
+        let (_, u) = self.upload_session(build_id, signature).await?;
+        if part == 0 || part > u.parts {
+            return Err(Error::BadRequest(format!(
+                "part number must be 1 to {}",
+                u.parts
+            )));
+        }
+        Ok(u.max_chunk_size)
     }
 
     /// Store one part; returns its ETag (quoted, as S3 does).
@@ -227,6 +266,44 @@ impl Control {
         org_id: Option<&str>,
         build_id: &str,
     ) -> Result<BuildLog> {
+        self.run_build_from(caller, org_id, build_id, None).await
+    }
+
+    /// CreateBuildRegistry: a build record with no upload; RunBuildRegistry fills it.
+    pub async fn create_build_registry(
+        &self,
+        caller: &Caller,
+        org_id: Option<&str>,
+        p: lodge_model::wire::CreateBuildV3Params,
+    ) -> Result<BuildV3> {
+        let org = self.org_of(caller, org_id)?;
+        let b = self
+            .new_build(caller, org, p.build_id, p.build_tag, None)
+            .await?;
+        Ok((&b).into())
+    }
+
+    /// RunBuildRegistry: pull the image, streaming progress; the result is in GetBuild.
+    pub async fn run_build_registry(
+        self: &std::sync::Arc<Self>,
+        caller: &Caller,
+        org_id: Option<&str>,
+        build_id: &str,
+        cfg: lodge_model::wire::RegistryConfig,
+    ) -> Result<BuildLog> {
+        crate::registry::parse_reference(&cfg.image, cfg.registry_url.as_deref())
+            .map_err(Error::Invalid)?;
+        self.run_build_from(caller, org_id, build_id, Some(cfg))
+            .await
+    }
+
+    async fn run_build_from(
+        self: &std::sync::Arc<Self>,
+        caller: &Caller,
+        org_id: Option<&str>,
+        build_id: &str,
+        registry: Option<lodge_model::wire::RegistryConfig>,
+    ) -> Result<BuildLog> {
         let mut build = self.build_of(caller, org_id, build_id).await?;
         if build.status != BuildStatus::Created {
             return Err(Error::BadRequest(format!(
@@ -236,7 +313,15 @@ impl Control {
         }
         build.status = BuildStatus::Running;
         build.started_at = Some(self.now());
-        self.store.update_build(&build).await?;
+        if !self
+            .store
+            .update_build_if(&build, BuildStatus::Created)
+            .await?
+        {
+            return Err(Error::BadRequest(format!(
+                "build {build_id} is already being run"
+            )));
+        }
         let (tx, rx) = mpsc::channel(64);
         let control = self.clone();
         tokio::spawn(async move {
@@ -246,7 +331,13 @@ impl Control {
                     let _ = tx.send(line + "\n").await;
                 }
             };
-            let result = control.do_build(&build, &say).await;
+            let result = match &registry {
+                Some(cfg) => control
+                    .pull_image(&build.build_id, cfg, &say)
+                    .await
+                    .map(|(size, digest)| (size, digest.unwrap_or_default())),
+                None => control.do_build(&build, &say).await,
+            };
             let (status, size, hash) = match result {
                 Ok((size, hash)) => {
                     say(format!("build {} succeeded", build.build_id)).await;
@@ -281,7 +372,16 @@ impl Control {
     {
         let dir = self.build_dir(&build.build_id);
         let archive = dir.join("archive");
-        let upload = build.upload.clone().ok_or("this build has no upload")?;
+        let upload = build.upload.clone().unwrap_or(UploadSession {
+            size: 0,
+            max_chunk_size: 0,
+            parts: 0,
+            secret: String::new(),
+            completed: false,
+        });
+        if !archive.exists() && upload.parts == 0 {
+            return Err("no build archive was uploaded for this build".into());
+        }
         if !archive.exists() {
             // Clients that skipped the completion call: assemble whatever parts arrived.
             let have: Vec<u32> = (1..=upload.parts)
@@ -298,51 +398,118 @@ impl Control {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let bytes = tokio::fs::read(&archive).await.map_err(|e| e.to_string())?;
-        say(format!("received {} bytes", bytes.len())).await;
-        if bytes.len() as u64 != upload.size {
+        let a = archive.clone();
+        let (len, hash) = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&a)?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut len = 0u64;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                len += n as u64;
+            }
+            Ok((len, hex(&h.finalize())))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        say(format!("received {len} bytes")).await;
+        if upload.size > 0 && len != upload.size {
             say(format!(
-                "warning: buildSizeInBytes was {} but {} bytes were uploaded",
-                upload.size,
-                bytes.len()
+                "warning: buildSizeInBytes was {} but {len} bytes were uploaded",
+                upload.size
             ))
             .await;
         }
-        let hash = hex(&Sha256::digest(&bytes));
-        drop(bytes);
         say(format!("sha256 {hash}")).await;
-        say("unpacking bundle".into()).await;
-        let dest = dir.join("bundle");
-        let staging = dir.join("bundle.tmp");
+        say("unpacking the upload".into()).await;
+        let staging = dir.join("upload.tmp");
         let _ = tokio::fs::remove_dir_all(&staging).await;
         let (a, s) = (archive.clone(), staging.clone());
-        let unpacked =
-            tokio::task::spawn_blocking(move || bundle::unpack(&a, &s, bundle::Limits::default()))
-                .await
-                .map_err(|e| e.to_string())?;
-        let unpacked = match unpacked {
+        let unpacked = tokio::task::spawn_blocking(move || {
+            bundle::unpack_archive(&a, &s, bundle::Limits::default())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let (files, bytes) = match unpacked {
             Ok(u) => u,
             Err(e) => {
                 let _ = tokio::fs::remove_dir_all(&staging).await;
                 return Err(e.to_string());
             }
         };
+        say(format!("unpacked {files} files, {bytes} bytes")).await;
+        let result = if staging.join(bundle::MANIFEST).is_file() {
+            self.finish_native(&dir, &staging, bytes, say).await
+        } else if staging.join("Dockerfile").is_file() {
+            self.build_dockerfile(&build.build_id, &staging, say).await
+        } else if lodge_agent::image::is_image_layout(&staging) {
+            say("the upload is an image archive; importing it".into()).await;
+            self.import_image(&build.build_id, &staging, say).await
+        } else {
+            Err(bundle::BundleError::NoManifest {
+                hint: " (nor a Dockerfile, nor an OCI image layout or docker archive)",
+            }
+            .to_string())
+        };
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        let _ = tokio::fs::remove_file(&archive).await;
+        let (size, digest) = result?;
+        Ok((size, digest.unwrap_or(hash)))
+    }
+
+    /// A native bundle: check `lodge.toml` and keep the unpacked tree as the build's bundle.
+    async fn finish_native<F, Fut>(
+        &self,
+        dir: &std::path::Path,
+        staging: &std::path::Path,
+        bytes: u64,
+        say: &F,
+    ) -> std::result::Result<(u64, Option<String>), String>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let manifest = bundle::Manifest::load(staging).map_err(|e| e.to_string())?;
+        let dest = dir.join("bundle");
         let _ = tokio::fs::remove_dir_all(&dest).await;
-        tokio::fs::rename(&staging, &dest)
+        tokio::fs::rename(staging, &dest)
             .await
             .map_err(|e| e.to_string())?;
         say(format!(
-            "unpacked {} files, {} bytes",
-            unpacked.files, unpacked.bytes
+            "native bundle; command: {}",
+            manifest.command.join(" ")
         ))
         .await;
-        say(format!("command: {}", unpacked.manifest.command.join(" "))).await;
-        if !unpacked.manifest.env.is_empty() {
-            let names: Vec<&str> = unpacked.manifest.env.keys().map(String::as_str).collect();
+        if !manifest.env.is_empty() {
+            let names: Vec<&str> = manifest.env.keys().map(String::as_str).collect();
             say(format!("env: {}", names.join(", "))).await;
         }
-        let _ = tokio::fs::remove_file(&archive).await;
-        Ok((unpacked.bytes, hash))
+        Ok((bytes, None))
+    }
+
+    /// Builds left `running` by a previous run of this server (killed mid-build) can never
+    /// finish: mark them failed.
+    pub async fn fail_interrupted_builds(&self) -> Result<usize> {
+        let mut n = 0;
+        for org in self.store.orgs().await? {
+            for mut b in self.store.builds(&org.org_id).await? {
+                if b.status == BuildStatus::Running {
+                    b.status = BuildStatus::Failed;
+                    b.finished_at = Some(self.now());
+                    if self.store.update_build_if(&b, BuildStatus::Running).await? {
+                        tracing::warn!(build_id = %b.build_id, "build was interrupted by a restart; marked failed");
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
     }
 
     pub async fn get_build(

@@ -6,7 +6,12 @@
 mod apps;
 mod builds;
 mod deployments;
+mod images;
+pub mod jwt;
+mod legacy;
 mod nodes;
+mod players;
+pub mod registry;
 mod rooms;
 mod tokens;
 
@@ -20,7 +25,10 @@ use lodge_store::{Store, StoreError};
 
 pub use builds::{BuildLog, UploadTarget};
 pub use deployments::DeploymentFilter;
-pub use rooms::ProcessFilter;
+pub use legacy::{ApplicationV1, CreatedLegacyBuild, LegacyUpload};
+pub use lodge_agent::metrics::Series as MetricSeries;
+pub use players::NewLobby;
+pub use rooms::{MetricsQuery, ProcessFilter};
 pub use tokens::Caller;
 
 /// A use-case failure, mapped by the API to a status and `{"message"}`.
@@ -38,6 +46,12 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     Gone(String),
+    /// Out of capacity (402, Hathora's status for quota on room and process creation).
+    #[error("{0}")]
+    NoCapacity(String),
+    /// Too many requests; retry after this many seconds (429 with `Retry-After`).
+    #[error("{0}")]
+    RateLimited(String, u64),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -69,6 +83,15 @@ pub struct ControlConfig {
     pub reap_interval: Duration,
     pub max_chunk_size: u64,
     pub max_build_bytes: u64,
+    /// Lobbies one player may create per app within `lobby_rate_window`.
+    pub lobby_rate_limit: u32,
+    pub lobby_rate_window: Duration,
+    /// Google's signing keys for LoginGoogle: a URL or a JWKS file.
+    pub google_jwks: String,
+    /// The daemonless image builder run for Dockerfile builds (buildah's command line).
+    pub image_builder: String,
+    /// How long the logs and metrics of ended processes are kept.
+    pub retention: Duration,
 }
 
 impl ControlConfig {
@@ -80,6 +103,11 @@ impl ControlConfig {
             reap_interval: Duration::from_secs(5),
             max_chunk_size: 32 << 20,
             max_build_bytes: 4 << 30,
+            lobby_rate_limit: 10,
+            lobby_rate_window: Duration::from_secs(3600),
+            google_jwks: jwt::GOOGLE_JWKS.into(),
+            image_builder: "buildah".into(),
+            retention: Duration::from_secs(72 * 3600),
         }
     }
 }
@@ -91,6 +119,9 @@ pub struct Control {
     /// Nodes whose agent runs in this process.
     local_agents: RwLock<Vec<Arc<Agent>>>,
     metrics: Metrics,
+    jwks: jwt::JwksSource,
+    /// The default org, once known (it never changes).
+    default_org: std::sync::OnceLock<Org>,
 }
 
 /// Counters for `/metrics`.
@@ -108,6 +139,8 @@ impl Control {
         Arc::new(Self {
             store,
             clock,
+            jwks: jwt::JwksSource::new(cfg.google_jwks.clone()),
+            default_org: std::sync::OnceLock::new(),
             cfg,
             local_agents: RwLock::default(),
             metrics: Metrics::default(),
@@ -132,8 +165,11 @@ impl Control {
 
     /// Create the default org on first start and return it.
     pub async fn bootstrap(&self) -> Result<Org> {
+        if let Some(org) = self.default_org.get() {
+            return Ok(org.clone());
+        }
         if let Some(org) = self.store.orgs().await?.into_iter().next() {
-            return Ok(org);
+            return Ok(self.default_org.get_or_init(|| org).clone());
         }
         let org = Org {
             org_id: lodge_model::id::org_id(),

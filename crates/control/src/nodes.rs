@@ -34,12 +34,26 @@ impl Control {
         Ok(self.store.put_node(node).await?)
     }
 
-    pub(crate) fn wake_node(&self, node_id: &str) {
+    /// Tell the node running (or to run) `process_id` to look at it now.
+    pub(crate) fn wake_node(&self, node_id: &str, process_id: &str) {
         for a in self.agents() {
             if a.config().node_id == node_id {
-                a.wake();
+                a.wake_for(process_id);
             }
         }
+    }
+
+    /// ProcessSpecs of these processes, if they are live and on `node_id`.
+    pub async fn specs_for(&self, node_id: &str, ids: &[String]) -> Result<Vec<ProcessSpec>> {
+        let mut procs = Vec::new();
+        for id in ids {
+            if let Some(p) = self.store.process(id).await? {
+                if p.node_id == node_id && !p.status.is_terminal() {
+                    procs.push(p);
+                }
+            }
+        }
+        self.specs_of(procs).await
     }
 
     /// The processes a node should run (or stop).
@@ -49,14 +63,30 @@ impl Control {
             statuses: ProcessStatus::LIVE.to_vec(),
             ..Default::default()
         };
+        let procs = self.store.processes(&q).await?;
+        self.specs_of(procs).await
+    }
+
+    async fn specs_of(&self, procs: Vec<lodge_model::Process>) -> Result<Vec<ProcessSpec>> {
+        // Deployments are immutable and apps few: read each once per pass.
+        let mut deployments = std::collections::HashMap::new();
+        let mut apps = std::collections::HashMap::new();
         let mut out = Vec::new();
-        for p in self.store.processes(&q).await? {
-            let (Some(d), Some(app)) = (
-                self.store.deployment(&p.deployment_id).await?,
-                self.store.app(&p.app_id).await?,
-            ) else {
+        for p in procs {
+            if !deployments.contains_key(&p.deployment_id) {
+                let d = self.store.deployment(&p.deployment_id).await?;
+                deployments.insert(p.deployment_id.clone(), d);
+            }
+            if !apps.contains_key(&p.app_id) {
+                let a = self.store.app(&p.app_id).await?;
+                apps.insert(p.app_id.clone(), a);
+            }
+            let (Some(Some(d)), Some(Some(app))) =
+                (deployments.get(&p.deployment_id), apps.get(&p.app_id))
+            else {
                 continue;
             };
+            let (d, app) = (d.clone(), app.clone());
             out.push(ProcessSpec {
                 process_id: p.process_id,
                 app_id: p.app_id,
@@ -89,7 +119,11 @@ impl Control {
             } => {
                 self.store
                     .update_process(&process_id, &|p| {
-                        p.booted_at = Some(at);
+                        // Sent again when a process is re-adopted: keep the first boot time.
+                        if p.booted_at.is_some() && p.exposed_ports == exposed_ports {
+                            return false;
+                        }
+                        p.booted_at.get_or_insert(at);
                         p.exposed_ports = exposed_ports.clone();
                         true
                     })
@@ -205,6 +239,9 @@ impl Control {
                 if let Err(e) = control.reap_idle().await {
                     tracing::warn!(error = %e, "idle reaper pass failed");
                 }
+                if let Err(e) = control.sweep_retention().await {
+                    tracing::warn!(error = %e, "retention sweep failed");
+                }
             }
         })
     }
@@ -216,6 +253,18 @@ impl ControlLink for LocalLink {
         let control = self.0.upgrade().ok_or("control plane is gone")?;
         control
             .desired_for(node_id)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn specs(
+        &self,
+        node_id: &str,
+        ids: &[String],
+    ) -> std::result::Result<Vec<ProcessSpec>, String> {
+        let control = self.0.upgrade().ok_or("control plane is gone")?;
+        control
+            .specs_for(node_id, ids)
             .await
             .map_err(|e| e.to_string())
     }

@@ -4,12 +4,22 @@ use std::sync::atomic::Ordering;
 
 use lodge_model::wire::{ConnectionInfoV2, CreateRoomParams, ProcessV3, RoomOut};
 use lodge_model::{
-    id, validate, Deployment, Process, ProcessStatus, Region, Room, RoomAllocation, RoomStatus,
+    id, validate, App, Deployment, Process, ProcessStatus, Region, Room, RoomAllocation, RoomStatus,
 };
 use lodge_scheduler::{Candidate, Placement, PlacementError};
 use lodge_store::{PlaceTarget, ProcessQuery, StoreError};
 
 use crate::{Caller, Control, Error, Result};
+
+fn placement_error(e: PlacementError) -> Error {
+    match e {
+        PlacementError::NoNode(r) => Error::BadRequest(format!("no node serves region {r}")),
+        PlacementError::NoCapacity(r) => Error::NoCapacity(format!(
+            "no capacity in {r}: every node serving it has used all of its public ports; \
+             destroy rooms, stop processes, or add nodes or ports"
+        )),
+    }
+}
 
 /// How often a placement is retried after losing a race for the last slot of a process.
 const PLACEMENT_ATTEMPTS: usize = 64;
@@ -51,24 +61,29 @@ impl Control {
             last_busy_at: now,
             initial_room_id: first_room.map(|r| r.room_id.clone()),
             initial_room_config: first_room.and_then(|r| r.room_config.clone()),
+            port_count: d.ports().count() as u32,
         }
     }
 
     async fn node_loads(&self) -> Result<Vec<lodge_scheduler::NodeLoad>> {
-        let mut out = Vec::new();
-        for node in self.store.nodes().await? {
-            let q = ProcessQuery {
-                node_id: Some(node.node_id.clone()),
-                statuses: ProcessStatus::LIVE.to_vec(),
-                ..Default::default()
-            };
-            let live = self.store.count_processes(&q).await? as u32;
-            out.push(lodge_scheduler::NodeLoad {
-                node,
-                live_processes: live,
-            });
-        }
-        Ok(out)
+        let usage = self.store.node_usage().await?;
+        Ok(self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|node| {
+                let (live, ports) = usage
+                    .iter()
+                    .find(|(id, ..)| *id == node.node_id)
+                    .map_or((0, 0), |(_, l, p)| (*l, *p));
+                lodge_scheduler::NodeLoad {
+                    node,
+                    live_processes: live,
+                    ports_in_use: ports,
+                }
+            })
+            .collect())
     }
 
     /// Place `room` (status and config set, allocations as before) onto a process of the
@@ -81,10 +96,14 @@ impl Control {
     ) -> Result<(Room, Process)> {
         room.status = RoomStatus::Active;
         for attempt in 0..PLACEMENT_ATTEMPTS {
+            // Only processes with a free slot, best first; a handful is plenty to choose from
+            // (the rest matter only if all of these fill up first, and then we retry).
             let q = ProcessQuery {
                 deployment_id: Some(d.deployment_id.clone()),
                 regions: vec![region],
                 statuses: ProcessStatus::PLACEABLE.to_vec(),
+                with_free_slot: true,
+                limit: Some(8),
                 ..Default::default()
             };
             let procs = self.store.processes(&q).await?;
@@ -98,13 +117,15 @@ impl Control {
                     created_at: p.created_at,
                 })
                 .collect();
-            let nodes = self.node_loads().await?;
-            let placement =
-                lodge_scheduler::place_room(region, &candidates, &nodes).map_err(|e| match e {
-                    PlacementError::NoNode(r) => {
-                        Error::BadRequest(format!("no node serves region {r}"))
-                    }
-                })?;
+            // Node loads matter only when a new process must start.
+            let nodes = if candidates.is_empty() {
+                self.node_loads().await?
+            } else {
+                Vec::new()
+            };
+            let ports = d.ports().count() as u32;
+            let placement = lodge_scheduler::place_room(region, ports, &candidates, &nodes)
+                .map_err(placement_error)?;
             let (process_id, target, new) = match placement {
                 Placement::Existing { process_id } => {
                     (process_id.clone(), PlaceTarget::Existing(process_id), None)
@@ -131,12 +152,20 @@ impl Control {
                             self.metrics
                                 .processes_started
                                 .fetch_add(1, Ordering::Relaxed);
-                            self.wake_node(&p.node_id);
+                            self.wake_node(&p.node_id, &p.process_id);
                             p
                         }
-                        None => self.store.process(&process_id).await?.ok_or_else(|| {
-                            Error::Internal(format!("process {process_id} vanished"))
-                        })?,
+                        // The process as read before taking the slot: its ports and status
+                        // are what the answer needs, and they do not change with a room.
+                        None => match procs.into_iter().find(|p| p.process_id == process_id) {
+                            Some(mut p) => {
+                                p.rooms_allocated += 1;
+                                p
+                            }
+                            None => self.store.process(&process_id).await?.ok_or_else(|| {
+                                Error::Internal(format!("process {process_id} vanished"))
+                            })?,
+                        },
                     };
                     return Ok((room, process));
                 }
@@ -167,17 +196,11 @@ impl Control {
                 Some(d) if d.app_id == app_id => Ok(d),
                 _ => Err(Error::NotFound(format!("Deployment not found: {id}"))),
             },
-            None => self
-                .store
-                .deployments(app_id)
-                .await?
-                .into_iter()
-                .next()
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "No deployment found for app {app_id}; create one first"
-                    ))
-                }),
+            None => self.store.latest_deployment(app_id).await?.ok_or_else(|| {
+                Error::NotFound(format!(
+                    "No deployment found for app {app_id}; create one first"
+                ))
+            }),
         }
     }
 
@@ -189,6 +212,18 @@ impl Control {
         room_id: Option<String>,
     ) -> Result<ConnectionInfoV2> {
         let app = self.app_of(caller, app_id).await?;
+        self.create_room_in(&app, p, room_id, false).await
+    }
+
+    /// CreateRoom for an app already authorised. `reserved`: the room id was reserved by a
+    /// lobby, so it is known to be free.
+    pub(crate) async fn create_room_in(
+        &self,
+        app: &App,
+        p: CreateRoomParams,
+        room_id: Option<String>,
+        reserved: bool,
+    ) -> Result<ConnectionInfoV2> {
         if let Some(id) = &room_id {
             validate::room_id(id).map_err(Error::Invalid)?;
         }
@@ -199,8 +234,8 @@ impl Control {
             .deployment_for(&app.app_id, p.deployment_id.as_deref())
             .await?;
         if let Some(existing) = match &room_id {
-            Some(id) => self.store.room(id).await?,
-            None => None,
+            Some(id) if !reserved => self.store.room(id).await?,
+            _ => None,
         } {
             return Err(Error::Invalid(format!(
                 "room id '{}' is already taken",
@@ -428,14 +463,14 @@ impl Control {
         let app = self.app_of(caller, app_id).await?;
         let d = self.deployment_for(&app.app_id, None).await?;
         let nodes = self.node_loads().await?;
-        let node_id = lodge_scheduler::place_process(region, &nodes)
-            .map_err(|_| Error::BadRequest(format!("no node serves region {region}")))?;
+        let node_id = lodge_scheduler::place_process(region, d.ports().count() as u32, &nodes)
+            .map_err(placement_error)?;
         let p = self.new_process(&d, region, node_id, None);
         self.store.insert_process(&p).await?;
         self.metrics
             .processes_started
             .fetch_add(1, Ordering::Relaxed);
-        self.wake_node(&p.node_id);
+        self.wake_node(&p.node_id, &p.process_id);
         Ok((&p).into())
     }
 
@@ -468,7 +503,19 @@ impl Control {
             .await?;
         if let Some(p) = updated {
             tracing::info!(process_id, reason = why, "stopping process");
-            self.wake_node(&p.node_id);
+            self.wake_node(&p.node_id, &p.process_id);
+            // Its rooms end now, not when the process finally exits: a stopping process takes
+            // no new rooms, so none can appear after this.
+            for room in self.store.rooms_of_process(process_id, true).await? {
+                if self
+                    .store
+                    .unallocate_room(&room.room_id, RoomStatus::Destroyed, now)
+                    .await?
+                    .is_some()
+                {
+                    self.metrics.rooms_destroyed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         Ok(())
     }
@@ -488,10 +535,91 @@ impl Control {
             .join("processes")
             .join(process_id)
             .join("log");
+        if self.past_retention(&p) {
+            return Err(Error::Gone(format!(
+                "the logs of process {process_id} are older than the {} h retention period",
+                self.cfg.retention.as_secs() / 3600
+            )));
+        }
         Ok((p, path))
+    }
+
+    /// Whether an ended process's logs and metrics are past the retention period.
+    fn past_retention(&self, p: &Process) -> bool {
+        let keep = i64::try_from(self.cfg.retention.as_millis()).unwrap_or(i64::MAX);
+        p.terminated_at
+            .is_some_and(|t| self.now().saturating_sub(t) > keep)
+    }
+
+    /// Delete the logs and metrics of processes that ended more than the retention period ago.
+    pub async fn sweep_retention(&self) -> Result<usize> {
+        let dir = self.cfg.data_dir.join("processes");
+        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if let Some(p) = self.store.process(&id).await? {
+                if p.status.is_terminal() && self.past_retention(&p) {
+                    tokio::fs::remove_dir_all(e.path()).await?;
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "deleted logs and metrics past the retention period"
+            );
+        }
+        Ok(removed)
     }
 
     pub async fn process_status(&self, process_id: &str) -> Result<Option<ProcessStatus>> {
         Ok(self.store.process(process_id).await?.map(|p| p.status))
+    }
+}
+
+/// Which metrics a GetProcessMetrics call asked for, and over what window (unix seconds).
+#[derive(Debug, Clone)]
+pub struct MetricsQuery {
+    pub start: i64,
+    pub end: i64,
+    pub step: i64,
+}
+
+impl Control {
+    /// The metric series of a process, read from the samples its node keeps.
+    pub async fn process_metrics(
+        &self,
+        caller: &Caller,
+        app_id: &str,
+        process_id: &str,
+        q: MetricsQuery,
+    ) -> Result<crate::MetricSeries> {
+        let app = self.app_of(caller, app_id).await?;
+        self.process_of(&app.app_id, process_id).await?;
+        if q.end <= q.start {
+            return Err(Error::Invalid(format!(
+                "end ({}) must be after start ({})",
+                q.end, q.start
+            )));
+        }
+        if q.step < 1 {
+            return Err(Error::Invalid("step must be at least 1 second".into()));
+        }
+        if (q.end - q.start) / q.step > 10_000 {
+            return Err(Error::Invalid(
+                "at most 10000 points per series; use a larger step".into(),
+            ));
+        }
+        let dir = self.cfg.data_dir.join("processes").join(process_id);
+        let samples = tokio::task::spawn_blocking(move || lodge_agent::metrics::read(&dir))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(lodge_agent::metrics::series(
+            &samples, q.start, q.end, q.step,
+        ))
     }
 }

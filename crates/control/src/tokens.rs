@@ -24,8 +24,17 @@ pub fn hash_secret(secret: &str) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The credential of an `Authorization` value: the scheme `Bearer` (any case) is optional.
+pub(crate) fn strip_bearer(value: &str) -> &str {
+    let v = value.trim();
+    match v.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => v[7..].trim(),
+        _ => v,
+    }
+}
+
 /// Constant-time comparison for secrets.
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())
@@ -41,11 +50,7 @@ impl Control {
                 "Missing Authorization header with a Bearer developer token".into(),
             ));
         };
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .unwrap_or(value)
-            .trim();
+        let token = strip_bearer(value);
         if token.is_empty() {
             return Err(Error::Unauthorized("Empty developer token".into()));
         }
@@ -75,10 +80,29 @@ impl Control {
     /// Make sure an admin credential exists. Without `LODGE_ADMIN_TOKEN`, the first start mints
     /// an org token, writes it to `path` (mode 0600) and returns it so it can be printed once.
     pub async fn ensure_admin_token(&self, path: &Path) -> Result<Option<String>> {
-        if self.cfg.admin_token.is_some() || path.exists() {
+        if self.cfg.admin_token.is_some() {
             return Ok(None);
         }
+        if let Ok(saved) = std::fs::read_to_string(path) {
+            let saved = saved.trim();
+            if !saved.is_empty() && self.authenticate(Some(saved)).await.is_ok() {
+                return Ok(None);
+            }
+            tracing::warn!(path = %path.display(), "the saved admin token no longer authenticates; minting a new one");
+        }
         let org = self.bootstrap().await?;
+        // A previous admin token whose file was lost (deleted, or a crash before it was
+        // written) is revoked, so that its name is free and it cannot be used any more.
+        for old in self.store.tokens(&org.org_id).await? {
+            if old.name == "admin"
+                && old.created_by == "lodge"
+                && old.status == OrgTokenStatus::Active
+            {
+                self.store
+                    .revoke_token(&org.org_id, &old.org_token_id)
+                    .await?;
+            }
+        }
         let secret = id::org_token_secret();
         let token = OrgToken {
             org_token_id: id::org_token_id(),
@@ -110,7 +134,7 @@ impl Control {
                     is_single_tenant: true,
                     scopes: wire::ALL_SCOPES.to_vec(),
                     max_requested_memory_mb: 65_536.0,
-                    log_retention_period_hours: 72,
+                    log_retention_period_hours: (self.cfg.retention.as_secs() / 3600) as u32,
                     max_process_connections: 1024,
                 })
                 .collect(),
@@ -202,16 +226,21 @@ fn last_four(secret: &str) -> String {
         .collect()
 }
 
+/// Write a secret to `path` (mode 0600) atomically: a crash leaves the old file or the new.
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    writeln!(f, "{contents}")
+        .open(&tmp)?;
+    writeln!(f, "{contents}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }

@@ -1,7 +1,9 @@
 //! `lodge`: the single binary. `lodge serve` runs everything on one machine; the other
 //! subcommands are the developer CLI, which talks to any Lodge through the public API.
 
+mod bench;
 mod cli;
+mod ping;
 mod serve;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -49,6 +51,21 @@ enum Command {
     /// Developer tokens of the organization.
     #[command(subcommand)]
     Tokens(cli::TokensCmd),
+    /// End every game server a stopped Lodge left running for a data dir (they outlive Lodge
+    /// by design), with their network namespaces, cgroups and bridge.
+    Cleanup {
+        #[arg(long, env = "LODGE_DATA_DIR", default_value = "./lodge-data")]
+        data_dir: std::path::PathBuf,
+    },
+    /// Measure a Lodge started for the purpose: room allocation, cold starts, the proxy against
+    /// a direct socket and nginx, and scale. Prints the tables of BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+    /// Internal: the benchmarks' game server (UDP and TCP echo).
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long)]
+        port: u16,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Internal: supervise one game-server process (started by the agent).
@@ -86,7 +103,10 @@ fn client(
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let g = &cli.global;
-    if !matches!(cli.command, Command::Serve(_) | Command::Shim { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Shim { .. } | Command::EchoServer { .. }
+    ) {
         // A CLI piped into `head` ends quietly, like other Unix tools.
         // SAFETY: setting a signal disposition to its default has no preconditions.
         unsafe {
@@ -102,6 +122,33 @@ fn main() -> std::process::ExitCode {
         Command::Processes(cmd) => client(g, async |c| cli::processes(c, cmd).await),
         Command::Logs(a) => client(g, async |c| cli::logs(c, a).await),
         Command::Tokens(cmd) => client(g, async |c| cli::tokens(c, cmd).await),
+        Command::Cleanup { data_dir } => {
+            let done = runtime().and_then(|rt| rt.block_on(serve::cleanup(&data_dir)));
+            match done {
+                Ok(n) => {
+                    println!("ended {n} game server process(es); removed their namespaces, cgroups and the bridge");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Bench(a) => match bench::run(a) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::EchoServer { port } => match bench::echo_server(port) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lodge echo-server: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lodge", &mut std::io::stdout());
             std::process::ExitCode::SUCCESS
@@ -129,5 +176,14 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

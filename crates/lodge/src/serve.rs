@@ -60,6 +60,28 @@ pub struct ServeArgs {
     /// Address the public proxy ports bind on.
     #[arg(long, env = "LODGE_PROXY_BIND", default_value = "0.0.0.0")]
     pub proxy_bind: IpAddr,
+    /// Seconds between samples of each process's CPU, memory, egress and connections.
+    #[arg(long, env = "LODGE_METRICS_INTERVAL", default_value_t = 10.0)]
+    pub metrics_interval: f64,
+    /// OCI runtime for container-image builds: `auto` (crun, else runc), `crun`, `runc` or a path.
+    #[arg(long, env = "LODGE_OCI_RUNTIME", default_value = "auto")]
+    pub oci_runtime: String,
+    /// The daemonless image builder for builds with a Dockerfile (buildah's command line).
+    #[arg(long, env = "LODGE_IMAGE_BUILDER", default_value = "buildah")]
+    pub image_builder: String,
+    /// Hours the logs and metrics of ended processes are kept (LogsV1 answers 410 after).
+    #[arg(long, env = "LODGE_RETENTION_HOURS", default_value_t = 72.0)]
+    pub retention_hours: f64,
+    /// Benchmarks only: pretend to run game servers (nothing is started; rooms go active at
+    /// once), to measure the control plane with very many processes.
+    #[arg(long, hide = true)]
+    pub fake_processes: bool,
+    /// Lobbies one player may create per app per hour (429 with Retry-After beyond).
+    #[arg(long, env = "LODGE_LOBBY_RATE_LIMIT", default_value_t = 10)]
+    pub lobby_rate_limit: u32,
+    /// Google's signing keys for LoginGoogle: a JWKS URL, or a file holding a JWKS document.
+    #[arg(long, env = "LODGE_GOOGLE_JWKS", default_value = lodge_control::jwt::GOOGLE_JWKS)]
+    pub google_jwks: String,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -87,6 +109,13 @@ fn parse_regions(s: &str) -> Result<Option<Vec<Region>>, String> {
 fn secs(s: f64, name: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(s)
         .map_err(|_| format!("--{name} must be a non-negative number of seconds"))
+}
+
+/// `lodge cleanup`: end what a stopped Lodge left running for this data dir.
+pub async fn cleanup(data_dir: &Path) -> Result<usize, String> {
+    let dir =
+        std::fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    Ok(lodge_agent::cleanup(&dir, &instance_key(&dir)).await)
 }
 
 /// A short stable key for this data dir: names of the bridge and cgroups derive from it.
@@ -142,8 +171,16 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .ok()
         .filter(|t| !t.is_empty());
     cfg.idle_timeout = secs(args.idle_timeout, "idle-timeout")?;
+    cfg.lobby_rate_limit = args.lobby_rate_limit;
+    cfg.google_jwks = args.google_jwks.clone();
+    cfg.image_builder = args.image_builder.clone();
+    cfg.retention = secs(args.retention_hours * 3600.0, "retention-hours")?;
     let control = Control::new(Arc::new(store), Arc::new(SystemClock), cfg);
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
+    control
+        .fail_interrupted_builds()
+        .await
+        .map_err(|e| e.to_string())?;
     let token_file = data_dir.join("admin-token");
     if let Some(token) = control
         .ensure_admin_token(&token_file)
@@ -166,6 +203,19 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         }
         IsolationArg::Auto => Isolation::None,
     };
+    let oci_runtime = if isolation == Isolation::Netns {
+        lodge_agent::oci::detect(&args.oci_runtime)?
+    } else {
+        None
+    };
+    match &oci_runtime {
+        Some(r) => {
+            tracing::info!(runtime = %r.display(), "container images run with this OCI runtime")
+        }
+        None => tracing::info!(
+            "container images cannot run here (they need root, netns isolation and crun or runc)"
+        ),
+    }
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.api_addr))?;
@@ -175,6 +225,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         public_host: args.public_host.clone(),
         regions: regions.clone(),
         started_at: control.now(),
+        port_capacity: (!args.fake_processes)
+            .then(|| u32::from(args.port_range.1 - args.port_range.0) + 1),
     };
     let agent_cfg = AgentConfig {
         node_id: node.node_id.clone(),
@@ -188,6 +240,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         api_addr,
         exe: std::env::current_exe().map_err(|e| e.to_string())?,
         instance: instance_key(&data_dir),
+        metrics_interval: secs(args.metrics_interval, "metrics-interval")?,
+        oci_runtime,
+        fake_processes: args.fake_processes,
     };
     control.put_node(&node).await.map_err(|e| e.to_string())?;
     let agent = Agent::start(agent_cfg, control.local_link())
@@ -198,7 +253,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let _reconciler = control.spawn_reconciler();
-    let _ping = spawn_ping(args.ping_port).await;
+    let _ping = crate::ping::spawn(args.ping_port).await;
 
     let ready = Arc::new(AtomicBool::new(false));
     {
@@ -250,23 +305,4 @@ async fn shutdown_signal() {
         _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
         _ = async { if let Some(i) = int.as_mut() { i.recv().await; } else { std::future::pending::<()>().await } } => {}
     }
-}
-
-/// UDP echo for region latency measurement (what Hathora's ping fleet answered on port 10000).
-async fn spawn_ping(port: u16) -> Option<tokio::task::JoinHandle<()>> {
-    let socket = match tokio::net::UdpSocket::bind(("0.0.0.0", port)).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(port, error = %e, "ping service disabled: cannot bind its UDP port");
-            return None;
-        }
-    };
-    Some(tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        loop {
-            if let Ok((n, peer)) = socket.recv_from(&mut buf).await {
-                let _ = socket.send_to(&buf[..n], peer).await;
-            }
-        }
-    }))
 }

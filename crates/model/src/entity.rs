@@ -152,6 +152,13 @@ pub struct Process {
     pub last_busy_at: Millis,
     pub initial_room_id: Option<String>,
     pub initial_room_config: Option<String>,
+    /// Public ports it needs: its default port and the additional ones.
+    #[serde(default = "one")]
+    pub port_count: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,10 +199,38 @@ pub struct Node {
     /// `None` serves every region.
     pub regions: Option<Vec<Region>>,
     pub started_at: Millis,
+    /// Public proxy ports it has; `None` is unlimited.
+    #[serde(default)]
+    pub port_capacity: Option<u32>,
 }
 
 impl Node {
     pub fn serves(&self, region: Region) -> bool {
         self.regions.as_ref().is_none_or(|r| r.contains(&region))
     }
+}
+
+/// A lobby: the player-facing wrapper of exactly one room (same id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lobby {
+    pub room_id: String,
+    pub app_id: String,
+    pub region: Region,
+    pub visibility: LobbyVisibility,
+    /// Lookup code; not unique (the newest lobby with a code wins). Lobbies made through the v3
+    /// API always have one (their room id unless the player chose one).
+    pub short_code: Option<String>,
+    /// The player id from the creating player's token.
+    pub created_by: String,
+    pub created_at: Millis,
+    /// Legacy (v1/v2) lobbies: the creator's `initialConfig`, any JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_config: Option<Value>,
+    /// Legacy (v2) lobbies: the state a game server set with SetLobbyState.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<Value>,
+    /// The room's current config; read from the room, not stored with the lobby.
+    #[serde(skip)]
+    pub room_config: Option<String>,
 }

@@ -124,6 +124,47 @@ wire_enum!(
 );
 
 wire_enum!(
+    LobbyVisibility {
+        Private => "private",
+        Public => "public",
+        Local => "local",
+    }
+);
+
+wire_enum!(
+    /// v1 deployments size processes by plan instead of CPU and memory.
+    PlanName {
+        Tiny => "tiny",
+        Small => "small",
+        Medium => "medium",
+        Large => "large",
+    }
+);
+
+impl PlanName {
+    /// vCPUs and MB of memory of the plan (Hathora's old CLI mapping).
+    pub fn resources(self) -> (f64, f64) {
+        match self {
+            PlanName::Tiny => (0.5, 1024.0),
+            PlanName::Small => (1.0, 2048.0),
+            PlanName::Medium => (2.0, 4096.0),
+            PlanName::Large => (4.0, 8192.0),
+        }
+    }
+    /// The smallest plan that covers the given resources (the largest if none does).
+    pub fn closest(cpu: f64, memory_mb: f64) -> PlanName {
+        PlanName::ALL
+            .iter()
+            .copied()
+            .find(|p| {
+                let (c, m) = p.resources();
+                cpu <= c && memory_mb <= m
+            })
+            .unwrap_or(PlanName::Large)
+    }
+}
+
+wire_enum!(
     OrgTokenStatus {
         Active => "active",
         Revoked => "revoked",

@@ -5,6 +5,7 @@ pub mod clock;
 pub mod entity;
 pub mod enums;
 pub mod id;
+pub mod legacy;
 pub mod spec;
 pub mod validate;
 pub mod wire;

@@ -47,6 +47,26 @@ pub struct CreateMultipartBuildParams {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
+pub struct CreateBuildV3Params {
+    #[serde(default)]
+    pub build_id: Option<String>,
+    #[serde(default)]
+    pub build_tag: Option<String>,
+}
+
+/// RunBuildRegistry: the image to pull, where from, and the credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryConfig {
+    pub image: String,
+    #[serde(default)]
+    pub registry_url: Option<String>,
+    #[serde(default)]
+    pub auth: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DeploymentConfigV3 {
     pub build_id: String,
     pub idle_timeout_enabled: bool,
@@ -503,4 +523,118 @@ pub struct CreatedOrgToken {
 #[derive(Debug, Clone, Serialize)]
 pub struct ListOrgTokens {
     pub tokens: Vec<OrgTokenOut>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Players: auth and lobbies
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NicknameObject {
+    pub nickname: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GoogleIdTokenObject {
+    pub id_token: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlayerTokenObject {
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateLobbyV3Params {
+    pub visibility: LobbyVisibility,
+    pub region: Region,
+    #[serde(default)]
+    pub room_config: Option<String>,
+    /// Godot's plugin sends these in the body rather than the query.
+    #[serde(default)]
+    pub short_code: Option<String>,
+    #[serde(default)]
+    pub room_id: Option<String>,
+}
+
+/// Body of the legacy v2 lobby creations; `visibility` only on the generic one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateLobbyParams {
+    #[serde(default)]
+    pub visibility: Option<LobbyVisibility>,
+    pub region: Region,
+    #[serde(default)]
+    pub initial_config: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SetLobbyStateParams {
+    #[serde(default)]
+    pub state: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LobbyV3 {
+    pub room_id: String,
+    pub app_id: String,
+    pub region: Region,
+    pub visibility: LobbyVisibility,
+    pub short_code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room_config: Option<String>,
+    pub created_at: String,
+    pub created_by: String,
+}
+
+impl From<&Lobby> for LobbyV3 {
+    fn from(l: &Lobby) -> Self {
+        Self {
+            room_id: l.room_id.clone(),
+            app_id: l.app_id.clone(),
+            region: l.region,
+            visibility: l.visibility,
+            short_code: l.short_code.clone().unwrap_or_else(|| l.room_id.clone()),
+            room_config: l.room_config.clone(),
+            created_at: rfc3339(l.created_at),
+            created_by: l.created_by.clone(),
+        }
+    }
+}
+
+/// The v1/v2 `Lobby`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LobbyLegacy {
+    pub room_id: String,
+    pub app_id: String,
+    pub region: Region,
+    pub visibility: LobbyVisibility,
+    pub local: bool,
+    pub created_at: String,
+    pub created_by: String,
+    pub short_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_config: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<Value>,
+}
+
+impl From<&Lobby> for LobbyLegacy {
+    fn from(l: &Lobby) -> Self {
+        Self {
+            room_id: l.room_id.clone(),
+            app_id: l.app_id.clone(),
+            region: l.region,
+            visibility: l.visibility,
+            local: l.visibility == LobbyVisibility::Local,
+            created_at: rfc3339(l.created_at),
+            created_by: l.created_by.clone(),
+            short_code: l.short_code.clone(),
+            initial_config: l.initial_config.clone(),
+            state: l.state.clone(),
+        }
+    }
 }

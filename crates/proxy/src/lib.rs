@@ -17,6 +17,9 @@ use tokio::task::JoinSet;
 
 /// How long a UDP session lives without traffic.
 pub const UDP_SESSION_TTL: Duration = Duration::from_secs(60);
+/// Most UDP peers one public port serves at once (Hathora's `maxProcessConnections`); each
+/// holds an upstream socket, so spoofed sources cannot exhaust file descriptors.
+pub const MAX_UDP_SESSIONS: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -27,6 +30,8 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     /// Bytes from the process to players.
     pub bytes_out: AtomicU64,
+    /// Datagrams from new peers dropped because the port had `MAX_UDP_SESSIONS` already.
+    pub dropped: AtomicU64,
 }
 
 impl Counters {
@@ -218,6 +223,10 @@ async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>
             let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
             let session = match map.get(&peer) {
                 Some(s) => s,
+                None if map.len() >= MAX_UDP_SESSIONS => {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 None => match new_udp_session(&public, peer, target, &counters, start) {
                     Ok(s) => map.entry(peer).or_insert(s),
                     Err(e) => {
@@ -229,9 +238,10 @@ async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>
             session.last_seen.store(now_secs(start), Ordering::Relaxed);
             session.upstream.clone()
         };
-        if upstream.send(&buf[..n]).await.is_ok() {
-            counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        }
+        // Counted as received from the player, before forwarding: a reply can otherwise
+        // overtake the count.
+        counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        let _ = upstream.send(&buf[..n]).await;
     }
 }
 

@@ -14,11 +14,21 @@ pub struct Candidate {
     pub created_at: Millis,
 }
 
-/// A node that could start a process, with how many live processes it has.
+/// A node that could start a process, with how many live processes and public ports it has.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeLoad {
     pub node: Node,
     pub live_processes: u32,
+    pub ports_in_use: u32,
+}
+
+impl NodeLoad {
+    /// Whether a new process needing `ports` public ports fits.
+    pub fn fits(&self, ports: u32) -> bool {
+        self.node
+            .port_capacity
+            .is_none_or(|cap| self.ports_in_use + ports <= cap)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +41,10 @@ pub enum Placement {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlacementError {
+    /// No node serves the region.
     NoNode(Region),
+    /// Nodes serve the region, but none has the public ports for another process.
+    NoCapacity(Region),
 }
 
 /// Choose where a room goes. Candidates are processes of the chosen deployment in the
@@ -41,6 +54,7 @@ pub enum PlacementError {
 /// region.
 pub fn place_room(
     region: Region,
+    ports_needed: u32,
     candidates: &[Candidate],
     nodes: &[NodeLoad],
 ) -> Result<Placement, PlacementError> {
@@ -62,17 +76,26 @@ pub fn place_room(
             process_id: c.process_id.clone(),
         });
     }
-    place_process(region, nodes).map(|node_id| Placement::NewProcess { node_id })
+    place_process(region, ports_needed, nodes).map(|node_id| Placement::NewProcess { node_id })
 }
 
-/// Choose the node for a new process: least loaded among those serving the region.
-pub fn place_process(region: Region, nodes: &[NodeLoad]) -> Result<String, PlacementError> {
-    nodes
-        .iter()
-        .filter(|n| n.node.serves(region))
+/// Choose the node for a new process needing `ports_needed` public ports: the least loaded
+/// among those serving the region that have the ports free.
+pub fn place_process(
+    region: Region,
+    ports_needed: u32,
+    nodes: &[NodeLoad],
+) -> Result<String, PlacementError> {
+    let serving: Vec<&NodeLoad> = nodes.iter().filter(|n| n.node.serves(region)).collect();
+    if serving.is_empty() {
+        return Err(PlacementError::NoNode(region));
+    }
+    serving
+        .into_iter()
+        .filter(|n| n.fits(ports_needed))
         .min_by_key(|n| (n.live_processes, n.node.node_id.clone()))
         .map(|n| n.node.node_id.clone())
-        .ok_or(PlacementError::NoNode(region))
+        .ok_or(PlacementError::NoCapacity(region))
 }
 
 /// What the reconciler knows about a live process.
@@ -108,11 +131,13 @@ mod tests {
 
     fn node(id: &str, regions: Option<Vec<Region>>, live: u32) -> NodeLoad {
         NodeLoad {
+            ports_in_use: 0,
             node: Node {
                 node_id: id.into(),
                 public_host: "h".into(),
                 regions,
                 started_at: 0,
+                port_capacity: Some(100),
             },
             live_processes: live,
         }
@@ -152,7 +177,7 @@ mod tests {
         ];
         let n = vec![node("n1", None, 0)];
         assert_eq!(
-            place_room(Region::London, &c, &n),
+            place_room(Region::London, 1, &c, &n),
             Ok(Placement::Existing {
                 process_id: "c".into()
             })
@@ -172,13 +197,13 @@ mod tests {
             node("tokyo", Some(vec![Region::Tokyo]), 0),
         ];
         assert_eq!(
-            place_room(Region::London, &c, &n),
+            place_room(Region::London, 1, &c, &n),
             Ok(Placement::NewProcess {
                 node_id: "idle".into()
             })
         );
         assert_eq!(
-            place_room(Region::London, &c, &n[2..]),
+            place_room(Region::London, 1, &c, &n[2..]),
             Err(PlacementError::NoNode(Region::London))
         );
     }
@@ -208,7 +233,7 @@ mod tests {
                 ProcessStatus::PLACEABLE.contains(&c.status)
                     && c.rooms_allocated < c.rooms_per_process
             });
-            match place_room(Region::Dallas, &cands, &nodes).unwrap() {
+            match place_room(Region::Dallas, 1, &cands, &nodes).unwrap() {
                 Placement::Existing { process_id } => {
                     let c = cands.iter().find(|c| c.process_id == process_id).unwrap();
                     assert!(c.rooms_allocated < c.rooms_per_process);
@@ -231,7 +256,7 @@ mod tests {
             let rooms = 1 + rng.below(40) as u32;
             let mut procs: Vec<Candidate> = Vec::new();
             for _ in 0..rooms {
-                match place_room(Region::Tokyo, &procs, &[node("n", None, 0)]).unwrap() {
+                match place_room(Region::Tokyo, 1, &procs, &[node("n", None, 0)]).unwrap() {
                     Placement::Existing { process_id } => {
                         let p = procs
                             .iter_mut()
@@ -254,6 +279,42 @@ mod tests {
             assert!(procs.iter().all(|p| p.rooms_allocated <= cap));
             assert_eq!(procs.len() as u32, rooms.div_ceil(cap));
         }
+    }
+
+    #[test]
+    fn a_node_without_free_public_ports_takes_no_new_process() {
+        let mut full = node("a", None, 3);
+        full.ports_in_use = 99;
+        let roomy = node("b", Some(vec![Region::London]), 50);
+        assert_eq!(
+            place_process(Region::London, 2, &[full.clone(), roomy]),
+            Ok("b".into())
+        );
+        assert_eq!(
+            place_process(Region::London, 1, &[full.clone()]),
+            Ok("a".into())
+        );
+        assert_eq!(
+            place_process(Region::London, 2, &[full.clone()]),
+            Err(PlacementError::NoCapacity(Region::London))
+        );
+        assert_eq!(
+            place_room(
+                Region::Tokyo,
+                2,
+                &[],
+                &[node("c", Some(vec![Region::London]), 0)]
+            ),
+            Err(PlacementError::NoNode(Region::Tokyo))
+        );
+        // A free slot on an existing process needs no ports.
+        let c = cand("p", ProcessStatus::Running, 0, 2, 0);
+        assert_eq!(
+            place_room(Region::London, 2, &[c], &[full]),
+            Ok(Placement::Existing {
+                process_id: "p".into()
+            })
+        );
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct ProcessQuery {
     pub regions: Vec<Region>,
     /// Only processes created strictly before this time.
     pub created_before: Option<Millis>,
+    /// Only processes with a free room slot, best placement first (running before starting,
+    /// fullest first, then oldest) instead of newest first.
+    pub with_free_slot: bool,
     pub limit: Option<u32>,
 }
 
@@ -72,16 +75,22 @@ pub trait Store: Send + Sync + 'static {
     /// Fails with `Conflict` when the id is taken.
     async fn insert_build(&self, build: &Build) -> Result<()>;
     async fn update_build(&self, build: &Build) -> Result<()>;
+    /// Write `build` only if the stored one still has status `expected`; false if not.
+    async fn update_build_if(&self, build: &Build, expected: BuildStatus) -> Result<bool>;
     async fn build(&self, build_id: &str) -> Result<Option<Build>>;
     async fn builds(&self, org_id: &str) -> Result<Vec<Build>>;
 
     async fn insert_deployment(&self, deployment: &Deployment) -> Result<()>;
+    /// The app's newest deployment.
+    async fn latest_deployment(&self, app_id: &str) -> Result<Option<Deployment>>;
     async fn deployment(&self, deployment_id: &str) -> Result<Option<Deployment>>;
     /// Newest first.
     async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>>;
 
     async fn put_node(&self, node: &Node) -> Result<()>;
     async fn nodes(&self) -> Result<Vec<Node>>;
+    /// Per node: live processes and the public ports they hold.
+    async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>>;
 
     async fn process(&self, process_id: &str) -> Result<Option<Process>>;
     /// Newest first.
@@ -122,4 +131,43 @@ pub trait Store: Send + Sync + 'static {
         at: Millis,
     ) -> Result<Option<Room>>;
     async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool>;
+
+    /// Insert a lobby unless its creator already made `max` lobbies of the app after `since`;
+    /// then returns the time of the oldest of those (when the next one is allowed, one window
+    /// later). Atomic, so racing creations cannot exceed the limit. `Duplicate` if the room id
+    /// is taken by a room or another lobby.
+    async fn reserve_lobby(&self, lobby: &Lobby, since: Millis, max: u32)
+        -> Result<Option<Millis>>;
+    /// Undo a reservation whose room could not be created.
+    async fn delete_lobby(&self, room_id: &str) -> Result<()>;
+    /// A lobby (with its room's config filled in) and its room's status; lobbies whose room
+    /// was never created are absent.
+    async fn lobby(&self, room_id: &str) -> Result<Option<(Lobby, RoomStatus)>>;
+    /// The newest lobby of the app with this short code whose room is not destroyed.
+    async fn lobby_by_short_code(
+        &self,
+        app_id: &str,
+        code: &str,
+    ) -> Result<Option<(Lobby, RoomStatus)>>;
+    /// Lobbies of the app with this visibility whose room is not destroyed, newest first.
+    async fn lobbies(
+        &self,
+        app_id: &str,
+        visibility: LobbyVisibility,
+        region: Option<Region>,
+    ) -> Result<Vec<Lobby>>;
+    /// Replace a lobby's (legacy v2) state.
+    async fn set_lobby_state(
+        &self,
+        room_id: &str,
+        state: &serde_json::Value,
+    ) -> Result<Option<Lobby>>;
+
+    /// The integer a legacy (v1/v2) API shows for `id` of `kind` within `scope` (an app),
+    /// assigned on first use: 1, 2, 3, ... per scope and kind.
+    async fn legacy_number(&self, scope: &str, kind: &str, id: &str) -> Result<i64>;
+    /// The id behind a legacy integer, if one was assigned.
+    async fn legacy_id(&self, scope: &str, kind: &str, num: i64) -> Result<Option<String>>;
+    /// Every (number, id) of `kind` in `scope`, highest number first.
+    async fn legacy_entries(&self, scope: &str, kind: &str) -> Result<Vec<(i64, String)>>;
 }

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::{EndedProcess, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE orgs (org_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE tokens (
     org_token_id TEXT PRIMARY KEY,
@@ -75,10 +76,72 @@ CREATE TABLE allocations (
 );
 CREATE INDEX allocations_room ON allocations (room_id, seq);
 CREATE INDEX allocations_process ON allocations (process_id, unscheduled_at);
-"#];
+"#,
+    r#"
+CREATE TABLE lobbies (
+    room_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    short_code TEXT,
+    visibility TEXT NOT NULL,
+    region TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX lobbies_short_code ON lobbies (app_id, short_code, created_at);
+CREATE INDEX lobbies_creator ON lobbies (app_id, created_by, created_at);
+CREATE INDEX lobbies_listing ON lobbies (app_id, visibility, created_at);
+CREATE TABLE legacy_ids (
+    scope TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    num INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (scope, kind, num),
+    UNIQUE (scope, kind, id)
+);
+"#,
+    r#"
+ALTER TABLE processes ADD COLUMN port_count INTEGER NOT NULL DEFAULT 1;
+UPDATE processes SET port_count = COALESCE(json_extract(doc, '$.portCount'), 1);
+CREATE INDEX processes_free ON processes (deployment_id, region, status) WHERE rooms_allocated < rooms_per_process;
+CREATE INDEX processes_node_ports ON processes (node_id, status, port_count);
+"#,
+];
+
+/// Statements run through SQLite's statement cache: parsed once, not on every call.
+trait Run {
+    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn one<T, P: rusqlite::Params, F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Run for Connection {
+    fn run<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+    fn one<T, P: rusqlite::Params, F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
+/// Reader connections besides the writer.
+const READERS: usize = 3;
 
 pub struct SqliteStore {
+    /// The one connection that writes (SQLite has a single writer anyway).
     conn: Mutex<Connection>,
+    /// Read-only connections, so reads run beside writes and each other (WAL).
+    readers: Vec<Mutex<Connection>>,
+    next_reader: std::sync::atomic::AtomicUsize,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -110,7 +173,15 @@ impl SqliteStore {
     /// Open (creating if needed) the database file and apply pending migrations.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(backend)?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        for _ in 0..READERS {
+            let r = Connection::open(path).map_err(backend)?;
+            r.pragma_update(None, "query_only", "ON").map_err(backend)?;
+            r.busy_timeout(std::time::Duration::from_secs(5))
+                .map_err(backend)?;
+            store.readers.push(Mutex::new(r));
+        }
+        Ok(store)
     }
 
     pub fn in_memory() -> Result<Self> {
@@ -142,12 +213,35 @@ impl SqliteStore {
         }
         Ok(Self {
             conn: Mutex::new(conn),
+            readers: Vec::new(),
+            next_reader: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
+    }
+
+    /// Run a read on a reader connection (a free one if any), or on the writer when there are
+    /// none (an in-memory store).
+    fn read<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        if self.readers.is_empty() {
+            return self.with(f);
+        }
+        let n = self.readers.len();
+        let start = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(mut c) = self.readers[(start + i) % n].try_lock() {
+                return f(&mut c);
+            }
+        }
+        let mut c = self.readers[start % n]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut c)
     }
 }
 
@@ -169,7 +263,7 @@ fn doc<T: DeserializeOwned>(
     params: impl rusqlite::Params,
 ) -> Result<Option<T>> {
     let s: Option<String> = conn
-        .query_row(sql, params, |r| r.get(0))
+        .one(sql, params, |r| r.get(0))
         .optional()
         .map_err(backend)?;
     s.map(|s| from_json(&s)).transpose()
@@ -189,7 +283,7 @@ fn process_from((doc, status, allocated): (String, String, u32)) -> Result<Proce
 }
 
 fn load_process(conn: &Connection, id: &str) -> Result<Option<Process>> {
-    conn.query_row(
+    conn.one(
         &format!("SELECT {PROCESS_COLS} FROM processes WHERE process_id = ?1"),
         params![id],
         read_process,
@@ -201,7 +295,7 @@ fn load_process(conn: &Connection, id: &str) -> Result<Option<Process>> {
 }
 
 fn write_process(conn: &Connection, p: &Process) -> Result<()> {
-    conn.execute(
+    conn.run(
         "UPDATE processes SET status = ?2, rooms_allocated = ?3, doc = ?4 WHERE process_id = ?1",
         params![
             p.process_id,
@@ -215,9 +309,9 @@ fn write_process(conn: &Connection, p: &Process) -> Result<()> {
 }
 
 fn insert_process_row(conn: &Connection, p: &Process) -> Result<()> {
-    conn.execute(
-        "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, doc)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    conn.run(
+        "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, doc, port_count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             p.process_id,
             p.app_id,
@@ -228,7 +322,8 @@ fn insert_process_row(conn: &Connection, p: &Process) -> Result<()> {
             p.rooms_per_process,
             p.rooms_allocated,
             p.created_at,
-            to_json(p)?
+            to_json(p)?,
+            p.port_count
         ],
     )
     .map_err(|e| unique(e, || format!("process {} already exists", p.process_id)))?;
@@ -245,7 +340,7 @@ struct RoomDoc {
 
 fn load_room(conn: &Connection, id: &str) -> Result<Option<Room>> {
     let row: Option<(String, String, String)> = conn
-        .query_row(
+        .one(
             "SELECT app_id, status, doc FROM rooms WHERE room_id = ?1",
             params![id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -285,12 +380,12 @@ fn load_room(conn: &Connection, id: &str) -> Result<Option<Room>> {
 
 /// Free one slot and close the room's current allocation.
 fn close_allocation(conn: &Connection, room_id: &str, process_id: &str, at: Millis) -> Result<()> {
-    conn.execute(
+    conn.run(
         "UPDATE allocations SET unscheduled_at = ?3 WHERE room_id = ?1 AND process_id = ?2 AND unscheduled_at IS NULL",
         params![room_id, process_id, at],
     )
     .map_err(backend)?;
-    conn.execute(
+    conn.run(
         "UPDATE processes SET rooms_allocated = rooms_allocated - 1 WHERE process_id = ?1 AND rooms_allocated > 0",
         params![process_id],
     )
@@ -338,14 +433,66 @@ fn process_where(q: &ProcessQuery) -> (String, Vec<rusqlite::types::Value>) {
         args.push(Value::Integer(before));
         sql.push_str(&format!(" AND created_at < ?{}", args.len()));
     }
+    if q.with_free_slot {
+        sql.push_str(" AND rooms_allocated < rooms_per_process");
+    }
     (sql, args)
+}
+
+/// Lobby columns, joined with the room's status and config.
+const LOBBY_SELECT: &str = "SELECT l.doc, json_extract(r.doc, '$.roomConfig'), r.status FROM lobbies l JOIN rooms r ON r.room_id = l.room_id";
+
+fn lobbies_where(
+    conn: &Connection,
+    filter: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<(Lobby, RoomStatus)>> {
+    let mut stmt = conn
+        .prepare_cached(&format!("{LOBBY_SELECT} {filter}"))
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(backend)?;
+    rows.map(|row| {
+        let (doc, config, status) = row.map_err(backend)?;
+        let mut lobby: Lobby = from_json(&doc)?;
+        lobby.room_config = config;
+        Ok((lobby, status.parse().map_err(backend)?))
+    })
+    .collect()
+}
+
+fn write_lobby(conn: &Connection, l: &Lobby) -> Result<()> {
+    conn.run(
+        "INSERT INTO lobbies (room_id, app_id, short_code, visibility, region, created_by, created_at, doc)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (room_id) DO UPDATE SET doc = excluded.doc",
+        params![
+            l.room_id,
+            l.app_id,
+            l.short_code,
+            l.visibility.as_str(),
+            l.region.as_str(),
+            l.created_by,
+            l.created_at,
+            to_json(l)?
+        ],
+    )
+    .map_err(backend)?;
+    Ok(())
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_org(&self, org: &Org) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "INSERT INTO orgs (org_id, doc) VALUES (?1, ?2) ON CONFLICT (org_id) DO NOTHING",
                 params![org.org_id, to_json(org)?],
             )
@@ -355,12 +502,12 @@ impl Store for SqliteStore {
     }
 
     async fn orgs(&self) -> Result<Vec<Org>> {
-        self.with(|c| docs(c, "SELECT doc FROM orgs ORDER BY rowid", []))
+        self.read(|c| docs(c, "SELECT doc FROM orgs ORDER BY rowid", []))
     }
 
     async fn insert_token(&self, t: &OrgToken, secret_hash: &str) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "INSERT INTO tokens (org_token_id, org_id, name, active, secret_hash, doc) VALUES (?1, ?2, ?3, 1, ?4, ?5)",
                 params![t.org_token_id, t.org_id, t.name, secret_hash, to_json(t)?],
             )
@@ -370,7 +517,7 @@ impl Store for SqliteStore {
     }
 
     async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>> {
-        self.with(|c| {
+        self.read(|c| {
             doc(
                 c,
                 "SELECT doc FROM tokens WHERE secret_hash = ?1",
@@ -380,7 +527,7 @@ impl Store for SqliteStore {
     }
 
     async fn tokens(&self, org_id: &str) -> Result<Vec<OrgToken>> {
-        self.with(|c| {
+        self.read(|c| {
             docs(
                 c,
                 "SELECT doc FROM tokens WHERE org_id = ?1 ORDER BY rowid",
@@ -399,7 +546,7 @@ impl Store for SqliteStore {
             )?;
             let Some(mut t) = t else { return Ok(None) };
             t.status = OrgTokenStatus::Revoked;
-            tx.execute(
+            tx.run(
                 "UPDATE tokens SET active = 0, doc = ?2 WHERE org_token_id = ?1",
                 params![token_id, to_json(&t)?],
             )
@@ -411,7 +558,7 @@ impl Store for SqliteStore {
 
     async fn insert_app(&self, app: &App) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "INSERT INTO apps (app_id, org_id, app_name, deleted, doc) VALUES (?1, ?2, ?3, 0, ?4)",
                 params![app.app_id, app.org_id, app.app_name, to_json(app)?],
             )
@@ -422,7 +569,7 @@ impl Store for SqliteStore {
 
     async fn update_app(&self, app: &App) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "UPDATE apps SET app_name = ?2, deleted = ?3, doc = ?4 WHERE app_id = ?1",
                 params![
                     app.app_id,
@@ -441,11 +588,11 @@ impl Store for SqliteStore {
     }
 
     async fn app(&self, app_id: &str) -> Result<Option<App>> {
-        self.with(|c| doc(c, "SELECT doc FROM apps WHERE app_id = ?1", params![app_id]))
+        self.read(|c| doc(c, "SELECT doc FROM apps WHERE app_id = ?1", params![app_id]))
     }
 
     async fn apps(&self, org_id: &str) -> Result<Vec<App>> {
-        self.with(|c| {
+        self.read(|c| {
             docs(
                 c,
                 "SELECT doc FROM apps WHERE org_id = ?1 AND deleted = 0 ORDER BY rowid",
@@ -456,7 +603,7 @@ impl Store for SqliteStore {
 
     async fn insert_build(&self, b: &Build) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "INSERT INTO builds (build_id, org_id, created_at, doc) VALUES (?1, ?2, ?3, ?4)",
                 params![b.build_id, b.org_id, b.created_at, to_json(b)?],
             )
@@ -467,7 +614,7 @@ impl Store for SqliteStore {
 
     async fn update_build(&self, b: &Build) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "UPDATE builds SET doc = ?2 WHERE build_id = ?1",
                 params![b.build_id, to_json(b)?],
             )
@@ -476,8 +623,20 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn build(&self, build_id: &str) -> Result<Option<Build>> {
+    async fn update_build_if(&self, b: &Build, expected: BuildStatus) -> Result<bool> {
         self.with(|c| {
+            let n = c
+                .run(
+                    "UPDATE builds SET doc = ?2 WHERE build_id = ?1 AND json_extract(doc, '$.status') = ?3",
+                    params![b.build_id, to_json(b)?, expected.as_str()],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+    }
+
+    async fn build(&self, build_id: &str) -> Result<Option<Build>> {
+        self.read(|c| {
             doc(
                 c,
                 "SELECT doc FROM builds WHERE build_id = ?1",
@@ -487,7 +646,7 @@ impl Store for SqliteStore {
     }
 
     async fn builds(&self, org_id: &str) -> Result<Vec<Build>> {
-        self.with(|c| {
+        self.read(|c| {
             docs(
                 c,
                 "SELECT doc FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, rowid DESC",
@@ -498,7 +657,7 @@ impl Store for SqliteStore {
 
     async fn insert_deployment(&self, d: &Deployment) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "INSERT INTO deployments (deployment_id, app_id, doc) VALUES (?1, ?2, ?3)",
                 params![d.deployment_id, d.app_id, to_json(d)?],
             )
@@ -511,8 +670,18 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn latest_deployment(&self, app_id: &str) -> Result<Option<Deployment>> {
+        self.read(|c| {
+            doc(
+                c,
+                "SELECT doc FROM deployments WHERE app_id = ?1 ORDER BY seq DESC LIMIT 1",
+                params![app_id],
+            )
+        })
+    }
+
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
-        self.with(|c| {
+        self.read(|c| {
             doc(
                 c,
                 "SELECT doc FROM deployments WHERE deployment_id = ?1",
@@ -522,7 +691,7 @@ impl Store for SqliteStore {
     }
 
     async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
-        self.with(|c| {
+        self.read(|c| {
             docs(
                 c,
                 "SELECT doc FROM deployments WHERE app_id = ?1 ORDER BY seq DESC",
@@ -533,7 +702,7 @@ impl Store for SqliteStore {
 
     async fn put_node(&self, n: &Node) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.run(
                 "INSERT INTO nodes (node_id, doc) VALUES (?1, ?2) ON CONFLICT (node_id) DO UPDATE SET doc = excluded.doc",
                 params![n.node_id, to_json(n)?],
             )
@@ -543,20 +712,38 @@ impl Store for SqliteStore {
     }
 
     async fn nodes(&self) -> Result<Vec<Node>> {
-        self.with(|c| docs(c, "SELECT doc FROM nodes ORDER BY node_id", []))
+        self.read(|c| docs(c, "SELECT doc FROM nodes ORDER BY node_id", []))
+    }
+
+    async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT node_id, COUNT(*), SUM(port_count) FROM processes
+                     WHERE status IN ('starting', 'running', 'draining', 'stopping') GROUP BY node_id",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(backend)
+        })
     }
 
     async fn process(&self, id: &str) -> Result<Option<Process>> {
-        self.with(|c| load_process(c, id))
+        self.read(|c| load_process(c, id))
     }
 
     async fn processes(&self, q: &ProcessQuery) -> Result<Vec<Process>> {
         let (w, args) = process_where(q);
         let limit = q.limit.map(|l| format!(" LIMIT {l}")).unwrap_or_default();
-        let sql = format!(
-            "SELECT {PROCESS_COLS} FROM processes{w} ORDER BY created_at DESC, seq DESC{limit}"
-        );
-        self.with(|c| {
+        let order = if q.with_free_slot {
+            "status != 'running', rooms_allocated DESC, created_at, seq"
+        } else {
+            "created_at DESC, seq DESC"
+        };
+        let sql = format!("SELECT {PROCESS_COLS} FROM processes{w} ORDER BY {order}{limit}");
+        self.read(|c| {
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let rows = stmt
                 .query_map(params_from_iter(args), read_process)
@@ -567,8 +754,8 @@ impl Store for SqliteStore {
 
     async fn count_processes(&self, q: &ProcessQuery) -> Result<u64> {
         let (w, args) = process_where(q);
-        self.with(|c| {
-            c.query_row(
+        self.read(|c| {
+            c.one(
                 &format!("SELECT COUNT(*) FROM processes{w}"),
                 params_from_iter(args),
                 |r| r.get(0),
@@ -626,12 +813,12 @@ impl Store for SqliteStore {
                 let rows = stmt.query_map(params![id], |r| r.get(0)).map_err(backend)?;
                 rows.collect::<rusqlite::Result<_>>().map_err(backend)?
             };
-            tx.execute(
+            tx.run(
                 "UPDATE allocations SET unscheduled_at = ?2 WHERE process_id = ?1 AND unscheduled_at IS NULL",
                 params![id, at],
             )
             .map_err(backend)?;
-            tx.execute(
+            tx.run(
                 "UPDATE rooms SET status = 'destroyed', process_id = NULL WHERE process_id = ?1",
                 params![id],
             )
@@ -640,7 +827,14 @@ impl Store for SqliteStore {
             p.rooms_allocated = 0;
             p.terminated_at = Some(at);
             p.stopping_at.get_or_insert(at);
-            p.summary_exit_reason = Some(reason.to_string());
+            // A stop Lodge asked for (StopProcess, the idle reaper) names why, then how it went.
+            let summary = match (&p.status, &p.summary_exit_reason) {
+                (ProcessStatus::Stopping, Some(why)) if !reason.starts_with(why.as_str()) => {
+                    format!("{why} ({reason})")
+                }
+                _ => reason.to_string(),
+            };
+            p.summary_exit_reason = Some(summary);
             write_process(&tx, &p)?;
             tx.commit().map_err(backend)?;
             Ok(Some(EndedProcess { process: p, destroyed_rooms: room_ids }))
@@ -648,11 +842,11 @@ impl Store for SqliteStore {
     }
 
     async fn room(&self, room_id: &str) -> Result<Option<Room>> {
-        self.with(|c| load_room(c, room_id))
+        self.read(|c| load_room(c, room_id))
     }
 
     async fn rooms_of_process(&self, process_id: &str, active: bool) -> Result<Vec<Room>> {
-        self.with(|c| {
+        self.read(|c| {
             let sql = if active {
                 "SELECT room_id FROM rooms WHERE process_id = ?1 ORDER BY rowid"
             } else {
@@ -680,35 +874,33 @@ impl Store for SqliteStore {
             match &target {
                 PlaceTarget::Existing(pid) => {
                     let n = tx
-                        .execute(
-                            "UPDATE processes SET rooms_allocated = rooms_allocated + 1
+                        .run(
+                            "UPDATE processes SET rooms_allocated = rooms_allocated + 1,
+                                    doc = json_set(doc, '$.lastBusyAt', ?2)
                              WHERE process_id = ?1 AND rooms_allocated < rooms_per_process
                                AND status IN ('starting', 'running')",
-                            params![pid],
+                            params![pid, alloc.scheduled_at],
                         )
                         .map_err(backend)?;
                     if n == 0 {
                         return Err(StoreError::Conflict(format!("process {pid} has no free slot")));
                     }
-                    tx.execute(
-                        "UPDATE processes SET doc = json_set(doc, '$.lastBusyAt', ?2) WHERE process_id = ?1",
-                        params![pid, alloc.scheduled_at],
-                    )
-                    .map_err(backend)?;
                 }
                 PlaceTarget::New(p) => insert_process_row(&tx, p)?,
             }
             let doc = to_json(&RoomDoc { room_config: room.room_config.clone(), created_at: room.created_at })?;
-            let inserted = tx.execute(
+            let inserted = tx.run(
                 "INSERT INTO rooms (room_id, app_id, status, process_id, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![room.room_id, room.app_id, room.status.as_str(), alloc.process_id, doc],
             );
+            let mut fresh = true;
             match inserted {
                 Ok(_) => {}
                 Err(e) if is_unique_violation(&e) => {
+                    fresh = false;
                     // Resume: allowed only for a room of the same app with no current slot.
                     let n = tx
-                        .execute(
+                        .run(
                             "UPDATE rooms SET status = ?3, process_id = ?4 WHERE room_id = ?1 AND app_id = ?2
                              AND process_id IS NULL AND status = 'suspended'",
                             params![room.room_id, room.app_id, room.status.as_str(), alloc.process_id],
@@ -720,10 +912,13 @@ impl Store for SqliteStore {
                 }
                 Err(e) => return Err(backend(e)),
             }
-            let seq: i64 = tx
-                .query_row("SELECT COUNT(*) FROM allocations WHERE room_id = ?1", params![room.room_id], |r| r.get(0))
-                .map_err(backend)?;
-            tx.execute(
+            let seq: i64 = if fresh {
+                0
+            } else {
+                tx.one("SELECT COUNT(*) FROM allocations WHERE room_id = ?1", params![room.room_id], |r| r.get(0))
+                    .map_err(backend)?
+            };
+            tx.run(
                 "INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
                  VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
                 params![alloc.room_allocation_id, room.room_id, alloc.process_id, alloc.scheduled_at, seq],
@@ -742,7 +937,7 @@ impl Store for SqliteStore {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
             let row: Option<(String, Option<String>)> = tx
-                .query_row("SELECT status, process_id FROM rooms WHERE room_id = ?1", params![room_id], |r| {
+                .one("SELECT status, process_id FROM rooms WHERE room_id = ?1", params![room_id], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })
                 .optional()
@@ -753,13 +948,13 @@ impl Store for SqliteStore {
             }
             if let Some(pid) = &pid {
                 close_allocation(&tx, room_id, pid, at)?;
-                tx.execute(
+                tx.run(
                     "UPDATE processes SET doc = json_set(doc, '$.lastBusyAt', ?2) WHERE process_id = ?1",
                     params![pid, at],
                 )
                 .map_err(backend)?;
             }
-            tx.execute(
+            tx.run(
                 "UPDATE rooms SET status = ?2, process_id = NULL WHERE room_id = ?1",
                 params![room_id, status.as_str()],
             )
@@ -773,12 +968,168 @@ impl Store for SqliteStore {
     async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool> {
         self.with(|c| {
             let n = c
-                .execute(
+                .run(
                     "UPDATE rooms SET doc = json_set(doc, '$.roomConfig', ?2) WHERE room_id = ?1 AND status != 'destroyed'",
                     params![room_id, config],
                 )
                 .map_err(backend)?;
             Ok(n > 0)
+        })
+    }
+
+    async fn reserve_lobby(
+        &self,
+        lobby: &Lobby,
+        since: Millis,
+        max: u32,
+    ) -> Result<Option<Millis>> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let (n, oldest): (u32, Option<Millis>) = tx
+                .one(
+                    "SELECT COUNT(*), MIN(created_at) FROM lobbies WHERE app_id = ?1 AND created_by = ?2 AND created_at > ?3",
+                    params![lobby.app_id, lobby.created_by, since],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(backend)?;
+            if n >= max {
+                return Ok(Some(oldest.unwrap_or(since)));
+            }
+            let taken: bool = tx
+                .one("SELECT EXISTS (SELECT 1 FROM rooms WHERE room_id = ?1 UNION SELECT 1 FROM lobbies WHERE room_id = ?1)", params![lobby.room_id], |r| r.get(0))
+                .map_err(backend)?;
+            if taken {
+                return Err(StoreError::Duplicate(format!("room id '{}' is already taken", lobby.room_id)));
+            }
+            write_lobby(&tx, lobby)?;
+            tx.commit().map_err(backend)?;
+            Ok(None)
+        })
+    }
+
+    async fn delete_lobby(&self, room_id: &str) -> Result<()> {
+        self.with(|c| {
+            c.run("DELETE FROM lobbies WHERE room_id = ?1", params![room_id])
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    async fn lobby(&self, room_id: &str) -> Result<Option<(Lobby, RoomStatus)>> {
+        self.read(|c| Ok(lobbies_where(c, "WHERE l.room_id = ?1", params![room_id])?.pop()))
+    }
+
+    async fn lobby_by_short_code(
+        &self,
+        app_id: &str,
+        code: &str,
+    ) -> Result<Option<(Lobby, RoomStatus)>> {
+        self.read(|c| {
+            Ok(lobbies_where(
+                c,
+                "WHERE l.app_id = ?1 AND l.short_code = ?2 AND r.status != 'destroyed' ORDER BY l.created_at DESC, l.rowid DESC LIMIT 1",
+                params![app_id, code],
+            )?
+            .pop())
+        })
+    }
+
+    async fn lobbies(
+        &self,
+        app_id: &str,
+        visibility: LobbyVisibility,
+        region: Option<Region>,
+    ) -> Result<Vec<Lobby>> {
+        self.read(|c| {
+            let rows = match region {
+                Some(r) => lobbies_where(
+                    c,
+                    "WHERE l.app_id = ?1 AND l.visibility = ?2 AND l.region = ?3 AND r.status != 'destroyed' ORDER BY l.created_at DESC, l.rowid DESC",
+                    params![app_id, visibility.as_str(), r.as_str()],
+                )?,
+                None => lobbies_where(
+                    c,
+                    "WHERE l.app_id = ?1 AND l.visibility = ?2 AND r.status != 'destroyed' ORDER BY l.created_at DESC, l.rowid DESC",
+                    params![app_id, visibility.as_str()],
+                )?,
+            };
+            Ok(rows.into_iter().map(|(l, _)| l).collect())
+        })
+    }
+
+    async fn set_lobby_state(
+        &self,
+        room_id: &str,
+        state: &serde_json::Value,
+    ) -> Result<Option<Lobby>> {
+        self.with(|c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let Some((mut lobby, _)) =
+                lobbies_where(&tx, "WHERE l.room_id = ?1", params![room_id])?.pop()
+            else {
+                return Ok(None);
+            };
+            lobby.state = Some(state.clone());
+            write_lobby(&tx, &lobby)?;
+            tx.commit().map_err(backend)?;
+            Ok(Some(lobby))
+        })
+    }
+
+    async fn legacy_number(&self, scope: &str, kind: &str, id: &str) -> Result<i64> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let found: Option<i64> = tx
+                .one(
+                    "SELECT num FROM legacy_ids WHERE scope = ?1 AND kind = ?2 AND id = ?3",
+                    params![scope, kind, id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            if let Some(n) = found {
+                return Ok(n);
+            }
+            let n: i64 = tx
+                .one(
+                    "SELECT COALESCE(MAX(num), 0) + 1 FROM legacy_ids WHERE scope = ?1 AND kind = ?2",
+                    params![scope, kind],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            tx.run(
+                "INSERT INTO legacy_ids (scope, kind, num, id) VALUES (?1, ?2, ?3, ?4)",
+                params![scope, kind, n, id],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(n)
+        })
+    }
+
+    async fn legacy_id(&self, scope: &str, kind: &str, num: i64) -> Result<Option<String>> {
+        self.read(|c| {
+            c.one(
+                "SELECT id FROM legacy_ids WHERE scope = ?1 AND kind = ?2 AND num = ?3",
+                params![scope, kind, num],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+        })
+    }
+
+    async fn legacy_entries(&self, scope: &str, kind: &str) -> Result<Vec<(i64, String)>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT num, id FROM legacy_ids WHERE scope = ?1 AND kind = ?2 ORDER BY num DESC")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![scope, kind], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(backend)
         })
     }
 }

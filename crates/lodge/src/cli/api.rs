@@ -84,10 +84,19 @@ impl Api {
 
     /// Send and fail on a non-success status with the server's `message`.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let res = req
-            .send()
-            .await
-            .map_err(|e| CliError(format!("cannot reach {}: {}", self.base, CliError::from(e))))?;
+        let res = req.send().await.map_err(|e| {
+            // A connection failure reads best as its root cause ("Connection refused").
+            let why = if e.is_connect() || e.is_timeout() {
+                let mut cause: &dyn std::error::Error = &e;
+                while let Some(next) = cause.source() {
+                    cause = next;
+                }
+                cause.to_string()
+            } else {
+                CliError::from(e).0
+            };
+            CliError(format!("cannot reach {}: {why}", self.base))
+        })?;
         if res.status().is_success() {
             return Ok(res);
         }

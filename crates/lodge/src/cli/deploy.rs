@@ -51,7 +51,7 @@ pub struct DeployArgs {
     #[arg(long, overrides_with = "no_idle_timeout")]
     pub idle_timeout: bool,
     /// Keep idle processes running.
-    #[arg(long)]
+    #[arg(long, overrides_with = "idle_timeout")]
     pub no_idle_timeout: bool,
     /// Your version label for the build.
     #[arg(long)]
@@ -83,41 +83,46 @@ fn parse_env(spec: &str) -> Result<Value> {
     Ok(json!({ "name": k, "value": v }))
 }
 
-/// The archive bytes and a name for messages.
-fn archive(path: &Path) -> Result<Vec<u8>> {
+/// The archive bytes, and the messages about it, printed once the app is known (so a failure
+/// before that prints only its error).
+fn archive(path: &Path) -> Result<(Vec<u8>, Vec<String>)> {
+    let mut notes = Vec::new();
     let meta = std::fs::metadata(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?;
     if meta.is_dir() {
         let files = pack::collect(path)?;
         if files.is_empty() {
             return err(format!("{} has no files to deploy", path.display()));
         }
-        if !files.iter().any(|f| f == "lodge.toml") {
-            let hint = if files.iter().any(|f| f == "Dockerfile") {
-                " (it has a Dockerfile; Lodge runs native bundles)"
-            } else {
-                ""
-            };
-            eprintln!(
-                "warning: {} has no lodge.toml at its root{hint}; Lodge will fail this build",
+        if !files.iter().any(|f| f == "lodge.toml" || f == "Dockerfile") {
+            notes.push(format!(
+                "warning: {} has neither lodge.toml nor a Dockerfile at its root; Lodge will fail this build",
                 path.display()
-            );
+            ));
         }
         let data = pack::tar_gz(path, &files)?;
-        eprintln!(
+        notes.push(format!(
             "packed {} files from {} ({})",
             files.len(),
             path.display(),
             human(data.len() as u64)
-        );
-        Ok(data)
+        ));
+        Ok((data, notes))
     } else {
-        let data = std::fs::read(path)?;
-        eprintln!(
+        let data = std::fs::read(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?;
+        let gzip = data.starts_with(&[0x1f, 0x8b]);
+        let tar = data.get(257..262) == Some(b"ustar".as_slice());
+        if !gzip && !tar {
+            return err(format!(
+                "{} is neither a directory nor a .tgz/.tar.gz/.tar archive",
+                path.display()
+            ));
+        }
+        notes.push(format!(
             "uploading {} ({})",
             path.display(),
             human(data.len() as u64)
-        );
-        Ok(data)
+        ));
+        Ok((data, notes))
     }
 }
 
@@ -144,7 +149,12 @@ fn progress(done: u64, total: u64) {
 }
 
 /// The multipart upload of a created build: parts in parallel, each answered with an ETag.
-async fn upload(ctx: &Ctx, created: &Value, data: Arc<Vec<u8>>, parallel: usize) -> Result<()> {
+pub(crate) async fn upload(
+    ctx: &Ctx,
+    created: &Value,
+    data: Arc<Vec<u8>>,
+    parallel: usize,
+) -> Result<()> {
     let chunk = created["maxChunkSize"]
         .as_u64()
         .filter(|c| *c > 0)
@@ -240,10 +250,13 @@ async fn upload(ctx: &Ctx, created: &Value, data: Arc<Vec<u8>>, parallel: usize)
     Ok(())
 }
 
-/// The app to deploy to: the given one, the only one, or a new one named after the directory.
+/// The app to deploy to: the given one (which must exist), the only one, or a new one named
+/// after the directory or archive.
 async fn app_for(ctx: &Ctx, path: &Path) -> Result<String> {
     if ctx.has_app() {
-        return ctx.app().await;
+        let app = ctx.app().await?;
+        ctx.api.get(&format!("/apps/v2/apps/{}", enc(&app))).await?;
+        return Ok(app);
     }
     let apps = ctx.api.get("/apps/v2/apps").await?;
     if apps["applications"]
@@ -252,7 +265,13 @@ async fn app_for(ctx: &Ctx, path: &Path) -> Result<String> {
     {
         let base = std::fs::canonicalize(path)
             .ok()
-            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+            .map(|n| {
+                [".tar.gz", ".tgz", ".tar"]
+                    .iter()
+                    .find_map(|ext| n.strip_suffix(ext).map(str::to_string))
+                    .unwrap_or(n)
+            })
             .unwrap_or_else(|| "game".into());
         let name: String = base
             .to_ascii_lowercase()
@@ -282,8 +301,36 @@ async fn app_for(ctx: &Ctx, path: &Path) -> Result<String> {
 }
 
 pub async fn run(ctx: &Ctx, a: DeployArgs) -> Result<()> {
+    // Everything that can fail locally fails before anything is created on the server.
+    let additional_ports = a
+        .additional_ports
+        .iter()
+        .map(|p| parse_port(p))
+        .collect::<Result<Vec<_>>>()?;
+    let env = a
+        .env
+        .iter()
+        .map(|e| parse_env(e))
+        .collect::<Result<Vec<_>>>()?;
+    let (data, notes) = archive(&a.path)?;
+    let data = Arc::new(data);
     let app = app_for(ctx, &a.path).await?;
-    let data = Arc::new(archive(&a.path)?);
+    // The settings to copy, before uploading a build that could not be deployed without them.
+    let latest = if a.from_latest {
+        Some(
+            ctx.api
+                .get(&format!(
+                    "/deployments/v3/apps/{}/deployments/latest",
+                    enc(&app)
+                ))
+                .await?,
+        )
+    } else {
+        None
+    };
+    for n in notes {
+        eprintln!("{n}");
+    }
     let mut params = json!({ "buildSizeInBytes": data.len() });
     if let Some(t) = &a.build_tag {
         params["buildTag"] = json!(t);
@@ -309,14 +356,7 @@ pub async fn run(ctx: &Ctx, a: DeployArgs) -> Result<()> {
         return err(format!("build {build_id} {}", s(&build["status"])));
     }
 
-    let mut config = if a.from_latest {
-        let latest = ctx
-            .api
-            .get(&format!(
-                "/deployments/v3/apps/{}/deployments/latest",
-                enc(&app)
-            ))
-            .await?;
+    let mut config = if let Some(latest) = latest {
         json!({
             "idleTimeoutEnabled": latest["idleTimeoutEnabled"],
             "env": latest["env"],
@@ -343,21 +383,11 @@ pub async fn run(ctx: &Ctx, a: DeployArgs) -> Result<()> {
     if let Some(v) = a.container_port {
         config["containerPort"] = json!(v);
     }
-    if !a.additional_ports.is_empty() {
-        config["additionalContainerPorts"] = a
-            .additional_ports
-            .iter()
-            .map(|p| parse_port(p))
-            .collect::<Result<Vec<_>>>()?
-            .into();
+    if !additional_ports.is_empty() {
+        config["additionalContainerPorts"] = additional_ports.into();
     }
-    if !a.env.is_empty() {
-        config["env"] = a
-            .env
-            .iter()
-            .map(|e| parse_env(e))
-            .collect::<Result<Vec<_>>>()?
-            .into();
+    if !env.is_empty() {
+        config["env"] = env.into();
     }
     if let Some(v) = a.cpu {
         config["requestedCPU"] = json!(v);

@@ -1,7 +1,7 @@
 //! The developer CLI. It talks only to the public API, so it works against any Lodge (or any
 //! Hathora-compatible endpoint).
 
-mod api;
+pub mod api;
 pub mod deploy;
 pub mod pack;
 mod table;
@@ -384,14 +384,29 @@ pub async fn deployments(ctx: &Ctx, cmd: DeploymentsCmd) -> Result<()> {
             if let Some(t) = build_tag {
                 q.push(format!("buildTag={}", enc(&t)));
             }
-            let v = ctx
-                .api
-                .get(&format!(
-                    "/deployments/v3/apps/{}/deployments?{}",
-                    enc(&app),
-                    q.join("&")
-                ))
-                .await?;
+            // Every page, following nextPageToken.
+            let mut all = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let mut query = q.clone();
+                if let Some(t) = &token {
+                    query.push(format!("nextPageToken={}", enc(t)));
+                }
+                let page = ctx
+                    .api
+                    .get(&format!(
+                        "/deployments/v3/apps/{}/deployments?{}",
+                        enc(&app),
+                        query.join("&")
+                    ))
+                    .await?;
+                all.extend(page["deployments"].as_array().cloned().unwrap_or_default());
+                match page["nextPageToken"].as_str().filter(|t| !t.is_empty()) {
+                    Some(t) if token.as_deref() != Some(t) => token = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+            let v = json!({ "deployments": all });
             ctx.print(&v, |v| {
                 Table::new(DEPLOYMENT_HEADERS).rows(
                     v["deployments"]
@@ -530,14 +545,7 @@ pub async fn rooms(ctx: &Ctx, cmd: RoomsCmd) -> Result<()> {
             let which = if inactive { "inactive" } else { "active" };
             let processes: Vec<String> = match process {
                 Some(p) => vec![p],
-                None => {
-                    let live = ctx.api.get(&format!("/processes/v3/apps/{a}/processes/latest?status=starting&status=running")).await?;
-                    live.as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|p| s(&p["processId"]))
-                        .collect()
-                }
+                None => live_processes(ctx, &a).await?,
             };
             let mut all = Vec::new();
             for p in processes {
@@ -565,6 +573,75 @@ pub async fn rooms(ctx: &Ctx, cmd: RoomsCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Epoch milliseconds of an RFC 3339 UTC time such as `2025-03-04T18:22:10.512Z`.
+fn epoch_ms(t: &str) -> Option<i64> {
+    let num = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let frac = t.get(19..).unwrap_or("");
+    let ms = match frac.strip_prefix('.') {
+        Some(f) => {
+            let digits: String = f.chars().take_while(char::is_ascii_digit).collect();
+            format!("{digits:0<3}").get(..3)?.parse::<i64>().ok()?
+        }
+        None => 0,
+    };
+    // Days from 1970-01-01 to y-mo-d in the proleptic Gregorian calendar.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms)
+}
+
+/// The ids of every live (starting, running or draining) process, newest first. The API
+/// answers 10 at a time; `before` (a createdAt in epoch ms, exclusive) pages back.
+async fn live_processes(ctx: &Ctx, app: &str) -> Result<Vec<String>> {
+    let mut ids: Vec<String> = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut path = format!(
+            "/processes/v3/apps/{app}/processes/latest?status=starting&status=running&status=draining"
+        );
+        if let Some(b) = before {
+            path.push_str(&format!("&before={b}"));
+        }
+        let page = ctx.api.get(&path).await?;
+        let page = page.as_array().cloned().unwrap_or_default();
+        let mut oldest: Option<i64> = None;
+        let mut new = 0;
+        for p in &page {
+            let id = s(&p["processId"]);
+            if !ids.contains(&id) {
+                ids.push(id);
+                new += 1;
+            }
+            let t = epoch_ms(&s(&p["createdAt"])).ok_or_else(|| {
+                CliError(format!(
+                    "unexpected createdAt '{}' of process {}",
+                    s(&p["createdAt"]),
+                    s(&p["processId"])
+                ))
+            })?;
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+        }
+        let Some(oldest) = oldest else { break };
+        // Go on from just after the oldest createdAt seen, so processes created in the same
+        // millisecond but left off this page are not skipped; once that brings nothing new,
+        // step past that millisecond.
+        before = if new > 0 {
+            Some(oldest + 1)
+        } else if before == Some(oldest + 1) {
+            Some(oldest)
+        } else {
+            break;
+        };
+    }
+    Ok(ids)
 }
 
 fn process_row(p: &Value) -> Vec<String> {
@@ -708,4 +785,21 @@ pub async fn tokens(ctx: &Ctx, cmd: TokensCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_created_at() {
+        assert_eq!(epoch_ms("1970-01-01T00:00:00.000Z"), Some(0));
+        assert_eq!(
+            epoch_ms("2025-03-04T18:22:10.512Z"),
+            Some(1_741_112_530_512)
+        );
+        assert_eq!(epoch_ms("2024-02-29T23:59:59Z"), Some(1_709_251_199_000));
+        assert_eq!(epoch_ms("2000-01-01T00:00:00.5Z"), Some(946_684_800_500));
+        assert_eq!(epoch_ms("not a time"), None);
+    }
 }

@@ -15,6 +15,75 @@ struct Rule {
     dir_only: bool,
     /// Matched against the whole path below `base`; otherwise against the file name.
     anchored: bool,
+    /// From `.dockerignore`: it also matches everything below a matching directory, so a later
+    /// `!` rule can bring back a file inside an excluded directory (Docker's semantics). A
+    /// `.gitignore` rule matches the path itself only, and nothing below a directory git
+    /// excludes can be re-included.
+    docker: bool,
+}
+
+impl Rule {
+    /// `rel` below this rule's base directory, if it is below it.
+    fn below<'a>(&self, rel: &'a str) -> Option<&'a str> {
+        if self.base.is_empty() {
+            Some(rel)
+        } else {
+            rel.strip_prefix(&self.base)
+                .and_then(|s| s.strip_prefix('/'))
+        }
+    }
+
+    /// Whether the pattern matches `rel` itself.
+    fn matches_path(&self, rel: &str, is_dir: bool) -> bool {
+        if self.dir_only && !is_dir {
+            return false;
+        }
+        let Some(below) = self.below(rel) else {
+            return false;
+        };
+        let subject = if self.anchored {
+            below
+        } else {
+            below.rsplit('/').next().unwrap_or(below)
+        };
+        glob(self.pattern.as_bytes(), subject.as_bytes())
+    }
+
+    /// Whether the rule applies to `rel`: the path itself, or for a Docker rule also one of
+    /// its parent directories.
+    fn matches(&self, rel: &str, is_dir: bool) -> bool {
+        if self.matches_path(rel, is_dir) {
+            return true;
+        }
+        self.docker
+            && rel
+                .match_indices('/')
+                .any(|(i, _)| self.matches_path(&rel[..i], true))
+    }
+
+    /// Whether the pattern could match some path strictly below the directory `dir`.
+    fn could_match_below(&self, dir: &str) -> bool {
+        let Some(below) = self.below(dir) else {
+            return false;
+        };
+        let pattern: Vec<&str> = self.pattern.split('/').collect();
+        let dir: Vec<&str> = below.split('/').collect();
+        for (i, d) in dir.iter().enumerate() {
+            match pattern.get(i) {
+                Some(p) if p.contains("**") => return true,
+                Some(p) if glob(p.as_bytes(), d.as_bytes()) => {}
+                _ => return false,
+            }
+        }
+        pattern.len() > dir.len()
+    }
+}
+
+/// The outcome of the rules for one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Kept,
+    Excluded { by_git: bool },
 }
 
 /// `.dockerignore` and `.gitignore` rules, in order: the last matching rule wins.
@@ -52,33 +121,41 @@ impl Ignore {
                 negate,
                 dir_only,
                 anchored,
+                docker,
             });
         }
     }
 
-    /// Whether `rel` (relative to the root, `/`-separated) is excluded.
-    pub fn ignored(&self, rel: &str, is_dir: bool) -> bool {
-        let mut ignored = false;
+    fn verdict(&self, rel: &str, is_dir: bool) -> Verdict {
+        let mut v = Verdict::Kept;
         for r in &self.rules {
-            if r.dir_only && !is_dir {
-                continue;
-            }
-            let below = if r.base.is_empty() {
-                Some(rel)
-            } else {
-                rel.strip_prefix(&r.base).and_then(|s| s.strip_prefix('/'))
-            };
-            let Some(below) = below else { continue };
-            let subject = if r.anchored {
-                below
-            } else {
-                below.rsplit('/').next().unwrap_or(below)
-            };
-            if glob(r.pattern.as_bytes(), subject.as_bytes()) {
-                ignored = !r.negate;
+            if r.matches(rel, is_dir) {
+                v = if r.negate {
+                    Verdict::Kept
+                } else {
+                    Verdict::Excluded { by_git: !r.docker }
+                };
             }
         }
-        ignored
+        v
+    }
+
+    /// Whether `rel` (relative to the root, `/`-separated) is excluded.
+    pub fn ignored(&self, rel: &str, is_dir: bool) -> bool {
+        self.verdict(rel, is_dir) != Verdict::Kept
+    }
+
+    /// Whether the walk must enter the directory `rel`: it is kept, or Docker excluded it but a
+    /// `.dockerignore` exception (`!pattern`) may bring back something inside it.
+    fn descend(&self, rel: &str) -> bool {
+        match self.verdict(rel, true) {
+            Verdict::Kept => true,
+            Verdict::Excluded { by_git: true } => false,
+            Verdict::Excluded { by_git: false } => self
+                .rules
+                .iter()
+                .any(|r| r.docker && r.negate && r.could_match_below(rel)),
+        }
     }
 }
 
@@ -139,7 +216,7 @@ fn walk(dir: &Path, rel: &str, ignore: &mut Ignore, out: &mut Vec<String>) -> io
         };
         let ft = e.file_type()?;
         if ft.is_dir() {
-            if name == ".git" || ignore.ignored(&path, true) {
+            if name == ".git" || !ignore.descend(&path) {
                 continue;
             }
             walk(&e.path(), &path, ignore, out)?;
@@ -217,6 +294,44 @@ mod tests {
     }
 
     #[test]
+    fn docker_exceptions_inside_excluded_directories() {
+        let mut d = Ignore::default();
+        d.add(
+            "",
+            "assets\n!assets/keep.txt\n!assets/sub/**/*.png\nlogs/**\ntmp\n",
+            true,
+        );
+        assert!(d.ignored("assets", true));
+        assert!(
+            d.ignored("assets/other.txt", false),
+            "a parent match excludes"
+        );
+        assert!(
+            !d.ignored("assets/keep.txt", false),
+            "the exception wins when last"
+        );
+        assert!(!d.ignored("assets/sub/x/y.png", false));
+        assert!(d.ignored("assets/sub/x/y.jpg", false));
+        assert!(d.descend("assets"), "an exception may match inside");
+        assert!(d.descend("assets/sub"));
+        assert!(!d.descend("assets/other"), "no exception can match inside");
+        assert!(d.ignored("logs/a/b", false));
+        assert!(!d.descend("tmp"), "no exception at all");
+        let mut last = Ignore::default();
+        last.add("", "!assets/keep.txt\nassets\n", true);
+        assert!(
+            last.ignored("assets/keep.txt", false),
+            "an exclusion after the exception wins"
+        );
+        let mut git = d.clone();
+        git.add("", "assets/\n", false);
+        assert!(
+            !git.descend("assets"),
+            "git cannot re-include below a directory it excludes"
+        );
+    }
+
+    #[test]
     fn collects_and_packs_regular_files() {
         let root = std::env::temp_dir().join(format!("lodge-pack-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
@@ -229,12 +344,26 @@ mod tests {
         fs::write(root.join("target/big"), "x").unwrap();
         fs::write(root.join("notes.md"), "x").unwrap();
         fs::write(root.join(".gitignore"), "target/\n").unwrap();
-        fs::write(root.join(".dockerignore"), "*.md\n").unwrap();
+        fs::write(
+            root.join(".dockerignore"),
+            "*.md\nassets\n!assets/keep/*.txt\n",
+        )
+        .unwrap();
+        fs::create_dir_all(root.join("assets/keep")).unwrap();
+        fs::write(root.join("assets/big.png"), "x").unwrap();
+        fs::write(root.join("assets/keep/a.txt"), "x").unwrap();
+        fs::write(root.join("assets/keep/b.png"), "x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
         let files = collect(&root).unwrap();
         assert_eq!(
             files,
-            vec![".dockerignore", ".gitignore", "lodge.toml", "src/deep/a.py"]
+            vec![
+                ".dockerignore",
+                ".gitignore",
+                "assets/keep/a.txt",
+                "lodge.toml",
+                "src/deep/a.py"
+            ]
         );
         let tgz = tar_gz(&root, &files).unwrap();
         let mut a = tar::Archive::new(flate2::read::GzDecoder::new(&tgz[..]));

@@ -56,7 +56,9 @@ struct Node {
 }
 
 const UDP_ECHO: &str = r#"
-import os, socket, sys
+import os, signal, socket, sys
+if os.environ.get("IGNORE_TERM"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", int(os.environ["PORT"])))
 print("listening", flush=True)
@@ -67,6 +69,9 @@ while True:
         sys.exit(int(os.environ.get("EXIT_CODE", "0")))
     if data == b"who":
         data = (os.environ["HATHORA_PROCESS_ID"] + " " + os.environ["PORT"]).encode()
+    if data == b"eat":
+        hog = [bytearray(1 << 20) for _ in range(512)]
+    print("got", data.decode(errors="replace"), flush=True)
     s.sendto(data, peer)
 "#;
 
@@ -138,6 +143,9 @@ async fn node_in(
         api_addr: "127.0.0.1:5634".parse().unwrap(),
         exe: env!("CARGO_BIN_EXE_lodge").into(),
         instance: key,
+        metrics_interval: Duration::from_millis(200),
+        oci_runtime: None,
+        fake_processes: false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -361,6 +369,29 @@ async fn process_lifecycle_on_the_host_network() {
     let (exit, failed) = n.exited("p-stop").await;
     assert!(!failed, "{exit:?}");
     assert!(exit.reason.contains("signal 15"), "{exit:?}");
+
+    // A server that ignores SIGTERM is killed once the grace period (2 s here) is over.
+    n.run(spec("p-stubborn", "b1", &[("IGNORE_TERM", "1")]));
+    n.running("p-stubborn").await;
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(n.dir.0.join("processes/p-stubborn/state.json")).unwrap(),
+    )
+    .unwrap();
+    let pid = state["gamePid"].as_u64().unwrap() as u32;
+    let asked = std::time::Instant::now();
+    n.stop("p-stubborn");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        lodge_agent::sys::alive(pid, None),
+        "still running during the grace period"
+    );
+    let (exit, failed) = n.exited("p-stubborn").await;
+    assert!(!failed, "{exit:?}");
+    assert!(exit.reason.contains("signal 9"), "{exit:?}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "SIGKILL only after the grace period"
+    );
 }
 
 #[tokio::test]
@@ -429,6 +460,12 @@ async fn a_new_agent_readopts_live_processes() {
                 assert!(failed);
                 saw_dead = true;
             }
+            // Re-adoption announces the ports again; they must be the same ones.
+            AgentEvent::Booted {
+                process_id,
+                exposed_ports,
+                ..
+            } if process_id == "p-live" => assert_eq!(exposed_ports[0].port, live_port),
             AgentEvent::Booted { process_id, .. } => panic!("{process_id} was started again"),
             _ => {}
         }
@@ -437,6 +474,15 @@ async fn a_new_agent_readopts_live_processes() {
         udp(live_port, b"still here").await.as_deref(),
         Some(&b"still here"[..])
     );
+    // Its log goes on in the same file, and its traffic is counted again.
+    assert!(
+        n.log("p-live").contains("got still here"),
+        "{}",
+        n.log("p-live")
+    );
+    let stats = n.agent.stats("p-live").expect("adopted process has stats");
+    assert!(stats.bytes_in >= 10 && stats.bytes_out >= 10, "{stats:?}");
+    assert!(stats.active_connections >= 1);
     n.stop("p-live");
     n.exited("p-live").await;
 }
@@ -483,17 +529,50 @@ async fn isolated_processes_bind_the_same_port() {
             "each process binds the container port itself"
         );
     }
-    let cg = format!(
-        "/sys/fs/cgroup/memory/{}/iso-a/memory.limit_in_bytes",
-        n.cfg.cgroup_group()
-    );
-    if let Ok(limit) = std::fs::read_to_string(&cg) {
-        assert_eq!(limit.trim(), (256u64 << 20).to_string());
+    // The deployment's limits (0.5 CPU, 256 MB) are on the process's cgroups (v1 here).
+    if std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        let read = |c: &str, f: &str| {
+            std::fs::read_to_string(format!(
+                "/sys/fs/cgroup/{c}/{}/iso-a/{f}",
+                n.cfg.cgroup_group()
+            ))
+            .unwrap_or_else(|e| panic!("{c}/{f}: {e}"))
+        };
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes").trim(),
+            (256u64 << 20).to_string()
+        );
+        assert_eq!(read("cpu", "cpu.cfs_quota_us").trim(), "50000");
+        assert_eq!(read("cpu", "cpu.cfs_period_us").trim(), "100000");
+        let pid = |id: &str| -> String {
+            let state: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(n.dir.0.join(format!("processes/{id}/state.json")))
+                    .unwrap(),
+            )
+            .unwrap();
+            state["gamePid"].to_string()
+        };
+        assert!(
+            read("memory", "cgroup.procs")
+                .lines()
+                .any(|l| l == pid("iso-a")),
+            "the game server is in its memory cgroup"
+        );
     }
     n.stop("iso-a");
     n.stop("iso-b");
     n.exited("iso-a").await;
     n.exited("iso-b").await;
+
+    // Past its memory limit (64 MB here) the process is killed, and the reason says so.
+    let mut hungry = spec("iso-oom", "b1", &[]);
+    hungry.requested_memory_mb = 64.0;
+    n.run(hungry);
+    let port = n.running("iso-oom").await;
+    let _ = udp(port, b"eat").await;
+    let (exit, failed) = n.exited("iso-oom").await;
+    assert!(failed, "{exit:?}");
+    assert!(exit.reason.contains("out of memory"), "{exit:?}");
     let netns = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()

@@ -22,6 +22,7 @@ async fn serve(dir: &std::path::Path) -> String {
             public_host: "127.0.0.1".into(),
             regions: None,
             started_at: 0,
+            port_capacity: None,
         })
         .await
         .unwrap();

@@ -36,6 +36,7 @@ async fn setup(
             public_host: "127.0.0.1".into(),
             regions: None,
             started_at: 0,
+            port_capacity: None,
         })
         .await
         .unwrap();
@@ -287,4 +288,49 @@ async fn processes_without_idle_timeout_are_never_reaped() {
         .unwrap();
     clock.advance_ms(86_400_000);
     assert!(s.control.reap_idle().await.unwrap().is_empty());
+}
+
+/// Logs and metrics of ended processes are kept for the retention period (72 h by default),
+/// then deleted; the logs API then answers 410.
+#[tokio::test]
+async fn logs_are_kept_for_the_retention_period() {
+    let dir = TempDir::new("retention");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
+    let clock = ManualClock::new(1_000_000);
+    let s = setup(store.clone(), Arc::new(clock.clone()), &dir.0, 1, false).await;
+    let room = s
+        .control
+        .create_room(&s.caller, &s.app_id, params(Region::Sydney), None)
+        .await
+        .unwrap();
+    let pid = room.process_id.clone().unwrap();
+    let pdir = dir.0.join("processes").join(&pid);
+    std::fs::create_dir_all(&pdir).unwrap();
+    std::fs::write(pdir.join("log"), "hello\n").unwrap();
+    s.control
+        .handle_event(spec::AgentEvent::Exited {
+            process_id: pid.clone(),
+            at: clock.now_ms(),
+            exit: spec::ExitInfo {
+                code: Some(0),
+                reason: "exited with code 0".into(),
+            },
+            failed: false,
+        })
+        .await
+        .unwrap();
+    clock.advance_ms(71 * 3_600_000);
+    assert_eq!(s.control.sweep_retention().await.unwrap(), 0);
+    assert!(s
+        .control
+        .process_log(&s.caller, &s.app_id, &pid)
+        .await
+        .is_ok());
+    clock.advance_ms(2 * 3_600_000);
+    assert!(matches!(
+        s.control.process_log(&s.caller, &s.app_id, &pid).await,
+        Err(lodge_control::Error::Gone(_))
+    ));
+    assert_eq!(s.control.sweep_retention().await.unwrap(), 1);
+    assert!(!pdir.exists());
 }

@@ -26,6 +26,7 @@ fn process(id: &str, cap: u32, allocated: u32) -> Process {
         last_busy_at: 0,
         initial_room_id: None,
         initial_room_config: None,
+        port_count: 1,
     }
 }
 
