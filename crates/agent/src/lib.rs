@@ -654,7 +654,10 @@ impl Agent {
         exit: ExitInfo,
         failed: bool,
     ) {
-        drop(routes);
+        // The ports are free before they are released for another process.
+        for r in routes {
+            r.close().await;
+        }
         let (mut exit, mut failed) = (exit, failed);
         if let Some(state) = &state {
             // A container runtime reports a signal death as 128 + the signal.
@@ -1080,7 +1083,9 @@ impl Agent {
         let waiter = match result {
             Ok(w) => w,
             Err(e) => {
-                drop(routes);
+                for r in routes {
+                    r.close().await;
+                }
                 self.release(&state).await;
                 return Err(e);
             }

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::task::JoinSet;
+use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinSet};
 
 /// How long a UDP session lives without traffic.
 pub const UDP_SESSION_TTL: Duration = Duration::from_secs(60);
@@ -63,18 +64,35 @@ pub enum Protocol {
     Udp,
 }
 
-/// A forwarding public port. Dropping it stops the listener and every flow it carries.
+/// A forwarding public port. [`Route::close`] releases the port and every flow it carries
+/// before it returns; dropping a route does the same in the background.
 #[derive(Debug)]
 pub struct Route {
     pub public: SocketAddr,
     pub target: SocketAddr,
     pub protocol: Protocol,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Route {
+    /// Stop forwarding and wait until the public socket and every flow are closed, so the port
+    /// can be handed to another process at once.
+    pub async fn close(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 impl Drop for Route {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -86,21 +104,23 @@ pub async fn open(
     protocol: Protocol,
     counters: Arc<Counters>,
 ) -> io::Result<Route> {
+    let (tx, rx) = oneshot::channel();
     let task = match protocol {
         Protocol::Tcp => {
             let listener = TcpListener::bind(public).await?;
-            tokio::spawn(tcp_accept_loop(listener, target, counters))
+            tokio::spawn(tcp_accept_loop(listener, target, counters, rx))
         }
         Protocol::Udp => {
             let socket = bind_udp(public)?;
-            tokio::spawn(udp_loop(socket, target, counters))
+            tokio::spawn(udp_loop(socket, target, counters, rx))
         }
     };
     Ok(Route {
         public,
         target,
         protocol,
-        task,
+        task: Some(task),
+        shutdown: Some(tx),
     })
 }
 
@@ -110,10 +130,20 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(std)
 }
 
-async fn tcp_accept_loop(listener: TcpListener, target: SocketAddr, counters: Arc<Counters>) {
+async fn tcp_accept_loop(
+    listener: TcpListener,
+    target: SocketAddr,
+    counters: Arc<Counters>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
+            _ = &mut shutdown => {
+                // Every connection is gone before the listener closes.
+                conns.shutdown().await;
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
                     let counters = counters.clone();
@@ -165,13 +195,13 @@ where
 struct UdpSession {
     upstream: Arc<UdpSocket>,
     last_seen: Arc<AtomicU64>,
-    _task: tokio::task::JoinHandle<()>,
+    task: AbortHandle,
     _guard: ActiveGuard,
 }
 
 impl Drop for UdpSession {
     fn drop(&mut self) {
-        self._task.abort();
+        self.task.abort();
     }
 }
 
@@ -181,37 +211,36 @@ fn now_secs(start: tokio::time::Instant) -> u64 {
 
 /// One upstream socket per player address, so the game server sees each player as a distinct
 /// peer, and replies go back through the public socket to that player.
-async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>) {
+async fn udp_loop(
+    public: UdpSocket,
+    target: SocketAddr,
+    counters: Arc<Counters>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
     let public = Arc::new(public);
-    let sessions: Arc<std::sync::Mutex<HashMap<SocketAddr, UdpSession>>> = Arc::default();
+    let mut sessions: HashMap<SocketAddr, UdpSession> = HashMap::new();
+    // The reply tasks; they hold the public socket, so they are all ended before it closes.
+    let mut replies: JoinSet<()> = JoinSet::new();
     let start = tokio::time::Instant::now();
-    let sweeper = {
-        let sessions = sessions.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                let now = now_secs(start);
-                sessions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|_, s| {
-                        now.saturating_sub(s.last_seen.load(Ordering::Relaxed))
-                            < UDP_SESSION_TTL.as_secs()
-                    });
-            }
-        })
-    };
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _sweeper = AbortOnDrop(sweeper);
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 65_536];
     loop {
-        let (n, peer) = match public.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            _ = sweep.tick() => {
+                let now = now_secs(start);
+                sessions.retain(|_, s| {
+                    now.saturating_sub(s.last_seen.load(Ordering::Relaxed))
+                        < UDP_SESSION_TTL.as_secs()
+                });
+                continue;
+            }
+            Some(_) = replies.join_next(), if !replies.is_empty() => continue,
+            r = public.recv_from(&mut buf) => r,
+        };
+        let (n, peer) = match received {
             Ok(x) => x,
             Err(e) => {
                 // ICMP errors from earlier sends surface here on Linux; they are not fatal.
@@ -219,30 +248,28 @@ async fn udp_loop(public: UdpSocket, target: SocketAddr, counters: Arc<Counters>
                 continue;
             }
         };
-        let upstream = {
-            let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
-            let session = match map.get(&peer) {
-                Some(s) => s,
-                None if map.len() >= MAX_UDP_SESSIONS => {
-                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+        let session = match sessions.get(&peer) {
+            Some(s) => s,
+            None if sessions.len() >= MAX_UDP_SESSIONS => {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            None => match new_udp_session(&public, peer, target, &counters, start, &mut replies) {
+                Ok(s) => sessions.entry(peer).or_insert(s),
+                Err(e) => {
+                    tracing::warn!(%peer, %target, error = %e, "cannot open udp session");
                     continue;
                 }
-                None => match new_udp_session(&public, peer, target, &counters, start) {
-                    Ok(s) => map.entry(peer).or_insert(s),
-                    Err(e) => {
-                        tracing::warn!(%peer, %target, error = %e, "cannot open udp session");
-                        continue;
-                    }
-                },
-            };
-            session.last_seen.store(now_secs(start), Ordering::Relaxed);
-            session.upstream.clone()
+            },
         };
+        session.last_seen.store(now_secs(start), Ordering::Relaxed);
         // Counted as received from the player, before forwarding: a reply can otherwise
         // overtake the count.
         counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        let _ = upstream.send(&buf[..n]).await;
+        let _ = session.upstream.send(&buf[..n]).await;
     }
+    sessions.clear();
+    replies.shutdown().await;
 }
 
 fn new_udp_session(
@@ -251,6 +278,7 @@ fn new_udp_session(
     target: SocketAddr,
     counters: &Arc<Counters>,
     start: tokio::time::Instant,
+    replies: &mut JoinSet<()>,
 ) -> io::Result<UdpSession> {
     let bind: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -269,15 +297,15 @@ fn new_udp_session(
             counters.clone(),
             last_seen.clone(),
         );
-        tokio::spawn(async move {
+        replies.spawn(async move {
             let mut buf = vec![0u8; 65_536];
             loop {
                 match upstream.recv(&mut buf).await {
                     Ok(n) => {
                         last_seen.store(now_secs(start), Ordering::Relaxed);
-                        if public.send_to(&buf[..n], peer).await.is_ok() {
-                            counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                        }
+                        // Counted before sending, or the player could see the reply first.
+                        counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        let _ = public.send_to(&buf[..n], peer).await;
                     }
                     // ECONNREFUSED while the server is not (yet) bound: keep the session.
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -288,7 +316,7 @@ fn new_udp_session(
     Ok(UdpSession {
         upstream,
         last_seen,
-        _task: task,
+        task,
         _guard: ActiveGuard::new(counters),
     })
 }
@@ -354,9 +382,8 @@ mod tests {
         assert_eq!(counters.active(), 3);
         assert_eq!(counters.bytes_in.load(Ordering::Relaxed), 30);
         assert_eq!(counters.bytes_out.load(Ordering::Relaxed), 30);
-        drop(route);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(counters.active(), 0, "dropping the route ends its sessions");
+        route.close().await;
+        assert_eq!(counters.active(), 0, "closing the route ends its sessions");
         // The port is released.
         std::net::UdpSocket::bind(public).unwrap();
     }
@@ -384,8 +411,7 @@ mod tests {
         }
         assert_eq!(counters.active(), 0);
         assert_eq!(counters.bytes_in.load(Ordering::Relaxed), 5);
-        drop(route);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        route.close().await;
         std::net::TcpListener::bind(public).unwrap();
     }
 

@@ -76,8 +76,11 @@ while True:
 "#;
 
 fn port_range() -> (u16, u16) {
-    // A window per test process so parallel test runs do not collide.
-    let base = 42000 + (std::process::id() % 200) as u16 * 40;
+    // A window per node, below the ephemeral range, so neither parallel tests in this binary nor
+    // parallel test runs nor clients' ephemeral ports can take a port a test checks.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = 20000 + ((std::process::id() * 7 + n) % 300) as u16 * 40;
     (base, base + 39)
 }
 
