@@ -60,6 +60,12 @@ pub fn detect(choice: &str) -> Result<Option<PathBuf>, String> {
             }
             Ok(in_path("runc"))
         }
+        "crun" if crun_blocked_by_hybrid_cgroups() => Err(
+            "--oci-runtime crun: crun cannot run on this hybrid cgroup host; mount hugetlb on \
+             cgroup v1 (mkdir /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup \
+             /sys/fs/cgroup/hugetlb) or use --oci-runtime runc"
+                .into(),
+        ),
         "crun" | "runc" => in_path(choice).map(Some).ok_or_else(|| {
             format!("--oci-runtime {choice}: not installed (apt-get install {choice})")
         }),
