@@ -124,8 +124,30 @@ pub async fn open(
     })
 }
 
+/// Receive buffer of a public UDP port: a burst of new players (each flow is set up on its
+/// first datagram) queues here instead of overflowing the kernel's ~200 KiB default.
+pub const UDP_RECV_BUFFER: usize = 4 << 20;
+
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use std::os::fd::AsRawFd;
     let std = std::net::UdpSocket::bind(addr)?;
+    let size = UDP_RECV_BUFFER as libc::c_int;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads one c_int from the pointer we pass, on a socket we own.
+        // SO_RCVBUFFORCE (root) may exceed net.core.rmem_max; SO_RCVBUF is capped by it.
+        let r = unsafe {
+            libc::setsockopt(
+                std.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+    }
     std.set_nonblocking(true)?;
     UdpSocket::from_std(std)
 }

@@ -421,7 +421,14 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
     );
     let mut t3 = Table::new(
         &format!("Proxy: {many} concurrent UDP clients, one datagram each every 50 ms"),
-        &["path", "p50", "p99", "loss"],
+        &[
+            "path",
+            "p50",
+            "p99",
+            "first datagram p50",
+            "first datagram p99",
+            "loss",
+        ],
     );
     let mut direct_p50 = f64::NAN;
     for (name, addr, tcp) in &targets {
@@ -463,14 +470,16 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
             format!("{:.0}", tput / 1e6),
             format!("{conns:.0}"),
         ]);
-        let (rtts, lost) = net::udp_many(addr, many, Duration::from_millis(50), secs.max(1.0))
+        let m = net::udp_many(addr, many, Duration::from_millis(50), secs.max(1.0))
             .await
             .map_err(|e| e.to_string())?;
         t3.row(vec![
             name.clone(),
-            us(median(&rtts)),
-            us(pct(&rtts, 0.99)),
-            format!("{:.2}%", lost * 100.0),
+            us(median(&m.rtts)),
+            us(pct(&m.rtts, 0.99)),
+            us(median(&m.firsts)),
+            us(pct(&m.firsts, 0.99)),
+            format!("{:.2}%", m.lost * 100.0),
         ]);
     }
     drop(nginx);

@@ -181,20 +181,36 @@ pub fn tcp_connection_rate(target: SocketAddr, secs: f64, workers: usize) -> f64
 /// `clients` UDP clients (each its own socket, sends spread evenly over the period) each
 /// sending a 100-byte datagram every `period` for `secs`: their round trips (µs) and the
 /// fraction lost.
+/// What [`udp_many`] measured, in µs.
+#[derive(Default)]
+pub struct ManyClients {
+    /// Round trips after each client's first, which opened its session.
+    pub rtts: Vec<f64>,
+    /// Each client's first round trip (a proxy sets up the flow on it).
+    pub firsts: Vec<f64>,
+    /// Share of datagrams without an echo before the client's next send.
+    pub lost: f64,
+}
+
 pub async fn udp_many(
     target: SocketAddr,
     clients: usize,
     period: Duration,
     secs: f64,
-) -> std::io::Result<(Vec<f64>, f64)> {
-    let mut tasks = tokio::task::JoinSet::new();
-    let start = tokio::time::Instant::now();
-    for i in 0..clients {
+) -> std::io::Result<ManyClients> {
+    let mut sockets = Vec::with_capacity(clients);
+    for _ in 0..clients {
         let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
         s.connect(target).await?;
+        sockets.push(s);
+    }
+    // Clients start spread over one period, once every socket exists.
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    for (i, s) in sockets.into_iter().enumerate() {
         let offset = period.mul_f64(i as f64 / clients as f64);
         tasks.spawn(async move {
-            let (mut sent, mut rtts) = (0u64, Vec::new());
+            let (mut sent, mut rtts, mut first) = (0u64, Vec::new(), None);
             let mut buf = [0u8; 2048];
             let mut next = start + offset;
             let mut seq = 0u64;
@@ -214,7 +230,12 @@ pub async fn udp_many(
                 loop {
                     match tokio::time::timeout_at(deadline, s.recv(&mut buf)).await {
                         Ok(Ok(n)) if n >= 8 && buf[..8] == msg[..8] => {
-                            rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+                            let us = t0.elapsed().as_secs_f64() * 1e6;
+                            if seq == 1 {
+                                first = Some(us);
+                            } else {
+                                rtts.push(us);
+                            }
                             break;
                         }
                         Ok(Ok(_)) => continue,
@@ -222,17 +243,20 @@ pub async fn udp_many(
                     }
                 }
             }
-            (sent, rtts)
+            (sent, rtts, first)
         });
     }
-    let (mut sent, mut rtts) = (0u64, Vec::new());
+    let mut m = ManyClients::default();
+    let mut sent = 0;
     while let Some(r) = tasks.join_next().await {
-        let (s, r) = r.map_err(std::io::Error::other)?;
+        let (s, r, first) = r.map_err(std::io::Error::other)?;
         sent += s;
-        rtts.extend(r);
+        m.rtts.extend(r);
+        m.firsts.extend(first);
     }
-    let lost = 1.0 - rtts.len() as f64 / sent.max(1) as f64;
-    Ok((rtts, lost.max(0.0)))
+    let answered = m.rtts.len() + m.firsts.len();
+    m.lost = (1.0 - answered as f64 / sent.max(1) as f64).max(0.0);
+    Ok(m)
 }
 
 /// Wait until a UDP echo answers at `target`.
