@@ -162,6 +162,22 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             args.store
         ));
     }
+    // Settings that can refuse to start are checked before anything is written.
+    let isolation = match args.isolation {
+        IsolationArg::Netns => Isolation::Netns,
+        IsolationArg::None => Isolation::None,
+        IsolationArg::Auto
+            if lodge_agent::sys::is_root() && Path::new("/proc/self/ns/net").exists() =>
+        {
+            Isolation::Netns
+        }
+        IsolationArg::Auto => Isolation::None,
+    };
+    let oci_runtime = if isolation == Isolation::Netns {
+        lodge_agent::oci::detect(&args.oci_runtime)?
+    } else {
+        None
+    };
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir).map_err(|e| e.to_string())?;
@@ -193,21 +209,6 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         );
     }
 
-    let isolation = match args.isolation {
-        IsolationArg::Netns => Isolation::Netns,
-        IsolationArg::None => Isolation::None,
-        IsolationArg::Auto
-            if lodge_agent::sys::is_root() && Path::new("/proc/self/ns/net").exists() =>
-        {
-            Isolation::Netns
-        }
-        IsolationArg::Auto => Isolation::None,
-    };
-    let oci_runtime = if isolation == Isolation::Netns {
-        lodge_agent::oci::detect(&args.oci_runtime)?
-    } else {
-        None
-    };
     match &oci_runtime {
         Some(r) => {
             tracing::info!(runtime = %r.display(), "container images run with this OCI runtime")
