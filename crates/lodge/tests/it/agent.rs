@@ -446,10 +446,21 @@ async fn a_new_agent_readopts_live_processes() {
         &std::fs::read_to_string(dir.0.join("processes/p-dies/state.json")).unwrap(),
     )
     .unwrap();
-    // SAFETY: killing the game server this test started (and its shim).
-    unsafe {
-        libc::kill(state["shimPid"].as_i64().unwrap() as i32, libc::SIGKILL);
-        libc::kill(state["gamePid"].as_i64().unwrap() as i32, libc::SIGKILL);
+    let pids = ["shimPid", "gamePid"].map(|k| state[k].as_i64().unwrap() as i32);
+    for pid in pids {
+        // SAFETY: killing the game server this test started (and its shim).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    // SIGKILL is not instant: the new agent must find them dead, not dying (a dying shim is
+    // rightly re-adopted, then reported ended).
+    for _ in 0..500 {
+        if pids
+            .iter()
+            .all(|p| !lodge_agent::sys::alive(*p as u32, None))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut n = node_in(dir, cfg.isolation, cfg.bind_timeout, Some(link)).await;
     let mut saw_running = false;
