@@ -185,6 +185,23 @@ fn created_build(b: CreatedLegacyBuild) -> Response {
     }
 }
 
+/// CreateBuild v1/v2 in its three shapes: upload links point back at the host the client used.
+async fn create_build(
+    s: &AppState,
+    c: &lodge_control::Caller,
+    app: &str,
+    headers: &HeaderMap,
+    tag: Option<String>,
+    upload: LegacyUpload,
+) -> ApiResult<Response> {
+    let base = base_url(headers);
+    let b = s
+        .control
+        .create_build_legacy(c, app, tag, upload, UploadTarget { base_url: &base })
+        .await?;
+    Ok(created_build(b))
+}
+
 async fn builds_create(
     State(s): State<AppState>,
     Dev(c): Dev,
@@ -193,19 +210,8 @@ async fn builds_create(
     OptBody(p): OptBody<CreateBuildParams>,
 ) -> ApiResult<Response> {
     version(&v)?;
-    let base = base_url(&headers);
     let tag = p.and_then(|p| p.build_tag);
-    let b = s
-        .control
-        .create_build_legacy(
-            &c,
-            &app,
-            tag,
-            LegacyUpload::None,
-            UploadTarget { base_url: &base },
-        )
-        .await?;
-    Ok(created_build(b))
+    create_build(&s, &c, &app, &headers, tag, LegacyUpload::None).await
 }
 
 async fn builds_create_form(
@@ -215,19 +221,8 @@ async fn builds_create_form(
     headers: HeaderMap,
     OptBody(p): OptBody<CreateBuildParams>,
 ) -> ApiResult<Response> {
-    let base = base_url(&headers);
     let tag = p.and_then(|p| p.build_tag);
-    let b = s
-        .control
-        .create_build_legacy(
-            &c,
-            &app,
-            tag,
-            LegacyUpload::Form,
-            UploadTarget { base_url: &base },
-        )
-        .await?;
-    Ok(created_build(b))
+    create_build(&s, &c, &app, &headers, tag, LegacyUpload::Form).await
 }
 
 async fn builds_create_multipart(
@@ -237,18 +232,8 @@ async fn builds_create_multipart(
     headers: HeaderMap,
     Body(p): Body<CreateMultipartBuildParams>,
 ) -> ApiResult<Response> {
-    let base = base_url(&headers);
-    let b = s
-        .control
-        .create_build_legacy(
-            &c,
-            &app,
-            p.build_tag,
-            LegacyUpload::Multipart(p.build_size_in_bytes),
-            UploadTarget { base_url: &base },
-        )
-        .await?;
-    Ok(created_build(b))
+    let upload = LegacyUpload::Multipart(p.build_size_in_bytes);
+    create_build(&s, &c, &app, &headers, p.build_tag, upload).await
 }
 
 /// Write the form's `file` part (if any) to `dest`; a missing part is an error when `required`.

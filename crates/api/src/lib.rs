@@ -90,6 +90,23 @@ impl FromRequestParts<AppState> for Dev {
     }
 }
 
+/// The request body, or `None` when it is empty or only whitespace.
+async fn non_blank_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+) -> Result<Option<axum::body::Bytes>, ApiFailure> {
+    let bytes = <axum::body::Bytes as axum::extract::FromRequest<S>>::from_request(req, state)
+        .await
+        .map_err(|e| {
+            ApiFailure(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read request body: {e}"),
+                None,
+            )
+        })?;
+    Ok((!bytes.iter().all(u8::is_ascii_whitespace)).then_some(bytes))
+}
+
 /// JSON body parsed with our error shape: malformed or invalid → 422 with serde's message.
 pub struct Body<T>(pub T);
 
@@ -97,18 +114,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     type Rejection = ApiFailure;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| {
-                ApiFailure(
-                    StatusCode::BAD_REQUEST,
-                    format!("cannot read request body: {e}"),
-                    None,
-                )
-            })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        let Some(bytes) = non_blank_body(req, state).await? else {
             return Err(invalid("a JSON request body is required"));
-        }
+        };
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| invalid(format!("invalid request body: {e}")))
@@ -122,18 +130,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     type Rejection = ApiFailure;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| {
-                ApiFailure(
-                    StatusCode::BAD_REQUEST,
-                    format!("cannot read request body: {e}"),
-                    None,
-                )
-            })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        let Some(bytes) = non_blank_body(req, state).await? else {
             return Ok(OptBody(None));
-        }
+        };
         serde_json::from_slice(&bytes)
             .map(|v| OptBody(Some(v)))
             .map_err(|e| invalid(format!("invalid request body: {e}")))

@@ -154,17 +154,7 @@ async fn create_lobby_v2(
     let visibility = p
         .visibility
         .ok_or_else(|| invalid("visibility is required"))?;
-    let new = NewLobby {
-        visibility,
-        region: p.region,
-        room_config: None,
-        initial_config: p.initial_config,
-        room_id: opt(&q, "roomId"),
-        short_code: None,
-        default_short_code: false,
-    };
-    let lobby = create_legacy(&s, &app, &headers, new).await?;
-    Ok((StatusCode::CREATED, Json(LobbyLegacy::from(&lobby))).into_response())
+    new_lobby_v2(&s, &app, &headers, &q, visibility, p).await
 }
 
 async fn create_lobby_v2_as(
@@ -175,16 +165,28 @@ async fn create_lobby_v2_as(
     Body(p): Body<CreateLobbyParams>,
 ) -> ApiResult<Response> {
     let visibility: LobbyVisibility = visibility.parse().map_err(invalid)?;
+    new_lobby_v2(&s, &app, &headers, &q, visibility, p).await
+}
+
+/// Lobby v2 creation, whether the visibility came in the body or the path.
+async fn new_lobby_v2(
+    s: &AppState,
+    app: &str,
+    headers: &HeaderMap,
+    q: &QueryPairs,
+    visibility: LobbyVisibility,
+    p: CreateLobbyParams,
+) -> ApiResult<Response> {
     let new = NewLobby {
         visibility,
         region: p.region,
         room_config: None,
         initial_config: p.initial_config,
-        room_id: opt(&q, "roomId"),
+        room_id: opt(q, "roomId"),
         short_code: None,
         default_short_code: false,
     };
-    let lobby = create_legacy(&s, &app, &headers, new).await?;
+    let lobby = create_legacy(s, app, headers, new).await?;
     Ok((StatusCode::CREATED, Json(LobbyLegacy::from(&lobby))).into_response())
 }
 
