@@ -134,7 +134,21 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
+/// `/metrics` on the API address: instance-wide, so only for an instance admin's token
+/// (Prometheus sends it with `authorization: {credentials: ...}`). `--metrics-addr` serves the
+/// same without a token on an address of the operator's choosing.
+async fn metrics(State(s): State<AppState>, Dev(c): Dev) -> ApiResult<Response> {
+    if !c.instance_admin {
+        return Err(crate::ApiFailure(
+            StatusCode::UNAUTHORIZED,
+            "/metrics needs an admin token of the instance's first org".into(),
+            None,
+        ));
+    }
+    metrics_text(State(s)).await
+}
+
+pub(crate) async fn metrics_text(State(s): State<AppState>) -> ApiResult<Response> {
     use std::fmt::Write;
     let m = s.control.metrics();
     let mut out = String::new();

@@ -3,9 +3,11 @@
 
 mod handlers;
 mod legacy;
+mod lodge_routes;
 mod logs;
 mod multipart;
 mod players;
+mod scopes;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -86,7 +88,9 @@ impl FromRequestParts<AppState> for Dev {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        Ok(Dev(state.control.authenticate(header).await?))
+        let caller = state.control.authenticate(header).await?;
+        scopes::authorize(&caller, &parts.method, parts.uri.path())?;
+        Ok(Dev(caller))
     }
 }
 
@@ -279,6 +283,7 @@ pub fn router(state: AppState) -> axum::Router {
     handlers::routes()
         .merge(players::routes())
         .merge(legacy::routes())
+        .merge(lodge_routes::routes())
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiFailure(
                 StatusCode::NOT_FOUND,
@@ -294,6 +299,13 @@ pub fn router(state: AppState) -> axum::Router {
             )
         })
         .layer(axum::middleware::from_fn(cors))
+        .with_state(state)
+}
+
+/// `/metrics` without a token, for a listener on its own address (`--metrics-addr`).
+pub fn metrics_router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(handlers::metrics_text))
         .with_state(state)
 }
 

@@ -17,6 +17,49 @@ pub struct Caller {
     /// `None` for the admin token from the environment.
     pub token_id: Option<String>,
     pub name: String,
+    /// The token's scopes; `None` is an admin token (every scope of its org).
+    pub scopes: Option<Vec<String>>,
+    /// An admin token of the instance's first org (or `LODGE_ADMIN_TOKEN`): may create orgs.
+    pub instance_admin: bool,
+}
+
+impl Caller {
+    /// Whether the token carries `scope`; `X:read-write` includes `X:read`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        let Some(scopes) = &self.scopes else {
+            return true;
+        };
+        scopes.iter().any(|s| {
+            s == scope
+                || scope
+                    .strip_suffix(":read")
+                    .is_some_and(|family| s.strip_suffix(":read-write") == Some(family))
+        })
+    }
+
+    /// `Unauthorized` (401, as Hathora's SDKs expect) unless the token carries `scope`.
+    pub fn require(&self, scope: &str) -> Result<()> {
+        if self.has_scope(scope) {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized(format!(
+                "This developer token lacks the scope {scope}"
+            )))
+        }
+    }
+}
+
+/// A token's stored scopes as a list; `None` for admin (`"admin"` or absent).
+fn scope_list(scopes: Option<&serde_json::Value>) -> Option<Vec<String>> {
+    match scopes? {
+        serde_json::Value::Array(items) => Some(
+            items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_owned))
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 pub fn hash_secret(secret: &str) -> String {
@@ -61,15 +104,23 @@ impl Control {
                     org_id: org.org_id,
                     token_id: None,
                     name: "admin".into(),
+                    scopes: None,
+                    instance_admin: true,
                 });
             }
         }
         match self.store.token_by_hash(&hash_secret(token)).await? {
-            Some(t) if t.status == OrgTokenStatus::Active => Ok(Caller {
-                org_id: t.org_id,
-                token_id: Some(t.org_token_id),
-                name: t.name,
-            }),
+            Some(t) if t.status == OrgTokenStatus::Active => {
+                let scopes = scope_list(t.scopes.as_ref());
+                let instance_admin = scopes.is_none() && t.org_id == self.bootstrap().await?.org_id;
+                Ok(Caller {
+                    org_id: t.org_id,
+                    token_id: Some(t.org_token_id),
+                    name: t.name,
+                    scopes,
+                    instance_admin,
+                })
+            }
             Some(_) => Err(Error::Unauthorized(
                 "This developer token has been revoked".into(),
             )),
@@ -132,7 +183,9 @@ impl Control {
                     name: o.name,
                     stripe_customer_id: String::new(),
                     is_single_tenant: true,
-                    scopes: wire::ALL_SCOPES.to_vec(),
+                    scopes: caller.scopes.clone().unwrap_or_else(|| {
+                        wire::ALL_SCOPES.iter().map(|s| s.to_string()).collect()
+                    }),
                     max_requested_memory_mb: 65_536.0,
                     log_retention_period_hours: (self.cfg.retention.as_secs() / 3600) as u32,
                     max_process_connections: 1024,
@@ -162,6 +215,21 @@ impl Control {
         validate::max_len("name", &p.name, 64).map_err(Error::Invalid)?;
         if let Some(scopes) = &p.scopes {
             validate_scopes(scopes)?;
+        }
+        // A token never mints more than it has: an admin token needs an admin caller, and
+        // every listed scope must be one the caller holds.
+        match scope_list(p.scopes.as_ref()) {
+            None if caller.scopes.is_some() => {
+                return Err(Error::Unauthorized(
+                    "Only an admin token can create an admin token; list the scopes the new token needs".into(),
+                ))
+            }
+            None => {}
+            Some(wanted) => {
+                for scope in &wanted {
+                    caller.require(scope)?;
+                }
+            }
         }
         let secret = id::org_token_secret();
         let token = OrgToken {
@@ -243,4 +311,68 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     writeln!(f, "{contents}")?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+impl Control {
+    /// Every org of the instance; only an instance admin may list them.
+    pub async fn list_all_orgs(&self, caller: &Caller) -> Result<Vec<lodge_model::Org>> {
+        require_instance_admin(caller)?;
+        Ok(self.store.orgs().await?)
+    }
+
+    /// A new org and its first (admin) token, whose secret is returned once.
+    pub async fn create_org(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<(lodge_model::Org, CreatedOrgToken)> {
+        require_instance_admin(caller)?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(Error::Invalid("org name must not be empty".into()));
+        }
+        validate::max_len("name", name, 64).map_err(Error::Invalid)?;
+        if self.store.orgs().await?.iter().any(|o| o.name == name) {
+            return Err(Error::Invalid(format!(
+                "an org named {name} already exists"
+            )));
+        }
+        let org = lodge_model::Org {
+            org_id: id::org_id(),
+            name: name.to_string(),
+            created_at: self.now(),
+        };
+        self.store.put_org(&org).await?;
+        let secret = id::org_token_secret();
+        let token = OrgToken {
+            org_token_id: id::org_token_id(),
+            org_id: org.org_id.clone(),
+            name: "admin".into(),
+            status: OrgTokenStatus::Active,
+            last_four_chars_of_key: last_four(&secret),
+            created_at: self.now(),
+            created_by: caller.name.clone(),
+            scopes: Some(serde_json::json!("admin")),
+        };
+        self.store
+            .insert_token(&token, &hash_secret(&secret))
+            .await?;
+        Ok((
+            org,
+            CreatedOrgToken {
+                plain_text_token: secret,
+                org_token: (&token).into(),
+            },
+        ))
+    }
+}
+
+fn require_instance_admin(caller: &Caller) -> Result<()> {
+    if caller.instance_admin {
+        Ok(())
+    } else {
+        Err(Error::Unauthorized(
+            "Only an admin token of the instance's first org can manage orgs".into(),
+        ))
+    }
 }

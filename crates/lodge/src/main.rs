@@ -51,6 +51,9 @@ enum Command {
     /// Developer tokens of the organization.
     #[command(subcommand)]
     Tokens(cli::TokensCmd),
+    /// Organizations of this Lodge: list them, create one with its first admin token.
+    #[command(subcommand)]
+    Orgs(cli::OrgsCmd),
     /// End every game server a stopped Lodge left running for a data dir (they outlive Lodge
     /// by design), with their network namespaces, cgroups and bridge.
     Cleanup {
@@ -122,6 +125,7 @@ fn main() -> std::process::ExitCode {
         Command::Processes(cmd) => client(g, async |c| cli::processes(c, cmd).await),
         Command::Logs(a) => client(g, async |c| cli::logs(c, a).await),
         Command::Tokens(cmd) => client(g, async |c| cli::tokens(c, cmd).await),
+        Command::Orgs(cmd) => client(g, async |c| cli::orgs(c, cmd).await),
         Command::Cleanup { data_dir } => {
             let done = runtime().and_then(|rt| rt.block_on(serve::cleanup(&data_dir)));
             match done {

@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// Lobbies one player may create per app per hour (429 with Retry-After beyond).
     #[arg(long, env = "LODGE_LOBBY_RATE_LIMIT", default_value_t = 10)]
     pub lobby_rate_limit: u32,
+    /// Serve `/metrics` without a token on this address too (for example 127.0.0.1:9634); on
+    /// the API address it always needs an admin token.
+    #[arg(long, env = "LODGE_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Google's signing keys for LoginGoogle: a JWKS URL, or a file holding a JWKS document.
     #[arg(long, env = "LODGE_GOOGLE_JWKS", default_value = lodge_control::jwt::GOOGLE_JWKS)]
     pub google_jwks: String,
@@ -273,6 +277,13 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         ping_port: args.ping_port,
         regions: regions.unwrap_or_else(|| Region::ALL.to_vec()),
     };
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (--metrics-addr): {e}"))?;
+        let router = lodge_api::metrics_router(state.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+    }
     tracing::info!(
         api = %format!("http://{api_addr}"),
         org_id = %org.org_id,

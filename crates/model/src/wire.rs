@@ -138,7 +138,7 @@ pub struct Organization {
     pub name: String,
     pub stripe_customer_id: String,
     pub is_single_tenant: bool,
-    pub scopes: Vec<&'static str>,
+    pub scopes: Vec<String>,
     #[serde(rename = "maxRequestedMemoryMB")]
     pub max_requested_memory_mb: f64,
     pub log_retention_period_hours: u32,

@@ -231,7 +231,13 @@ pub enum TokensCmd {
     /// List the org's tokens.
     List,
     /// Create a token; its secret is printed once.
-    Create { name: String },
+    Create {
+        name: String,
+        /// Comma-separated scopes (for example `builds:read-write,deployments:read-write`);
+        /// without it the token is an admin token, which only an admin token may create.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+    },
     /// Revoke a token.
     Revoke { token_id: String },
 }
@@ -755,13 +761,14 @@ pub async fn tokens(ctx: &Ctx, cmd: TokensCmd) -> Result<()> {
                 Table::new(H).rows(v["tokens"].as_array().into_iter().flatten().map(row))
             });
         }
-        TokensCmd::Create { name } => {
+        TokensCmd::Create { name, scopes } => {
+            let mut body = json!({ "name": name });
+            if !scopes.is_empty() {
+                body["scopes"] = json!(scopes);
+            }
             let v = ctx
                 .api
-                .post(
-                    &format!("/tokens/v1/orgs/{org}/create"),
-                    json!({ "name": name }),
-                )
+                .post(&format!("/tokens/v1/orgs/{org}/create"), body)
                 .await?;
             if ctx.json {
                 print_json(&v);
@@ -782,6 +789,47 @@ pub async fn tokens(ctx: &Ctx, cmd: TokensCmd) -> Result<()> {
                 ))
                 .await?;
             eprintln!("revoked {token_id}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum OrgsCmd {
+    /// Every org of this Lodge (an instance admin's token).
+    List,
+    /// Create an org and its first admin token, printed once.
+    Create { name: String },
+}
+
+pub async fn orgs(ctx: &Ctx, cmd: OrgsCmd) -> Result<()> {
+    match cmd {
+        OrgsCmd::List => {
+            let v = ctx.api.get("/lodge/v1/orgs").await?;
+            ctx.print(&v, |v| {
+                Table::new(&["ORG ID", "NAME", "CREATED"]).rows(
+                    v["orgs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|o| vec![s(&o["orgId"]), s(&o["name"]), s(&o["createdAt"])]),
+                )
+            });
+        }
+        OrgsCmd::Create { name } => {
+            let v = ctx
+                .api
+                .post("/lodge/v1/orgs", json!({ "name": name }))
+                .await?;
+            if ctx.json {
+                print_json(&v);
+            } else {
+                eprintln!(
+                    "created org {} ({name}); its admin token is shown only now:",
+                    s(&v["orgId"])
+                );
+                println!("{}", s(&v["token"]["plainTextToken"]));
+            }
         }
     }
     Ok(())

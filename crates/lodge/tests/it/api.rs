@@ -183,8 +183,11 @@ async fn health_and_cors() {
         .unwrap();
     assert!(pre.status().is_success());
     assert_eq!(pre.headers()["access-control-allow-origin"], "*");
+    let anonymous = http.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
     let metrics = http
         .get(format!("{url}/metrics"))
+        .bearer_auth("admin")
         .send()
         .await
         .unwrap()
@@ -193,4 +196,286 @@ async fn health_and_cors() {
         .unwrap();
     assert!(metrics.contains("# TYPE lodge_rooms_created_total counter"));
     assert!(metrics.contains("lodge_processes{status=\"running\"} 0"));
+}
+
+/// A request as an attacker holding `token` would send it; the status and body.
+async fn call(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let http = reqwest::Client::new();
+    let mut req = http
+        .request(method.parse().unwrap(), format!("{url}{path}"))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn scopes_are_enforced_and_never_escalate() {
+    let dir = TempDir::new("scopes");
+    let url = serve(&dir.0).await;
+    let (_, orgs) = call(&url, "GET", "/orgs/v1", "admin", None).await;
+    let org = orgs["orgs"][0]["orgId"].as_str().unwrap().to_string();
+    let (status, app) = call(
+        &url,
+        "POST",
+        "/apps/v2/apps",
+        "admin",
+        Some(json!({"appName": "game", "authConfiguration": {}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{app}");
+    let app_id = app["appId"].as_str().unwrap();
+    let mint = |scopes: Value| {
+        let url = url.clone();
+        let org = org.clone();
+        async move {
+            let (status, v) = call(&url, "POST", &format!("/tokens/v1/orgs/{org}/create"), "admin", Some(json!({"name": format!("t{}", lodge_model::id::secret_hex()), "scopes": scopes}))).await;
+            assert_eq!(status, 201, "{v}");
+            v["plainTextToken"].as_str().unwrap().to_string()
+        }
+    };
+    let builds_read = mint(json!(["builds:read"])).await;
+    // What a builds:read token may and may not do.
+    assert_eq!(
+        call(&url, "GET", "/builds/v3/builds", &builds_read, None)
+            .await
+            .0,
+        200
+    );
+    let denied: Vec<(&str, String, Option<Value>)> = vec![
+        (
+            "POST",
+            "/builds/v3/builds".into(),
+            Some(json!({"buildSizeInBytes": 10})),
+        ),
+        (
+            "POST",
+            "/apps/v2/apps".into(),
+            Some(json!({"appName": "x", "authConfiguration": {}})),
+        ),
+        ("GET", "/apps/v2/apps".into(), None),
+        ("GET", format!("/apps/v2/apps/{app_id}"), None),
+        ("GET", "/apps/v1/list".into(), None),
+        (
+            "POST",
+            format!("/rooms/v2/{app_id}/create"),
+            Some(json!({"region": "London"})),
+        ),
+        (
+            "POST",
+            format!("/rooms/v1/{app_id}/create"),
+            Some(json!({"region": "London"})),
+        ),
+        (
+            "GET",
+            format!("/processes/v3/apps/{app_id}/processes/latest"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/deployments/v3/apps/{app_id}/deployments"),
+            None,
+        ),
+        ("GET", format!("/tokens/v1/orgs/{org}"), None),
+        (
+            "POST",
+            format!("/tokens/v1/orgs/{org}/create"),
+            Some(json!({"name": "escalate"})),
+        ),
+        ("GET", "/lodge/v1/orgs".into(), None),
+        (
+            "POST",
+            "/lodge/v1/orgs".into(),
+            Some(json!({"name": "mine"})),
+        ),
+        ("GET", "/metrics".into(), None),
+    ];
+    for (method, path, body) in denied {
+        let (status, v) = call(&url, method, &path, &builds_read, body).await;
+        assert_eq!(status, 401, "{method} {path} with builds:read: {v}");
+        assert!(v["message"].is_string(), "{method} {path}: {v}");
+    }
+    // A token manager cannot mint more than it has.
+    let tokens_rw = mint(json!(["tokens:read-write", "builds:read"])).await;
+    for scopes in [
+        json!("admin"),
+        Value::Null,
+        json!(["applications:read-write"]),
+    ] {
+        let mut body = json!({"name": "escalate"});
+        if !scopes.is_null() {
+            body["scopes"] = scopes.clone();
+        }
+        let (status, v) = call(
+            &url,
+            "POST",
+            &format!("/tokens/v1/orgs/{org}/create"),
+            &tokens_rw,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 401, "minting {scopes} with tokens:read-write: {v}");
+    }
+    let (status, v) = call(
+        &url,
+        "POST",
+        &format!("/tokens/v1/orgs/{org}/create"),
+        &tokens_rw,
+        Some(json!({"name": "narrower", "scopes": ["builds:read"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    // read-write includes read; a processes token reads rooms but not apps.
+    let procs = mint(json!(["processes:read-write"])).await;
+    assert_eq!(
+        call(
+            &url,
+            "GET",
+            &format!("/processes/v3/apps/{app_id}/processes/latest"),
+            &procs,
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        call(
+            &url,
+            "GET",
+            &format!("/apps/v2/apps/{app_id}"),
+            &procs,
+            None
+        )
+        .await
+        .0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn orgs_are_isolated() {
+    let dir = TempDir::new("orgs");
+    let url = serve(&dir.0).await;
+    let (status, made) = call(
+        &url,
+        "POST",
+        "/lodge/v1/orgs",
+        "admin",
+        Some(json!({"name": "studio-b"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let b_org = made["orgId"].as_str().unwrap().to_string();
+    let b = made["token"]["plainTextToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        call(
+            &url,
+            "POST",
+            "/lodge/v1/orgs",
+            "admin",
+            Some(json!({"name": "studio-b"}))
+        )
+        .await
+        .0,
+        422
+    );
+    // Org A's app and build, invisible to B.
+    let (_, app) = call(
+        &url,
+        "POST",
+        "/apps/v2/apps",
+        "admin",
+        Some(json!({"appName": "a-game", "authConfiguration": {}})),
+    )
+    .await;
+    let a_app = app["appId"].as_str().unwrap();
+    let (status, build) = call(
+        &url,
+        "POST",
+        "/builds/v3/builds",
+        "admin",
+        Some(json!({"buildSizeInBytes": 10})),
+    )
+    .await;
+    assert_eq!(status, 201, "{build}");
+    let a_build = build["buildId"].as_str().unwrap();
+    let (_, orgs) = call(&url, "GET", "/orgs/v1", &b, None).await;
+    assert_eq!(orgs["orgs"].as_array().unwrap().len(), 1);
+    assert_eq!(orgs["orgs"][0]["orgId"], b_org.as_str());
+    let (_, apps) = call(&url, "GET", "/apps/v2/apps", &b, None).await;
+    assert_eq!(apps["applications"], json!([]));
+    let (_, builds) = call(&url, "GET", "/builds/v3/builds", &b, None).await;
+    assert_eq!(builds["builds"], json!([]));
+    for (method, path) in [
+        ("GET", format!("/apps/v2/apps/{a_app}")),
+        ("DELETE", format!("/apps/v2/apps/{a_app}")),
+        ("GET", format!("/builds/v3/builds/{a_build}")),
+        ("DELETE", format!("/builds/v3/builds/{a_build}")),
+        ("GET", format!("/deployments/v3/apps/{a_app}/deployments")),
+        ("POST", format!("/rooms/v2/{a_app}/create")),
+        (
+            "GET",
+            format!("/processes/v3/apps/{a_app}/processes/latest"),
+        ),
+    ] {
+        let body = (method == "POST").then(|| json!({"region": "London"}));
+        let (status, v) = call(&url, method, &path, &b, body).await;
+        assert_eq!(status, 404, "org B {method} {path}: {v}");
+    }
+    let (_, admin_orgs) = call(&url, "GET", "/orgs/v1", "admin", None).await;
+    let a_org = admin_orgs["orgs"][0]["orgId"].as_str().unwrap();
+    assert_eq!(
+        call(&url, "GET", &format!("/tokens/v1/orgs/{a_org}"), &b, None)
+            .await
+            .0,
+        404
+    );
+    // B's admin token administers B, not the instance.
+    assert_eq!(call(&url, "GET", "/lodge/v1/orgs", &b, None).await.0, 401);
+    assert_eq!(
+        call(
+            &url,
+            "POST",
+            "/lodge/v1/orgs",
+            &b,
+            Some(json!({"name": "c"}))
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(call(&url, "GET", "/metrics", &b, None).await.0, 401);
+    let (status, all) = call(&url, "GET", "/lodge/v1/orgs", "admin", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(all["orgs"].as_array().unwrap().len(), 2);
+    // B's own app works.
+    assert_eq!(
+        call(
+            &url,
+            "POST",
+            "/apps/v2/apps",
+            &b,
+            Some(json!({"appName": "a-game", "authConfiguration": {}}))
+        )
+        .await
+        .0,
+        201
+    );
 }

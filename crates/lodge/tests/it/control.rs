@@ -29,6 +29,8 @@ async fn setup(
         org_id: org.org_id.clone(),
         token_id: None,
         name: "test".into(),
+        scopes: None,
+        instance_admin: true,
     };
     control
         .put_node(&Node {
