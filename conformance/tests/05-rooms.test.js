@@ -73,6 +73,7 @@ test('the game server sees the documented environment', async () => {
   assert.equal(await env('HATHORA_REGION'), REGION);
   assert.equal(await env('HATHORA_INITIAL_ROOM_ID'), room.roomId);
   assert.match(await env('PORT'), /^\d+$/);
+  assert.equal(await env('HATHORA_APP_SECRET'), 'refused', 'the echo example never hands a player the app secret');
 });
 
 test('GetRoomInfo shows the active room and its allocation', async () => {

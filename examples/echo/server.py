@@ -6,7 +6,10 @@ when that variable is set. Every message is echoed back unchanged, except:
 
   exit        reply "bye", then exit with code 0 (ends the process cleanly,
               which destroys all of its rooms)
-  env NAME    reply with the value of environment variable NAME ("" if unset)
+  env NAME    reply with the value of environment variable NAME ("" if unset),
+              except secrets (names with SECRET, TOKEN, PASSWORD, KEY or
+              CREDENTIAL): those answer "refused", as a game server must
+              never hand its app secret to a player
   auth TOKEN  verify a player token (from Lodge's AuthV1 login) with the app
               secret, as a game server should before trusting a player; reply
               "player ID NAME" or "denied REASON"
@@ -29,6 +32,7 @@ import threading
 import time
 
 DEFAULT_PORT = 7777
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
 
 
 def log(message):
@@ -68,6 +72,8 @@ def respond(message):
         return b"bye" + newline, True
     if command.startswith(b"env "):
         name = command[4:].decode("utf-8", "replace").strip()
+        if any(word in name.upper() for word in SECRET_WORDS):
+            return b"refused" + newline, False
         return os.environ.get(name, "").encode("utf-8") + newline, False
     if command.startswith(b"auth "):
         claims, error = verify_player(command[5:].decode("utf-8", "replace").strip())

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod oci;
 pub mod shim;
 pub mod sys;
+pub mod users;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -84,6 +85,8 @@ pub struct AgentConfig {
     /// Benchmarks only: pretend to run processes (no process, no port, no proxy), so the
     /// control plane can be measured with tens of thousands of them.
     pub fake_processes: bool,
+    /// Run every native game server as a user of its own (needs root): see [`users`].
+    pub game_users: bool,
 }
 
 impl AgentConfig {
@@ -127,6 +130,12 @@ struct LocalState {
     /// Set for container processes: how to reach their runtime.
     #[serde(default)]
     oci: Option<OciState>,
+    /// The user a native game server runs as, when Lodge runs as root.
+    #[serde(default)]
+    user: Option<users::GameUser>,
+    /// Its `HOME` and `TMPDIR`, owned by that user; removed with the process.
+    #[serde(default)]
+    scratch: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +172,8 @@ struct Running {
 struct Reservations {
     ports: BTreeSet<u16>,
     ip_indexes: BTreeSet<u32>,
+    user_indexes: BTreeSet<u32>,
+    user_cursor: u32,
     cursor: u16,
     ip_cursor: u32,
 }
@@ -188,6 +199,9 @@ impl Agent {
         link: Arc<dyn ControlLink>,
     ) -> std::io::Result<Arc<Agent>> {
         std::fs::create_dir_all(cfg.data_dir.join("processes"))?;
+        if cfg.game_users {
+            users::protect_data_dir(&cfg.data_dir)?;
+        }
         let network = match cfg.isolation {
             Isolation::Netns => {
                 let seed = cfg
@@ -703,6 +717,9 @@ impl Agent {
     }
 
     async fn release(&self, state: &LocalState) {
+        if let (Some(_), Some(dir)) = (&state.user, state.scratch.as_ref()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if let Some(oci) = &state.oci {
             oci::runtime(&oci.runtime, &oci.root, &["delete", "--force", &oci.id]).await;
         }
@@ -727,6 +744,9 @@ impl Agent {
         if let Some(ns) = &state.netns {
             r.ip_indexes.remove(&ns.index);
         }
+        if let Some(u) = &state.user {
+            r.user_indexes.remove(&u.index);
+        }
     }
 
     async fn try_adopt(&self, spec: &ProcessSpec, dir: &Path, counters: &Arc<Counters>) -> Adopt {
@@ -742,15 +762,12 @@ impl Agent {
             if let Some(ns) = &state.netns {
                 r.ip_indexes.insert(ns.index);
             }
+            if let Some(u) = &state.user {
+                r.user_indexes.insert(u.index);
+            }
         }
         let mut state = state;
-        if state.game_pid == 0 {
-            // Lodge died between starting the shim and hearing the game's pid.
-            state.game_pid = std::fs::read_to_string(dir.join(shim::PID))
-                .ok()
-                .and_then(|p| p.trim().parse().ok())
-                .unwrap_or(0);
-        }
+        recover_pids(dir, &mut state);
         if sys::alive(state.shim_pid, state.shim_start) {
             let mut routes = Vec::new();
             for t in &state.targets {
@@ -790,6 +807,20 @@ impl Agent {
             counters.clone(),
         )
         .await
+    }
+
+    /// Reserve a user index of its own for a new process of `build_id`.
+    fn reserve_user(&self, build_id: &str) -> std::io::Result<users::GameUser> {
+        let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        // Round-robin, so a user id just freed is the last to be given out again.
+        let start = r.user_cursor;
+        let index = (0..users::MAX_USERS)
+            .map(|k| (start + k) % users::MAX_USERS)
+            .find(|i| !r.user_indexes.contains(i))
+            .ok_or_else(|| std::io::Error::other("no free game-server user id on this node"))?;
+        r.user_cursor = (index + 1) % users::MAX_USERS;
+        r.user_indexes.insert(index);
+        Ok(users::GameUser::new(index, build_id))
     }
 
     /// Reserve a free public port and open its route.
@@ -942,9 +973,21 @@ impl Agent {
             netns,
             cgroups: cgroups.dirs.clone(),
             oci,
+            user: None,
+            scratch: None,
         };
         let mut routes = Vec::new();
         let result = async {
+            if self.cfg.game_users && manifest.is_some() {
+                let user = self.reserve_user(&spec.build_id)?;
+                state.user = Some(user);
+                users::share_bundle(&bundle, user.gid)?;
+                state.scratch = Some(users::make_scratch(
+                    &users::scratch_root(&self.cfg.instance),
+                    &spec.process_id,
+                    user,
+                )?);
+            }
             for (p, target) in spec.ports().zip(&targets) {
                 let udp = p.transport_type == TransportType::Udp;
                 let (public, route) = self.public_port(*target, udp, counters).await?;
@@ -972,18 +1015,26 @@ impl Agent {
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect();
+                    let mut base = host_env();
+                    if let Some(scratch) = &state.scratch {
+                        let scratch = scratch.to_string_lossy().into_owned();
+                        base.retain(|(k, _)| k != "HOME" && k != "USER");
+                        base.push(("HOME".into(), scratch.clone()));
+                        base.push(("TMPDIR".into(), scratch));
+                    }
                     shim::Launch {
                         argv: expand_argv(&manifest.command, spec, &inner_ports),
                         cwd: bundle.clone(),
                         env: self.environment(
                             spec,
-                            host_env(),
+                            base,
                             &bundle_env,
                             &state.exposed,
                             &inner_ports,
                         ),
                         netns: netns_path,
                         cgroup_procs: cgroups.procs_files(),
+                        user: state.user.map(|u| (u.uid, u.gid)),
                     }
                 }
                 (None, Some(image), Some(oci)) => {
@@ -1016,6 +1067,10 @@ impl Agent {
                         serde_json::to_vec_pretty(&config).map_err(std::io::Error::other)?,
                     )?;
                     std::fs::create_dir_all(&oci.root)?;
+                    std::fs::set_permissions(
+                        &oci.root,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                    )?;
                     // A container of this id left by a crash before its shim was recorded.
                     let root = oci.root.to_string_lossy().into_owned();
                     let _ = std::process::Command::new(&oci.runtime)
@@ -1037,6 +1092,7 @@ impl Agent {
                         env: vec![("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into())],
                         netns: None,
                         cgroup_procs: Vec::new(),
+                        user: None,
                     }
                 }
                 _ => return Err(std::io::Error::other("nothing to run")),
@@ -1045,6 +1101,11 @@ impl Agent {
                 dir.join(shim::LAUNCH),
                 serde_json::to_vec_pretty(&launch).map_err(std::io::Error::other)?,
             )?;
+            // Recorded before the shim exists, so that no crash from here on can leave a shim
+            // that a restart does not know of (and would start a second game server beside).
+            let _ = std::fs::remove_file(dir.join(shim::SHIM_PID));
+            let _ = std::fs::remove_file(dir.join(shim::PID));
+            write_state(dir, &state)?;
             let mut cmd = tokio::process::Command::new(&self.cfg.exe);
             cmd.arg("shim")
                 .arg(dir)
@@ -1262,6 +1323,24 @@ fn exit_info(dir: &Path) -> ExitInfo {
     }
 }
 
+/// Fill in what a Lodge that died during a start did not record: the shim's pid (from the
+/// shim's own file; state.json is written before the shim is spawned) and the game's.
+fn recover_pids(dir: &Path, state: &mut LocalState) {
+    if state.shim_pid == 0 {
+        if let Some((pid, start)) = shim::read_shim_pid(dir) {
+            state.shim_pid = pid;
+            state.shim_start = Some(start);
+        } else if let Some((pid, _, _)) = sys::shims_under(dir).into_iter().next() {
+            // Spawned, but not yet far enough to write its own record.
+            state.shim_pid = pid;
+            state.shim_start = sys::start_time(pid);
+        }
+    }
+    if state.game_pid == 0 {
+        state.game_pid = shim::read_game_pid(dir).unwrap_or(0);
+    }
+}
+
 fn write_state(dir: &Path, state: &LocalState) -> std::io::Result<()> {
     let tmp = dir.join("state.json.tmp");
     std::fs::write(
@@ -1329,9 +1408,10 @@ pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
         let Ok(bytes) = std::fs::read(e.path().join("state.json")) else {
             continue;
         };
-        let Ok(state) = serde_json::from_slice::<LocalState>(&bytes) else {
+        let Ok(mut state) = serde_json::from_slice::<LocalState>(&bytes) else {
             continue;
         };
+        recover_pids(&e.path(), &mut state);
         if let Some(oci) = &state.oci {
             oci::runtime(&oci.runtime, &oci.root, &["kill", &oci.id, "KILL"]).await;
             oci::runtime(&oci.runtime, &oci.root, &["delete", "--force", &oci.id]).await;
@@ -1367,6 +1447,16 @@ pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
         let id = e.file_name().to_string_lossy().into_owned();
         sys::Cgroups::remove_everywhere(&cfg_group, &id);
     }
+    // Shims that no state file names (a crash before it was written): end them and their games.
+    for (shim_pid, _, games) in sys::shims_under(&data_dir.join("processes")) {
+        for game in games {
+            sys::signal_group(game, libc::SIGKILL);
+            sys::signal(game, libc::SIGKILL);
+        }
+        sys::signal(shim_pid, libc::SIGKILL);
+        ended += 1;
+    }
+    let _ = std::fs::remove_dir_all(users::scratch_root(instance));
     let _ = tokio::process::Command::new("ip")
         .args(["link", "del", &bridge])
         .stderr(Stdio::null())

@@ -25,6 +25,10 @@ pub struct Launch {
     pub netns: Option<PathBuf>,
     /// `cgroup.procs` files to join.
     pub cgroup_procs: Vec<PathBuf>,
+    /// User and group to run as (Lodge as root); the game then has no other group and cannot
+    /// gain privileges through set-user-id programs.
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
 }
 
 /// Written by the shim when the game server ends.
@@ -51,9 +55,15 @@ pub const EXIT: &str = "exit.json";
 pub const LOG: &str = "log";
 /// The game server's pid, written by the shim as soon as it started it.
 pub const PID: &str = "pid";
+/// The shim's own pid and start time, written before it starts anything: a Lodge that died
+/// between spawning the shim and recording it still finds it.
+pub const SHIM_PID: &str = "shim.pid";
 
 /// Entry point of `lodge shim DIR`. Prints the game server's pid on stdout, then closes stdout.
 pub fn main(dir: &Path) -> io::Result<i32> {
+    let me = std::process::id();
+    let start = crate::sys::start_time(me).unwrap_or(0);
+    fs::write(dir.join(SHIM_PID), format!("{me} {start}"))?;
     let launch: Launch =
         serde_json::from_slice(&fs::read(dir.join(LAUNCH))?).map_err(io::Error::other)?;
     let log = OpenOptions::new()
@@ -68,10 +78,16 @@ pub fn main(dir: &Path) -> io::Result<i32> {
         .collect::<io::Result<Vec<_>>>()?;
     let mut program = PathBuf::from(&launch.argv[0]);
     if program.components().count() > 1 && program.is_relative() {
-        program = launch.cwd.join(program);
+        // As another user the bundle is reached only through the working directory (entered
+        // before the switch): the directories above it may be closed to that user.
+        program = match launch.user {
+            Some(_) => Path::new("/proc/self/cwd").join(program),
+            None => launch.cwd.join(program),
+        };
     }
     let mut cmd = Command::new(&program);
-    cmd.args(&launch.argv[1..])
+    cmd.arg0(&launch.argv[0])
+        .args(&launch.argv[1..])
         .current_dir(&launch.cwd)
         .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
@@ -80,8 +96,9 @@ pub fn main(dir: &Path) -> io::Result<i32> {
         .stderr(log.try_clone()?);
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
     let cgroup_fds: Vec<i32> = cgroups.iter().map(|f| f.as_raw_fd()).collect();
+    let user = launch.user;
     // SAFETY: the hook runs between fork and exec and only makes async-signal-safe system
-    // calls (setsid, write, setns) on file descriptors opened before the fork.
+    // calls (setsid, write, setns, setgroups, setgid, setuid, prctl) on file descriptors opened before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -94,6 +111,15 @@ pub fn main(dir: &Path) -> io::Result<i32> {
             }
             if let Some(fd) = netns_fd {
                 if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid)) = user {
+                if libc::setgroups(0, std::ptr::null()) < 0
+                    || libc::setgid(gid) < 0
+                    || libc::setuid(uid) < 0
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0
+                {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -143,6 +169,18 @@ fn write_exit(dir: &Path, exit: &ExitFile) -> io::Result<()> {
     let tmp = dir.join("exit.json.tmp");
     fs::write(&tmp, serde_json::to_vec(exit).map_err(io::Error::other)?)?;
     fs::rename(tmp, dir.join(EXIT))
+}
+
+/// The shim's pid and start time from its own record.
+pub fn read_shim_pid(dir: &Path) -> Option<(u32, u64)> {
+    let text = fs::read_to_string(dir.join(SHIM_PID)).ok()?;
+    let (pid, start) = text.trim().split_once(' ')?;
+    Some((pid.parse().ok()?, start.parse().ok()?))
+}
+
+/// The game server's pid from the shim's record.
+pub fn read_game_pid(dir: &Path) -> Option<u32> {
+    fs::read_to_string(dir.join(PID)).ok()?.trim().parse().ok()
 }
 
 pub fn read_exit(dir: &Path) -> Option<ExitFile> {

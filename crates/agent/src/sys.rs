@@ -3,6 +3,7 @@
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -32,6 +33,48 @@ pub fn alive(pid: u32, expected_start: Option<u64>) -> bool {
         return false;
     }
     expected_start.is_none_or(|s| start_time(pid) == Some(s))
+}
+
+/// Live `lodge shim DIR` processes whose DIR lies under `under`, with their DIR and the pids
+/// of their children (the game servers). Found from `/proc`, so they are found even when no
+/// record of them was written.
+pub fn shims_under(under: &Path) -> Vec<(u32, PathBuf, Vec<u32>)> {
+    let mut shims = Vec::new();
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return shims;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|st| {
+                st[st.rfind(')')? + 2..]
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+        {
+            parents.push((pid, ppid));
+        }
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() >= 3 && args[1] == b"shim" {
+            let dir = PathBuf::from(std::ffi::OsStr::from_bytes(args[2]));
+            if dir.starts_with(under) && alive(pid, None) {
+                shims.push((pid, dir, Vec::new()));
+            }
+        }
+    }
+    for (pid, _, children) in &mut shims {
+        children.extend(parents.iter().filter(|(_, pp)| pp == pid).map(|(c, _)| *c));
+    }
+    shims
 }
 
 pub fn signal_group(pgid: u32, sig: i32) {

@@ -248,6 +248,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         metrics_interval: secs(args.metrics_interval, "metrics-interval")?,
         oci_runtime,
         fake_processes: args.fake_processes,
+        game_users: lodge_agent::sys::is_root() && !args.fake_processes,
     };
     control.put_node(&node).await.map_err(|e| e.to_string())?;
     let agent = Agent::start(agent_cfg, control.local_link())

@@ -149,6 +149,7 @@ async fn node_in(
         metrics_interval: Duration::from_millis(200),
         oci_runtime: None,
         fake_processes: false,
+        game_users: lodge_agent::sys::is_root(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
