@@ -44,6 +44,17 @@ pub enum BundleError {
     Io(#[from] io::Error),
 }
 
+impl From<crate::tarsafe::TarError> for BundleError {
+    fn from(e: crate::tarsafe::TarError) -> Self {
+        use crate::tarsafe::TarError;
+        match e {
+            TarError::Format(m) => BundleError::Format(m),
+            TarError::TooLarge(m) => BundleError::TooLarge(m),
+            TarError::Io(e) => BundleError::Io(e),
+        }
+    }
+}
+
 /// `lodge.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,14 +65,41 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
 }
 
+/// Bounds of `lodge.toml`: its size, the entries of `command` and `[env]`, and each string.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+pub const MAX_ARGS: usize = 256;
+pub const MAX_ENV: usize = 256;
+pub const MAX_STRING: usize = 8 * 1024;
+
 impl Manifest {
     pub fn parse(text: &str) -> Result<Self, BundleError> {
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(BundleError::BadManifest(format!(
+                "it is {} bytes; at most {MAX_MANIFEST_BYTES}",
+                text.len()
+            )));
+        }
         let m: Manifest =
             toml::from_str(text).map_err(|e| BundleError::BadManifest(e.to_string()))?;
         if m.command.is_empty() || m.command[0].is_empty() {
             return Err(BundleError::BadManifest(
                 "`command` must be a non-empty list of strings".into(),
             ));
+        }
+        if m.command.len() > MAX_ARGS || m.env.len() > MAX_ENV {
+            return Err(BundleError::BadManifest(format!(
+                "at most {MAX_ARGS} `command` arguments and {MAX_ENV} `[env]` entries"
+            )));
+        }
+        if m.command
+            .iter()
+            .chain(m.env.keys())
+            .chain(m.env.values())
+            .any(|v| v.len() > MAX_STRING)
+        {
+            return Err(BundleError::BadManifest(format!(
+                "a string longer than {MAX_STRING} bytes"
+            )));
         }
         for name in m.env.keys() {
             lodge_model::validate::env_name(name).map_err(BundleError::BadManifest)?;
@@ -71,11 +109,17 @@ impl Manifest {
 
     pub fn load(bundle_root: &Path) -> Result<Self, BundleError> {
         let path = bundle_root.join(MANIFEST);
-        match fs::read_to_string(&path) {
-            Ok(text) => Self::parse(&text),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(no_manifest(bundle_root)),
-            Err(e) => Err(e.into()),
-        }
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(no_manifest(bundle_root)),
+            Err(e) => return Err(e.into()),
+        };
+        // Never more than one byte past the limit is read, however large the file.
+        let mut text = String::new();
+        file.take(MAX_MANIFEST_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        Self::parse(&text)
     }
 }
 
@@ -170,20 +214,18 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
     let mut files = 0usize;
     let mut total = 0u64;
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let entries = archive
-        .entries()
-        .map_err(|e| BundleError::Format(e.to_string()))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
-        let raw = entry
-            .path()
-            .map_err(|e| BundleError::Format(e.to_string()))?
-            .into_owned();
+    crate::tarsafe::for_each(&mut archive, limits.max_files, |m| {
+        let crate::tarsafe::Member {
+            mut entry,
+            kind,
+            path: raw,
+            link,
+            size,
+        } = m;
         let name = raw.display().to_string();
         let rel = safe_relative(&raw).map_err(|why| BundleError::Unsafe(name.clone(), why))?;
-        let kind = entry.header().entry_type();
         if rel.as_os_str().is_empty() {
-            continue; // "./" itself
+            return Ok(()); // "./" itself
         }
         let target = dest.join(&rel);
         // A parent that is not a real directory (never true for what we create) would let a
@@ -197,13 +239,6 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 files += 1;
-                if files > limits.max_files {
-                    return Err(BundleError::TooLarge(format!("{} files", limits.max_files)));
-                }
-                let size = entry
-                    .header()
-                    .size()
-                    .map_err(|e| BundleError::Format(e.to_string()))?;
                 total = total.saturating_add(size);
                 if total > limits.max_total_bytes {
                     return Err(BundleError::TooLarge(format!(
@@ -222,16 +257,11 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
                 let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
                 set_mode(&target, mode)?;
             }
-            tar::EntryType::XGlobalHeader
-            | tar::EntryType::XHeader
-            | tar::EntryType::GNULongName => {}
             tar::EntryType::Symlink | tar::EntryType::Link => {
                 // Links stay inside the upload or are refused; they become copies of their
                 // target once everything is unpacked (image archives link layers this way).
-                let link = entry
-                    .link_name()
-                    .map_err(|e| BundleError::Format(e.to_string()))?
-                    .ok_or_else(|| BundleError::Unsafe(name.clone(), "link without a target"))?;
+                let link =
+                    link.ok_or_else(|| BundleError::Unsafe(name.clone(), "link without a target"))?;
                 let base = if kind == tar::EntryType::Symlink {
                     rel.parent().unwrap_or(Path::new("")).to_path_buf()
                 } else {
@@ -249,7 +279,8 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, 
                 ))
             }
         }
-    }
+        Ok(())
+    })?;
     // Links become copies of the regular file they name (following link chains).
     for (from, mut to) in links.clone() {
         for _ in 0..16 {

@@ -32,6 +32,17 @@ pub enum ImageError {
     Io(#[from] io::Error),
 }
 
+impl From<crate::tarsafe::TarError> for ImageError {
+    fn from(e: crate::tarsafe::TarError) -> Self {
+        use crate::tarsafe::TarError;
+        match e {
+            TarError::Format(m) => ImageError::Invalid(m),
+            TarError::TooLarge(m) => ImageError::TooLarge(m),
+            TarError::Io(e) => ImageError::Io(e),
+        }
+    }
+}
+
 fn invalid(m: impl Into<String>) -> ImageError {
     ImageError::Invalid(m.into())
 }
@@ -61,7 +72,7 @@ impl ImageConfig {
     }
 
     pub fn load(image_dir: &Path) -> Result<Self, ImageError> {
-        let text = fs::read(image_dir.join(CONFIG))?;
+        let text = read_small(&image_dir.join(CONFIG))?;
         serde_json::from_slice(&text).map_err(|e| invalid(format!("bad {CONFIG}: {e}")))
     }
 }
@@ -96,9 +107,26 @@ fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     Ok(layout.join("blobs").join("sha256").join(hex))
 }
 
+/// Largest JSON document (manifest, index, config) read from an image.
+pub const MAX_JSON: u64 = 4 << 20;
+
+/// A metadata file of an image, refused beyond [`MAX_JSON`] before it is read.
+fn read_small(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let file = fs::File::open(path)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_JSON {
+        return Err(ImageError::TooLarge(format!(
+            "{MAX_JSON} bytes for {}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        )));
+    }
+    Ok(bytes)
+}
+
 fn read_json(path: &Path) -> Result<Value, ImageError> {
-    let bytes =
-        fs::read(path).map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = read_small(path)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| invalid(format!("{} is not JSON: {e}", path.display())))
 }
@@ -178,7 +206,7 @@ fn resolve(layout: &Path) -> Result<Resolved, ImageError> {
     let config_name = entry["Config"]
         .as_str()
         .ok_or_else(|| invalid("manifest.json has no Config"))?;
-    let config_bytes = fs::read(inside(config_name)?)?;
+    let config_bytes = read_small(&inside(config_name)?)?;
     let digest = format!(
         "sha256:{}",
         hex(ring::digest::digest(&ring::digest::SHA256, &config_bytes).as_ref())
@@ -239,6 +267,7 @@ pub fn import(layout: &Path, dest: &Path, limits: Limits) -> Result<ImageConfig,
     fs::create_dir_all(&rootfs)?;
     let mut budget = Budget {
         limits,
+        entries: 0,
         files: 0,
         bytes: 0,
     };
@@ -264,6 +293,8 @@ pub fn import(layout: &Path, dest: &Path, limits: Limits) -> Result<ImageConfig,
 
 struct Budget {
     limits: Limits,
+    /// Archive entries of every kind seen so far, over all layers.
+    entries: usize,
     files: usize,
     bytes: u64,
 }
@@ -365,16 +396,21 @@ fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), Ima
     let mut archive = tar::Archive::new(reader);
     // Directories this layer made opaque: their lower contents are gone.
     let mut opaque_done: HashSet<PathBuf> = HashSet::new();
-    for entry in archive.entries().map_err(|e| invalid(e.to_string()))? {
-        let mut entry = entry.map_err(|e| invalid(format!("layer {}: {e}", layer.display())))?;
-        let raw = entry
-            .path()
-            .map_err(|e| invalid(e.to_string()))?
-            .into_owned();
+    // Every entry of every layer counts toward the image's limit.
+    let room = budget.limits.max_files.saturating_sub(budget.entries);
+    crate::tarsafe::for_each(&mut archive, room, |m| {
+        budget.entries += 1;
+        let crate::tarsafe::Member {
+            mut entry,
+            path: raw,
+            link,
+            size,
+            ..
+        } = m;
         let name = raw.display().to_string();
         let rel = normalise(&raw).map_err(|why| ImageError::Unsafe(name.clone(), why))?;
         let Some(file_name) = rel.file_name().map(|f| f.to_string_lossy().into_owned()) else {
-            continue; // the root itself
+            return Ok(()); // the root itself
         };
         let parent = resolve_dir(root, rel.parent().unwrap_or(Path::new("")))?;
         if file_name == ".wh..wh..opq" {
@@ -383,11 +419,11 @@ fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), Ima
                     remove_any(&child?.path())?;
                 }
             }
-            continue;
+            return Ok(());
         }
         if let Some(hidden) = file_name.strip_prefix(".wh.") {
             remove_any(&parent.join(hidden))?;
-            continue;
+            return Ok(());
         }
         let target = parent.join(&file_name);
         let header = entry.header().clone();
@@ -413,7 +449,6 @@ fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), Ima
                 set_mode(&target, mode)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = header.size().map_err(|e| invalid(e.to_string()))?;
                 budget.bytes = budget.bytes.saturating_add(size);
                 if budget.bytes > budget.limits.max_total_bytes {
                     return Err(ImageError::TooLarge(format!(
@@ -431,20 +466,16 @@ fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), Ima
                 set_mode(&target, mode)?;
             }
             tar::EntryType::Symlink => {
-                let link = header
-                    .link_name()
-                    .map_err(|e| invalid(e.to_string()))?
-                    .ok_or_else(|| invalid(format!("symlink '{name}' has no target")))?;
+                let link =
+                    link.ok_or_else(|| invalid(format!("symlink '{name}' has no target")))?;
                 remove_any(&target)?;
                 // The target is interpreted inside the container; it is never followed here
                 // except through `resolve_dir`, which stays inside the root.
                 std::os::unix::fs::symlink(&link, &target)?;
             }
             tar::EntryType::Link => {
-                let link = header
-                    .link_name()
-                    .map_err(|e| invalid(e.to_string()))?
-                    .ok_or_else(|| invalid(format!("hard link '{name}' has no target")))?;
+                let link =
+                    link.ok_or_else(|| invalid(format!("hard link '{name}' has no target")))?;
                 let link_rel = normalise(&link)
                     .map_err(|why| ImageError::Unsafe(link.display().to_string(), why))?;
                 let link_parent = resolve_dir(root, link_rel.parent().unwrap_or(Path::new("")))?;
@@ -458,12 +489,8 @@ fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), Ima
                 fs::hard_link(&source, &target)?;
             }
             // The runtime provides /dev; fifos and sockets are made by programs at run time.
-            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => continue,
-            tar::EntryType::XGlobalHeader
-            | tar::EntryType::XHeader
-            | tar::EntryType::GNULongName
-            | tar::EntryType::GNULongLink => continue,
-            _ => continue,
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => return Ok(()),
+            _ => return Ok(()),
         }
         if let (Ok(uid), Ok(gid)) = (header.uid(), header.gid()) {
             let _ = std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32));
@@ -472,8 +499,8 @@ fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), Ima
                 let _ = set_mode(&target, mode);
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 fn set_mode(path: &Path, mode: u32) -> io::Result<()> {

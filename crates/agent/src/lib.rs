@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod oci;
 pub mod shim;
 pub mod sys;
+pub mod tarsafe;
 pub mod users;
 
 use std::collections::{BTreeSet, HashMap};
