@@ -88,6 +88,8 @@ pub struct AgentConfig {
     pub fake_processes: bool,
     /// Run every native game server as a user of its own (needs root): see [`users`].
     pub game_users: bool,
+    /// Caps on players' flows over all public ports of the node.
+    pub flows: Arc<lodge_proxy::FlowLimits>,
 }
 
 impl AgentConfig {
@@ -232,7 +234,15 @@ impl Agent {
             if target.ip().is_unspecified() {
                 target.set_ip(IpAddr::from([127, 0, 0, 1]));
             }
-            match lodge_proxy::open(public, target, Protocol::Tcp, Arc::default()).await {
+            match lodge_proxy::open(
+                public,
+                target,
+                Protocol::Tcp,
+                Arc::default(),
+                agent.cfg.flows.clone(),
+            )
+            .await
+            {
                 Ok(r) => *agent.api_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(r),
                 Err(e) => {
                     tracing::warn!(error = %e, %public, "cannot expose the API to isolated processes")
@@ -806,6 +816,7 @@ impl Agent {
             t.target,
             proto,
             counters.clone(),
+            self.cfg.flows.clone(),
         )
         .await
     }

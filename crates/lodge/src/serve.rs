@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// Lobbies one player may create per app per hour (429 with Retry-After beyond).
     #[arg(long, env = "LODGE_LOBBY_RATE_LIMIT", default_value_t = 10)]
     pub lobby_rate_limit: u32,
+    /// Players' flows (UDP sessions plus TCP connections) one source address may hold on this
+    /// node at once, over all public ports. The node's total is sized to the descriptor limit,
+    /// less a reserve for the API.
+    #[arg(long, env = "LODGE_FLOWS_PER_SOURCE", default_value_t = 64)]
+    pub flows_per_source: usize,
     /// Serve `/metrics` without a token on this address too (for example 127.0.0.1:9634); on
     /// the API address it always needs an admin token.
     #[arg(long, env = "LODGE_METRICS_ADDR")]
@@ -86,6 +91,33 @@ pub struct ServeArgs {
     /// Google's signing keys for LoginGoogle: a JWKS URL, or a file holding a JWKS document.
     #[arg(long, env = "LODGE_GOOGLE_JWKS", default_value = lodge_control::jwt::GOOGLE_JWKS)]
     pub google_jwks: String,
+}
+
+/// Descriptors kept for the API, the store, logs and the agent, whatever players do.
+const FD_RESERVE: u64 = 2048;
+
+/// Raise the soft descriptor limit to the hard one; returns the limit in force.
+pub(crate) fn raise_nofile() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 1024;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l = raised;
+            }
+        }
+    }
+    l.rlim_cur
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -249,6 +281,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         oci_runtime,
         fake_processes: args.fake_processes,
         game_users: lodge_agent::sys::is_root() && !args.fake_processes,
+        flows: Arc::new(lodge_proxy::FlowLimits::for_descriptors(
+            raise_nofile(),
+            FD_RESERVE,
+            args.flows_per_source,
+        )),
     };
     control.put_node(&node).await.map_err(|e| e.to_string())?;
     let agent = Agent::start(agent_cfg, control.local_link())

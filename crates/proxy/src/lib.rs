@@ -21,6 +21,97 @@ pub const UDP_SESSION_TTL: Duration = Duration::from_secs(60);
 /// Most UDP peers one public port serves at once (Hathora's `maxProcessConnections`); each
 /// holds an upstream socket, so spoofed sources cannot exhaust file descriptors.
 pub const MAX_UDP_SESSIONS: usize = 1024;
+/// A UDP session the game server never answered ends this soon: a flood of spoofed sources,
+/// one datagram each, cannot hold sessions (and their sockets) for a minute apiece.
+pub const UDP_UNREPLIED_TTL: Duration = Duration::from_secs(5);
+/// TCP connections one public port carries at once.
+pub const MAX_TCP_CONNECTIONS: usize = 1024;
+
+/// Flows (UDP sessions and TCP connections) of a whole node, shared by all its public ports:
+/// a cap for the node, so that players can never take the descriptors the API and the agent
+/// need, and a cap per source address, so that one host cannot take the node's share.
+#[derive(Debug)]
+pub struct FlowLimits {
+    max_flows: usize,
+    per_source: usize,
+    flows: std::sync::atomic::AtomicUsize,
+    by_source: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Flows refused because a cap was reached.
+    pub refused: AtomicU64,
+}
+
+impl Default for FlowLimits {
+    fn default() -> Self {
+        Self::new(16_384, 256)
+    }
+}
+
+impl FlowLimits {
+    pub fn new(max_flows: usize, per_source: usize) -> Self {
+        Self {
+            max_flows,
+            per_source,
+            flows: Default::default(),
+            by_source: Default::default(),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Limits sized to a descriptor limit: `reserve` descriptors stay free for everything but
+    /// players (the API, the store, logs), and a TCP flow costs two.
+    pub fn for_descriptors(nofile: u64, reserve: u64, per_source: usize) -> Self {
+        let flows = nofile.saturating_sub(reserve) / 2;
+        Self::new(flows.max(64) as usize, per_source)
+    }
+
+    pub fn max_flows(&self) -> usize {
+        self.max_flows
+    }
+
+    pub fn active(&self) -> usize {
+        self.flows.load(Ordering::Relaxed)
+    }
+
+    /// A permit for one more flow from `peer`, or `None` when a cap is reached.
+    fn admit(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<FlowPermit> {
+        let mut by_source = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by_source.get(&peer).copied().unwrap_or(0);
+        if n >= self.per_source || self.flows.load(Ordering::Relaxed) >= self.max_flows {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        by_source.insert(peer, n + 1);
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        Some(FlowPermit {
+            limits: self.clone(),
+            peer,
+        })
+    }
+}
+
+/// One admitted flow; gives its place back when dropped.
+#[derive(Debug)]
+struct FlowPermit {
+    limits: Arc<FlowLimits>,
+    peer: std::net::IpAddr,
+}
+
+impl Drop for FlowPermit {
+    fn drop(&mut self) {
+        let mut by_source = self
+            .limits
+            .by_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_source.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.peer);
+            }
+        }
+        self.limits.flows.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -103,16 +194,17 @@ pub async fn open(
     target: SocketAddr,
     protocol: Protocol,
     counters: Arc<Counters>,
+    limits: Arc<FlowLimits>,
 ) -> io::Result<Route> {
     let (tx, rx) = oneshot::channel();
     let task = match protocol {
         Protocol::Tcp => {
             let listener = TcpListener::bind(public).await?;
-            tokio::spawn(tcp_accept_loop(listener, target, counters, rx))
+            tokio::spawn(tcp_accept_loop(listener, target, counters, limits, rx))
         }
         Protocol::Udp => {
             let socket = bind_udp(public)?;
-            tokio::spawn(udp_loop(socket, target, counters, rx))
+            tokio::spawn(udp_loop(socket, target, counters, limits, rx))
         }
     };
     Ok(Route {
@@ -156,6 +248,7 @@ async fn tcp_accept_loop(
     listener: TcpListener,
     target: SocketAddr,
     counters: Arc<Counters>,
+    limits: Arc<FlowLimits>,
     mut shutdown: oneshot::Receiver<()>,
 ) {
     let mut conns = JoinSet::new();
@@ -168,8 +261,18 @@ async fn tcp_accept_loop(
             }
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
+                    // Over a cap the connection is closed at once.
+                    let permit = match limits.admit(peer.ip()) {
+                        Some(p) if conns.len() < MAX_TCP_CONNECTIONS => p,
+                        _ => {
+                            counters.dropped.fetch_add(1, Ordering::Relaxed);
+                            drop(client);
+                            continue;
+                        }
+                    };
                     let counters = counters.clone();
                     conns.spawn(async move {
+                        let _permit = permit;
                         let _guard = ActiveGuard::new(&counters);
                         if let Err(e) = tcp_pipe(client, target, &counters).await {
                             tracing::debug!(%peer, %target, error = %e, "tcp flow ended with error");
@@ -194,8 +297,9 @@ async fn tcp_pipe(client: TcpStream, target: SocketAddr, counters: &Counters) ->
     let (mut ur, mut uw) = upstream.into_split();
     let inbound = copy_counted(&mut cr, &mut uw, &counters.bytes_in);
     let outbound = copy_counted(&mut ur, &mut cw, &counters.bytes_out);
-    let (a, b) = tokio::join!(inbound, outbound);
-    a.and(b)
+    // A clean end of one direction is passed on as a half-close and the other carries on; an
+    // error in either (a reset) ends both, so no socket outlives its peer.
+    tokio::try_join!(inbound, outbound).map(|_| ())
 }
 
 async fn copy_counted<R, W>(r: &mut R, w: &mut W, counter: &AtomicU64) -> io::Result<()>
@@ -217,8 +321,11 @@ where
 struct UdpSession {
     upstream: Arc<UdpSocket>,
     last_seen: Arc<AtomicU64>,
+    /// Set once the game server has answered on this session.
+    replied: Arc<std::sync::atomic::AtomicBool>,
     task: AbortHandle,
     _guard: ActiveGuard,
+    _permit: FlowPermit,
 }
 
 impl Drop for UdpSession {
@@ -237,6 +344,7 @@ async fn udp_loop(
     public: UdpSocket,
     target: SocketAddr,
     counters: Arc<Counters>,
+    limits: Arc<FlowLimits>,
     mut shutdown: oneshot::Receiver<()>,
 ) {
     let public = Arc::new(public);
@@ -244,7 +352,7 @@ async fn udp_loop(
     // The reply tasks; they hold the public socket, so they are all ended before it closes.
     let mut replies: JoinSet<()> = JoinSet::new();
     let start = tokio::time::Instant::now();
-    let mut sweep = tokio::time::interval(Duration::from_secs(5));
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -254,8 +362,12 @@ async fn udp_loop(
             _ = sweep.tick() => {
                 let now = now_secs(start);
                 sessions.retain(|_, s| {
-                    now.saturating_sub(s.last_seen.load(Ordering::Relaxed))
-                        < UDP_SESSION_TTL.as_secs()
+                    let ttl = if s.replied.load(Ordering::Relaxed) {
+                        UDP_SESSION_TTL
+                    } else {
+                        UDP_UNREPLIED_TTL
+                    };
+                    now.saturating_sub(s.last_seen.load(Ordering::Relaxed)) < ttl.as_secs()
                 });
                 continue;
             }
@@ -276,9 +388,23 @@ async fn udp_loop(
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            None => match new_udp_session(&public, peer, target, &counters, start, &mut replies) {
-                Ok(s) => sessions.entry(peer).or_insert(s),
-                Err(e) => {
+            None => match limits.admit(peer.ip()).map(|permit| {
+                new_udp_session(
+                    &public,
+                    peer,
+                    target,
+                    &counters,
+                    permit,
+                    start,
+                    &mut replies,
+                )
+            }) {
+                None => {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Some(Ok(s)) => sessions.entry(peer).or_insert(s),
+                Some(Err(e)) => {
                     tracing::warn!(%peer, %target, error = %e, "cannot open udp session");
                     continue;
                 }
@@ -299,6 +425,7 @@ fn new_udp_session(
     peer: SocketAddr,
     target: SocketAddr,
     counters: &Arc<Counters>,
+    permit: FlowPermit,
     start: tokio::time::Instant,
     replies: &mut JoinSet<()>,
 ) -> io::Result<UdpSession> {
@@ -312,12 +439,14 @@ fn new_udp_session(
     std.set_nonblocking(true)?;
     let upstream = Arc::new(UdpSocket::from_std(std)?);
     let last_seen = Arc::new(AtomicU64::new(now_secs(start)));
+    let replied = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let task = {
-        let (upstream, public, counters, last_seen) = (
+        let (upstream, public, counters, last_seen, replied) = (
             upstream.clone(),
             public.clone(),
             counters.clone(),
             last_seen.clone(),
+            replied.clone(),
         );
         replies.spawn(async move {
             let mut buf = vec![0u8; 65_536];
@@ -325,6 +454,7 @@ fn new_udp_session(
                 match upstream.recv(&mut buf).await {
                     Ok(n) => {
                         last_seen.store(now_secs(start), Ordering::Relaxed);
+                        replied.store(true, Ordering::Relaxed);
                         // Counted before sending, or the player could see the reply first.
                         counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                         let _ = public.send_to(&buf[..n], peer).await;
@@ -338,8 +468,10 @@ fn new_udp_session(
     Ok(UdpSession {
         upstream,
         last_seen,
+        replied,
         task,
         _guard: ActiveGuard::new(counters),
+        _permit: permit,
     })
 }
 
@@ -385,9 +517,15 @@ mod tests {
         let target = udp_echo().await;
         let counters = Arc::new(Counters::default());
         let public = free_port();
-        let route = open(public, target, Protocol::Udp, counters.clone())
-            .await
-            .unwrap();
+        let route = open(
+            public,
+            target,
+            Protocol::Udp,
+            counters.clone(),
+            Arc::default(),
+        )
+        .await
+        .unwrap();
         let mut clients = Vec::new();
         for i in 0..3u8 {
             let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -415,9 +553,15 @@ mod tests {
         let target = tcp_echo().await;
         let counters = Arc::new(Counters::default());
         let public = free_port();
-        let route = open(public, target, Protocol::Tcp, counters.clone())
-            .await
-            .unwrap();
+        let route = open(
+            public,
+            target,
+            Protocol::Tcp,
+            counters.clone(),
+            Arc::default(),
+        )
+        .await
+        .unwrap();
         let mut c = TcpStream::connect(public).await.unwrap();
         c.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
@@ -445,8 +589,155 @@ mod tests {
             "127.0.0.1:9".parse().unwrap(),
             Protocol::Udp,
             Arc::default(),
+            Arc::default(),
         )
         .await;
         assert!(r.is_err());
+    }
+
+    async fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..300 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// One datagram from `source` to `public`; whether an answer came back.
+    async fn answered(source: &str, public: SocketAddr) -> bool {
+        let c = UdpSocket::bind(format!("{source}:0")).await.unwrap();
+        c.send_to(b"hi", public).await.unwrap();
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(Duration::from_millis(500), c.recv_from(&mut buf))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn flows_are_capped_per_source_and_per_node() {
+        let target = udp_echo().await;
+        let limits = Arc::new(FlowLimits::new(4, 2));
+        let public = free_port();
+        let counters = Arc::new(Counters::default());
+        let route = open(
+            public,
+            target,
+            Protocol::Udp,
+            counters.clone(),
+            limits.clone(),
+        )
+        .await
+        .unwrap();
+        // Two flows from one source, the third refused; another source gets its two, and
+        // then the node is full for everyone.
+        assert!(answered("127.0.0.1", public).await);
+        assert!(answered("127.0.0.1", public).await);
+        assert!(
+            !answered("127.0.0.1", public).await,
+            "third flow of one source"
+        );
+        assert!(answered("127.0.0.2", public).await);
+        assert!(answered("127.0.0.2", public).await);
+        assert!(!answered("127.0.0.3", public).await, "the node's cap");
+        assert_eq!(limits.active(), 4);
+        assert_eq!(limits.refused.load(Ordering::Relaxed), 2);
+        route.close().await;
+        assert_eq!(
+            limits.active(),
+            0,
+            "closing the route gives every flow back"
+        );
+    }
+
+    #[tokio::test]
+    async fn unanswered_udp_sessions_end_fast() {
+        // A game server that never answers: a spoofed source's session must not stay a minute.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let limits = Arc::new(FlowLimits::new(100, 100));
+        let public = free_port();
+        let route = open(
+            public,
+            silent.local_addr().unwrap(),
+            Protocol::Udp,
+            Arc::default(),
+            limits.clone(),
+        )
+        .await
+        .unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.send_to(b"spoofed", public).await.unwrap();
+        assert!(wait_until(|| limits.active() == 1).await);
+        let t0 = std::time::Instant::now();
+        for _ in 0..150 {
+            if limits.active() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(limits.active(), 0, "still open after {:?}", t0.elapsed());
+        route.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_closes_both_directions() {
+        // An upstream that accepts and then never sends nor closes.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = l.local_addr().unwrap();
+        let (up_tx, up_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            // Ends when the proxy closes its side.
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = up_tx.send(());
+        });
+        let limits = Arc::new(FlowLimits::new(100, 100));
+        let counters = Arc::new(Counters::default());
+        let public = free_port();
+        let route = open(
+            public,
+            target,
+            Protocol::Tcp,
+            counters.clone(),
+            limits.clone(),
+        )
+        .await
+        .unwrap();
+        let c = TcpStream::connect(public).await.unwrap();
+        assert!(wait_until(|| counters.active() == 1).await);
+        let std = c.into_std().unwrap();
+        socket_reset(&std);
+        drop(std);
+        tokio::time::timeout(Duration::from_secs(5), up_rx)
+            .await
+            .expect("the upstream connection is closed after the client's reset")
+            .unwrap();
+        assert!(wait_until(|| counters.active() == 0 && limits.active() == 0).await);
+        route.close().await;
+    }
+
+    /// Make closing `s` send a reset (SO_LINGER with a zero timeout).
+    fn socket_reset(s: &std::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads the struct we pass for its size.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
     }
 }

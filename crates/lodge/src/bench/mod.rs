@@ -111,17 +111,7 @@ fn ratio(a: f64, b: f64) -> String {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     // Many sockets (1,000 UDP clients): raise the soft descriptor limit to the hard one.
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
-            l.rlim_cur = l.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        }
-    }
+    crate::serve::raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -126,6 +126,8 @@ impl Server {
             .args(["--port-range", &format!("{lo}-{hi}")])
             .args(["--ping-port", &ping_port.to_string()])
             .args(["--stop-grace", "1"])
+            // Every bench client comes from 127.0.0.1: one source, thousands of flows.
+            .args(["--flows-per-source", "1000000"])
             .args(extra)
             .env("LODGE_ADMIN_TOKEN", &token)
             .env("RUST_LOG", "warn")

@@ -150,6 +150,7 @@ async fn node_in(
         oci_runtime: None,
         fake_processes: false,
         game_users: lodge_agent::sys::is_root(),
+        flows: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
