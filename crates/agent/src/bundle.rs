@@ -166,6 +166,8 @@ pub fn unpack_archive(
         Box::new(io::BufReader::new(file))
     };
     fs::create_dir_all(dest)?;
+    // Root's alone until a process of the build is given it (see `users::share_bundle`).
+    set_mode(dest, 0o700)?;
     unpack_tar(reader, dest, limits)
 }
 

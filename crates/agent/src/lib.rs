@@ -1029,10 +1029,10 @@ impl Agent {
                         .collect();
                     let mut base = host_env();
                     if let Some(scratch) = &state.scratch {
-                        let scratch = scratch.to_string_lossy().into_owned();
+                        let home = scratch.join("home").to_string_lossy().into_owned();
                         base.retain(|(k, _)| k != "HOME" && k != "USER");
-                        base.push(("HOME".into(), scratch.clone()));
-                        base.push(("TMPDIR".into(), scratch));
+                        base.push(("HOME".into(), home.clone()));
+                        base.push(("TMPDIR".into(), home));
                     }
                     shim::Launch {
                         argv: expand_argv(&manifest.command, spec, &inner_ports),
@@ -1047,6 +1047,7 @@ impl Agent {
                         netns: netns_path,
                         cgroup_procs: cgroups.procs_files(),
                         user: state.user.map(|u| (u.uid, u.gid)),
+                        bundle_mount: state.scratch.as_ref().map(|d| d.join("bundle")),
                     }
                 }
                 (None, Some(image), Some(oci)) => {
@@ -1105,6 +1106,7 @@ impl Agent {
                         netns: None,
                         cgroup_procs: Vec::new(),
                         user: None,
+                        bundle_mount: None,
                     }
                 }
                 _ => return Err(std::io::Error::other("nothing to run")),

@@ -29,6 +29,10 @@ pub struct Launch {
     /// gain privileges through set-user-id programs.
     #[serde(default)]
     pub user: Option<(u32, u32)>,
+    /// Where `cwd` (the bundle) is mounted read-only in the game's own mount namespace, and
+    /// where it runs; a path whose directories the game's user may traverse.
+    #[serde(default)]
+    pub bundle_mount: Option<PathBuf>,
 }
 
 /// Written by the shim when the game server ends.
@@ -80,16 +84,19 @@ pub fn main(dir: &Path) -> io::Result<i32> {
     if program.components().count() > 1 && program.is_relative() {
         // As another user the bundle is reached only through the working directory (entered
         // before the switch): the directories above it may be closed to that user.
-        program = match launch.user {
-            Some(_) => Path::new("/proc/self/cwd").join(program),
-            None => launch.cwd.join(program),
-        };
+        program = launch
+            .bundle_mount
+            .as_ref()
+            .unwrap_or(&launch.cwd)
+            .join(program);
     }
     let mut cmd = Command::new(&program);
-    cmd.arg0(&launch.argv[0])
-        .args(&launch.argv[1..])
-        .current_dir(&launch.cwd)
-        .env_clear()
+    cmd.arg0(&launch.argv[0]).args(&launch.argv[1..]);
+    // With a mount, the working directory is entered after the mount, in the hook below.
+    if launch.bundle_mount.is_none() {
+        cmd.current_dir(&launch.cwd);
+    }
+    cmd.env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -97,8 +104,13 @@ pub fn main(dir: &Path) -> io::Result<i32> {
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
     let cgroup_fds: Vec<i32> = cgroups.iter().map(|f| f.as_raw_fd()).collect();
     let user = launch.user;
+    let mount = match &launch.bundle_mount {
+        Some(target) => Some((cstring(&launch.cwd)?, cstring(target)?)),
+        None => None,
+    };
     // SAFETY: the hook runs between fork and exec and only makes async-signal-safe system
-    // calls (setsid, write, setns, setgroups, setgid, setuid, prctl) on file descriptors opened before the fork.
+    // calls (setsid, write, setns, unshare, mount, chdir, setgroups, setgid, setuid, prctl)
+    // on file descriptors opened before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -111,6 +123,41 @@ pub fn main(dir: &Path) -> io::Result<i32> {
             }
             if let Some(fd) = netns_fd {
                 if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some((source, target)) = &mount {
+                // A mount namespace of the game's own: the bind mount is invisible to the host
+                // and goes away with the game.
+                let flags = libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV;
+                if libc::unshare(libc::CLONE_NEWNS) < 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) < 0
+                    || libc::mount(
+                        source.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) < 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        flags,
+                        std::ptr::null(),
+                    ) < 0
+                    || libc::chdir(target.as_ptr()) < 0
+                {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -163,6 +210,11 @@ pub fn main(dir: &Path) -> io::Result<i32> {
     };
     write_exit(dir, &exit)?;
     Ok(exit.code.unwrap_or(128 + exit.signal.unwrap_or(0)))
+}
+
+fn cstring(p: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
 }
 
 fn write_exit(dir: &Path, exit: &ExitFile) -> io::Result<()> {

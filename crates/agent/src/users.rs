@@ -51,7 +51,10 @@ pub fn scratch_root(instance: &str) -> PathBuf {
     base.join(format!("lodge-{instance}"))
 }
 
-/// Create (or re-create) the process's scratch dir, owned by its user, mode 0700.
+/// Create (or re-create) the process's own directory outside the data dir: `home/` (its
+/// `HOME` and `TMPDIR`, owned by its user, mode 0700) and `bundle/`, where the shim mounts the
+/// bundle read-only in the game's own mount namespace, so the game reaches its files through
+/// directories it may traverse, wherever the data dir is.
 pub fn make_scratch(root: &Path, process_id: &str, user: GameUser) -> std::io::Result<PathBuf> {
     ensure_root_dir(root, 0o711)?;
     let dir = root.join(process_id);
@@ -59,8 +62,12 @@ pub fn make_scratch(root: &Path, process_id: &str, user: GameUser) -> std::io::R
         std::fs::remove_dir_all(&dir)?;
     }
     std::fs::create_dir(&dir)?;
-    std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    let home = dir.join("home");
+    std::fs::create_dir(&home)?;
+    std::os::unix::fs::chown(&home, Some(user.uid), Some(user.gid))?;
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::create_dir(dir.join("bundle"))?;
     Ok(dir)
 }
 
