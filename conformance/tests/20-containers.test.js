@@ -30,6 +30,7 @@ import {
   tcpRequest,
   streamText,
   sleep,
+  expectHttpError,
 } from '../lib/lodge.js';
 
 const run = promisify(execFile);
@@ -163,7 +164,8 @@ async function room(ctx) {
 const say = (r, msg) => udpRequest(r.host, r.port, msg, 5000);
 
 describe('containers with crun', { skip }, () => {
-  const ctx = containerLodge(['--oci-runtime', 'crun']);
+  // The test registries run on loopback, which the operator must allow explicitly.
+  const ctx = containerLodge(['--oci-runtime', 'crun', '--registry-allow', '127.0.0.1']);
   let dockerfileBuild;
 
   test('a Dockerfile tarball is built with buildah, its image stored and measured', async () => {
@@ -328,5 +330,32 @@ describe('without an image builder', { skip }, () => {
     assert.equal(build.status, 'failed');
     assert.match(log, /install buildah/);
     await sleep(10);
+  });
+
+  test('registry pulls reach no private address the operator did not allow, and take a host only', async () => {
+    const registry = registries[0];
+    assert.ok(registry, 'the registry test ran first and left its registry up');
+    const refused = [
+      { image: `127.0.0.1:${registry.port}/games/gs:1` },
+      { image: 'games/gs:1', registryUrl: `http://127.0.0.1:${registry.port}` },
+      { image: 'games/gs:1', registryUrl: `http://localhost:${registry.port}` },
+      { image: 'games/gs:1', registryUrl: 'http://169.254.169.254' },
+    ];
+    for (const params of refused) {
+      const b = await ctx.sdk.buildsV3.createBuildRegistry({}, ctx.orgId);
+      const log = await streamText(await ctx.sdk.buildsV3.runBuildRegistry(b.buildId, params, ctx.orgId));
+      assert.equal((await ctx.sdk.buildsV3.getBuild(b.buildId, ctx.orgId)).status, 'failed', log);
+      assert.match(log, /private, loopback or link-local/, JSON.stringify(params));
+    }
+    // Anything but a scheme and a host is refused before a build starts.
+    for (const registryUrl of [
+      `http://example.com/v2/x?u=http://127.0.0.1:${registry.port}`,
+      'http://user:pw@example.com',
+      'http://example.com#frag',
+      'file:///etc',
+    ]) {
+      const b = await ctx.sdk.buildsV3.createBuildRegistry({}, ctx.orgId);
+      await expectHttpError(ctx.sdk.buildsV3.runBuildRegistry(b.buildId, { image: 'games/gs:1', registryUrl }, ctx.orgId), 422);
+    }
   });
 });

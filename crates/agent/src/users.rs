@@ -130,10 +130,12 @@ pub fn share_bundle(bundle: &Path, gid: u32) -> std::io::Result<()> {
 /// their build's bundle.
 pub fn protect_data_dir(data_dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))?;
-    for sub in ["builds"] {
-        let dir = data_dir.join(sub);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    let builds = data_dir.join("builds");
+    std::fs::create_dir_all(&builds)?;
+    std::fs::set_permissions(&builds, std::fs::Permissions::from_mode(0o711))?;
+    // Made later by the OCI runtime and buildah: made now, so they are root's from the start.
+    for sub in ["oci", "buildah"] {
+        std::fs::create_dir_all(data_dir.join(sub))?;
     }
     for entry in std::fs::read_dir(data_dir)? {
         let entry = entry?;

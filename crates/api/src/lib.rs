@@ -8,6 +8,7 @@ mod logs;
 mod multipart;
 mod players;
 mod scopes;
+pub mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -135,14 +135,30 @@ impl Control {
             .join(build_id)
             .join("pull.tmp");
         let _ = tokio::fs::remove_dir_all(&layout).await;
-        let pulled = crate::registry::pull(
-            &cfg.image,
-            cfg.registry_url.as_deref(),
-            cfg.auth.as_deref(),
-            &layout,
-            say,
+        let limits = crate::registry::PullLimits {
+            egress: self.cfg.egress.clone(),
+            max_bytes: self.cfg.max_build_bytes,
+        };
+        let deadline = self.cfg.pull_deadline;
+        let pulled = match tokio::time::timeout(
+            deadline,
+            crate::registry::pull(
+                &cfg.image,
+                cfg.registry_url.as_deref(),
+                cfg.auth.as_deref(),
+                &layout,
+                limits,
+                say,
+            ),
         )
-        .await;
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the pull did not finish within {} s",
+                deadline.as_secs()
+            )),
+        };
         let result = match pulled {
             Ok(()) => self.import_image(build_id, &layout, say).await,
             Err(e) => Err(e),

@@ -6,6 +6,7 @@
 mod apps;
 mod builds;
 mod deployments;
+pub mod egress;
 mod images;
 pub mod jwt;
 mod legacy;
@@ -92,6 +93,10 @@ pub struct ControlConfig {
     pub image_builder: String,
     /// How long the logs and metrics of ended processes are kept.
     pub retention: Duration,
+    /// Private destinations registry pulls may reach (`--registry-allow`).
+    pub egress: egress::EgressPolicy,
+    /// The longest one registry pull may take, however the registry behaves.
+    pub pull_deadline: Duration,
 }
 
 impl ControlConfig {
@@ -108,6 +113,8 @@ impl ControlConfig {
             google_jwks: jwt::GOOGLE_JWKS.into(),
             image_builder: "buildah".into(),
             retention: Duration::from_secs(72 * 3600),
+            egress: egress::EgressPolicy::default(),
+            pull_deadline: Duration::from_secs(30 * 60),
         }
     }
 }

@@ -13,6 +13,16 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::egress::EgressPolicy;
+
+/// Largest manifest or index accepted, and largest token-service answer.
+pub const MAX_MANIFEST: usize = 4 << 20;
+const MAX_TOKEN_BODY: usize = 64 << 10;
+/// A registry silent this long in the middle of an answer has failed the pull.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most redirects one request follows (blob storage usually takes one).
+const MAX_REDIRECTS: usize = 5;
+
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// `[registry/]name[:tag|@digest]` split against an optional explicit registry URL.
@@ -45,10 +55,13 @@ pub fn parse_reference(image: &str, registry_url: Option<&str>) -> Result<Refere
     let mut scheme = None;
     if let Some(url) = registry_url.map(str::trim).filter(|u| !u.is_empty()) {
         let (s, h) = match url.split_once("://") {
-            Some((s, h)) => (Some(s.to_string()), h),
+            Some((s @ ("http" | "https"), h)) => (Some(s.to_string()), h),
+            Some((s, _)) => {
+                return Err(format!("registryUrl: the scheme {s} is not http or https"))
+            }
             None => (None, url),
         };
-        let h = h.trim_end_matches('/');
+        let h = h.strip_suffix('/').unwrap_or(h);
         // An image that repeats the registry host is the same image.
         if let Some(stripped) = image.strip_prefix(&format!("{h}/")) {
             rest = stripped.to_string();
@@ -67,6 +80,16 @@ pub fn parse_reference(image: &str, registry_url: Option<&str>) -> Result<Refere
     } else {
         host
     };
+    // A host and an optional port, nothing else: no path, query, fragment or credentials.
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    {
+        return Err(format!(
+            "the registry must be a host name with an optional port (such as registry.example.com:5000), not '{host}'"
+        ));
+    }
     let (name, reference) = if let Some((n, d)) = rest.split_once('@') {
         (n.to_string(), d.to_string())
     } else {
@@ -118,6 +141,9 @@ fn creds(auth: Option<&str>) -> Creds {
 
 struct Client {
     http: reqwest::Client,
+    policy: EgressPolicy,
+    /// The registry's host, to which plain-http token services are allowed.
+    host: String,
     creds: Creds,
     /// The Authorization value that worked.
     auth: Option<String>,
@@ -156,8 +182,17 @@ impl Client {
             }
         }
         let realm = challenge_param(challenge, "realm")
-            .ok_or_else(|| format!("unsupported registry challenge: {challenge}"))?;
-        let mut req = self.http.get(&realm).query(&[("scope", scope)]);
+            .ok_or("the registry answered 401 with an unsupported challenge")?;
+        let realm_url = reqwest::Url::parse(&realm)
+            .map_err(|_| "the registry named a bad token service URL")?;
+        self.policy.check_url(&realm_url)?;
+        // Credentials go to a token service of another host only over TLS.
+        if realm_url.scheme() != "https" && realm_url.host_str() != Some(self.host.as_str()) {
+            return Err(format!(
+                "the registry sends credentials to {realm} over plain http; refused"
+            ));
+        }
+        let mut req = self.http.get(realm_url).query(&[("scope", scope)]);
         if let Some(service) = challenge_param(challenge, "service") {
             req = req.query(&[("service", service)]);
         }
@@ -167,14 +202,16 @@ impl Client {
         let res = req
             .send()
             .await
-            .map_err(|e| format!("cannot reach the token service {realm}: {e}"))?;
+            .map_err(|e| format!("cannot reach the token service {realm}: {}", causes(&e)))?;
         if !res.status().is_success() {
             return Err(format!(
                 "the registry refused the credentials ({} from {realm})",
                 res.status()
             ));
         }
-        let body: Value = res.json().await.map_err(|e| e.to_string())?;
+        let body = read_capped(res, MAX_TOKEN_BODY, "the token service's answer").await?;
+        let body: Value = serde_json::from_slice(&body)
+            .map_err(|_| "the token service answered something other than JSON")?;
         let token = body["token"]
             .as_str()
             .or_else(|| body["access_token"].as_str())
@@ -189,15 +226,17 @@ impl Client {
         accept: &str,
         scope: &str,
     ) -> Result<reqwest::Response, String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+        self.policy.check_url(&parsed)?;
         for attempt in 0..2 {
-            let mut req = self.http.get(url).header(ACCEPT, accept);
+            let mut req = self.http.get(parsed.clone()).header(ACCEPT, accept);
             if let Some(a) = &self.auth {
                 req = req.header(AUTHORIZATION, a);
             }
             let res = req
                 .send()
                 .await
-                .map_err(|e| format!("cannot reach {url}: {e}"))?;
+                .map_err(|e| format!("cannot reach {url}: {}", causes(&e)))?;
             if res.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = res
                     .headers()
@@ -212,14 +251,46 @@ impl Client {
                 return Err("the registry refused the credentials (401)".into());
             }
             if !res.status().is_success() {
-                let status = res.status();
-                let body = res.text().await.unwrap_or_default();
-                return Err(format!("{url}: {status} {}", body.trim()));
+                // The body of a foreign host's error never goes into a build log.
+                return Err(format!("{url}: {}", res.status()));
             }
             return Ok(res);
         }
         Err("unreachable".into())
     }
+}
+
+/// An error with its causes (reqwest's own message hides why a request failed).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// A whole response body, refused as soon as it passes `max` bytes.
+async fn read_capped(
+    mut res: reqwest::Response,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    if res.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("{what} is larger than {max} bytes"));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| format!("{what}: {e}"))? {
+        if out.len() + chunk.len() > max {
+            return Err(format!("{what} is larger than {max} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 fn hex_of(digest: &str) -> Result<&str, String> {
@@ -235,6 +306,7 @@ async fn fetch_blob<F, Fut>(
     r: &Reference,
     layout: &Path,
     digest: &str,
+    size: u64,
     scope: &str,
     say: &F,
 ) -> Result<u64, String>
@@ -252,7 +324,20 @@ where
         .map_err(|e| e.to_string())?;
     let mut hasher = Sha256::new();
     let (mut n, mut reported) = (0u64, 0u64);
+    if res.content_length().is_some_and(|n| n > size) {
+        return Err(format!(
+            "blob {digest} is larger than the {size} bytes its manifest says"
+        ));
+    }
     while let Some(chunk) = res.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        // Checked while streaming: a bogus blob is never written beyond its declared size.
+        if n + chunk.len() as u64 > size {
+            drop(file);
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(format!(
+                "blob {digest} is larger than the {size} bytes its manifest says"
+            ));
+        }
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(|e| e.to_string())?;
         n += chunk.len() as u64;
@@ -279,12 +364,21 @@ where
     Ok(n)
 }
 
+/// Bounds of one pull.
+#[derive(Debug, Clone)]
+pub struct PullLimits {
+    pub egress: EgressPolicy,
+    /// Most bytes of layers an image may have.
+    pub max_bytes: u64,
+}
+
 /// Pull `image` into an OCI image layout at `layout` (created).
 pub async fn pull<F, Fut>(
     image: &str,
     registry_url: Option<&str>,
     auth: Option<&str>,
     layout: &Path,
+    limits: PullLimits,
     say: &F,
 ) -> Result<(), String>
 where
@@ -296,11 +390,30 @@ where
     tokio::fs::create_dir_all(layout.join("blobs/sha256"))
         .await
         .map_err(|e| e.to_string())?;
+    let policy = limits.egress.clone();
+    let redirects = policy.clone();
+    let host = reqwest::Url::parse(&r.base)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
     let mut client = Client {
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .read_timeout(READ_TIMEOUT)
+            .dns_resolver(policy.resolver())
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if let Err(e) = redirects.check_url(attempt.url()) {
+                    attempt.error(e)
+                } else {
+                    attempt.follow()
+                }
+            }))
             .build()
             .map_err(|e| e.to_string())?,
+        policy,
+        host,
         creds: creds(auth),
         auth: None,
     };
@@ -312,7 +425,7 @@ where
     loop {
         let url = format!("{}/v2/{}/manifests/{reference}", r.base, r.name);
         let res = client.get(&url, MANIFEST_TYPES, &scope).await?;
-        let bytes = res.bytes().await.map_err(|e| e.to_string())?;
+        let bytes = read_capped(res, MAX_MANIFEST, "the manifest").await?;
         let hex: String = Sha256::digest(&bytes)
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -347,20 +460,34 @@ where
     if manifest["schemaVersion"].as_i64() != Some(2) {
         return Err("only schema 2 image manifests are supported".into());
     }
-    let config = manifest["config"]["digest"]
-        .as_str()
-        .ok_or("the manifest has no config")?
-        .to_string();
-    fetch_blob(&mut client, &r, layout, &config, &scope, say).await?;
-    let layers: Vec<String> = manifest["layers"]
+    let descriptor = |d: &Value| -> Result<(String, u64), String> {
+        let digest = d["digest"].as_str().ok_or("a descriptor has no digest")?;
+        let size = d["size"].as_u64().ok_or("a descriptor has no size")?;
+        Ok((digest.to_string(), size))
+    };
+    let (config, config_size) = descriptor(&manifest["config"])?;
+    if config_size > MAX_MANIFEST as u64 {
+        return Err(format!(
+            "the image config is larger than {MAX_MANIFEST} bytes"
+        ));
+    }
+    fetch_blob(&mut client, &r, layout, &config, config_size, &scope, say).await?;
+    let layers = manifest["layers"]
         .as_array()
         .ok_or("the manifest has no layers")?
         .iter()
-        .filter_map(|l| l["digest"].as_str().map(str::to_string))
-        .collect();
+        .map(descriptor)
+        .collect::<Result<Vec<_>, _>>()?;
+    let declared: u64 = layers.iter().map(|(_, s)| *s).sum();
+    if declared > limits.max_bytes {
+        return Err(format!(
+            "the image's layers are {declared} bytes; at most {} are allowed",
+            limits.max_bytes
+        ));
+    }
     let mut total = 0;
-    for (i, digest) in layers.iter().enumerate() {
-        let n = fetch_blob(&mut client, &r, layout, digest, &scope, say).await?;
+    for (i, (digest, size)) in layers.iter().enumerate() {
+        let n = fetch_blob(&mut client, &r, layout, digest, *size, &scope, say).await?;
         total += n;
         say(format!(
             "layer {}/{} {} ({n} bytes)",
@@ -414,6 +541,16 @@ mod tests {
             ("http://127.0.0.1:5001", "gs")
         );
         assert!(parse_reference("", None).is_err());
+        for url in [
+            "http://example.com/v2/x?u=1",
+            "https://user:pw@example.com",
+            "example.com/path",
+            "example.com?x",
+            "ftp://example.com",
+        ] {
+            assert!(parse_reference("gs", Some(url)).is_err(), "{url}");
+        }
+        assert!(parse_reference("evil.com?x=1/gs", None).is_err());
         assert!(parse_reference("Bad/Name", Some("r.io")).is_err());
     }
 

@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// less a reserve for the API.
     #[arg(long, env = "LODGE_FLOWS_PER_SOURCE", default_value_t = 64)]
     pub flows_per_source: usize,
+    /// Private, loopback or link-local registries that registry builds may pull from, as
+    /// `host` or `host:port`, comma-separated (public registries need no entry).
+    #[arg(long, env = "LODGE_REGISTRY_ALLOW", value_delimiter = ',')]
+    pub registry_allow: Vec<String>,
     /// Serve `/metrics` without a token on this address too (for example 127.0.0.1:9634); on
     /// the API address it always needs an admin token.
     #[arg(long, env = "LODGE_METRICS_ADDR")]
@@ -227,6 +231,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     cfg.google_jwks = args.google_jwks.clone();
     cfg.image_builder = args.image_builder.clone();
     cfg.retention = secs(args.retention_hours * 3600.0, "retention-hours")?;
+    cfg.egress = lodge_control::egress::EgressPolicy::new(args.registry_allow.clone());
     let control = Control::new(Arc::new(store), Arc::new(SystemClock), cfg);
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
     control
@@ -330,10 +335,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         ports = %format!("{}-{}", args.port_range.0, args.port_range.1),
         "Lodge is serving"
     );
-    axum::serve(listener, lodge_api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    lodge_api::server::serve(
+        listener,
+        lodge_api::router(state),
+        lodge_api::server::ServeLimits::default(),
+        shutdown_signal(),
+        Duration::from_secs(5),
+    )
+    .await;
     if agent.running_count() == 0 {
         // Nothing runs here: leave no bridge or cgroups behind.
         agent.teardown_node().await;

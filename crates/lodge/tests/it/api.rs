@@ -12,6 +12,10 @@ use serde_json::{json, Value};
 use crate::TempDir;
 
 async fn serve(dir: &std::path::Path) -> String {
+    serve_with(dir, lodge_api::server::ServeLimits::default()).await
+}
+
+async fn serve_with(dir: &std::path::Path, limits: lodge_api::server::ServeLimits) -> String {
     let store = Arc::new(SqliteStore::open(&dir.join("db")).unwrap());
     let mut cfg = ControlConfig::new(dir.to_path_buf());
     cfg.admin_token = Some("admin".into());
@@ -35,7 +39,13 @@ async fn serve(dir: &std::path::Path) -> String {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, lodge_api::router(state)).await });
+    tokio::spawn(lodge_api::server::serve(
+        listener,
+        lodge_api::router(state),
+        limits,
+        std::future::pending(),
+        std::time::Duration::ZERO,
+    ));
     url
 }
 
@@ -478,4 +488,92 @@ async fn orgs_are_isolated() {
         .0,
         201
     );
+}
+
+#[tokio::test]
+async fn slow_and_oversized_clients_are_bounded() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("slow");
+    let limits = lodge_api::server::ServeLimits {
+        max_connections: 8,
+        header_timeout: Duration::from_millis(300),
+        body_idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let url = serve_with(&dir.0, limits).await;
+    let addr = url.trim_start_matches("http://").to_string();
+    let http = reqwest::Client::new();
+
+    // Headers that never finish: the connection is closed, not held.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection whose headers never end is closed"
+    );
+
+    // A body that stalls fails the request with a JSON 4xx.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"POST /apps/v2/apps HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"appName\"")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf))
+        .await
+        .expect("a stalled body gets an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"message\""), "{answer}");
+
+    // Oversized URI and headers: JSON 414 and 431.
+    let long = "a".repeat(9000);
+    let res = http
+        .get(format!("{url}/apps/v2/apps/{long}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 414);
+    assert!(res.json::<Value>().await.unwrap()["message"].is_string());
+    let res = http
+        .get(format!("{url}/livez"))
+        .header("x-filler", "b".repeat(40_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 431);
+    assert!(res.json::<Value>().await.unwrap()["message"].is_string());
+
+    // Past the connection cap, new connections are closed; /livez answers again once the
+    // idle ones go.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf)).await;
+    assert!(buf.is_empty(), "over the cap: closed without an answer");
+    drop(idle);
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(r) = http.get(format!("{url}/livez")).send().await {
+            ok = r.status() == 200;
+            if ok {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "/livez answers once the idle connections are gone");
 }
