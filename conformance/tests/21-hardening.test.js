@@ -461,3 +461,51 @@ for (const isolation of ['auto', 'none']) {
     });
   });
 }
+
+// ---------------------------------------------------------------------------
+// Unauthenticated exhaustion: anonymous players flooding lobbies, one app taking every port
+
+describe('no anonymous player and no single app can exhaust the node', () => {
+  const lodge = useLodge({
+    args: ['--lobby-rate-limit-source', '5', '--max-processes-per-app', '3', '--stop-grace', '1'],
+  });
+
+  test('lobby floods stop at the per-source limit and at the per-app process cap; other apps still get rooms', async () => {
+    const { sdk, appId } = await lodge.echoApp({ roomsPerProcess: 1 });
+    const player = lodge.sdk(null);
+    const started = [];
+    try {
+      // Every call is a new anonymous player, so the per-player limit never binds: the
+      // per-source limit (5) and the app's process cap (3) must.
+      const outcomes = [];
+      for (let i = 0; i < 8; i++) {
+        const { token } = await player.authV1.loginAnonymous(appId);
+        try {
+          const lobby = await player.lobbiesV3.createLobby({ playerAuth: token }, { visibility: 'public', region: REGION }, appId);
+          outcomes.push(201);
+          const info = await sdk.roomsV2.getRoomInfo(lobby.roomId, appId);
+          started.push(info.currentAllocation.processId);
+        } catch (err) {
+          outcomes.push(err.statusCode);
+          if (err.statusCode === 402) assert.match(err.data$?.message ?? err.message, /max-processes-per-app 3/);
+          if (err.statusCode === 429) assert.match(err.data$?.message ?? err.message, /source address/);
+        }
+      }
+      assert.deepEqual(outcomes.slice(0, 3), [201, 201, 201], 'the first three lobbies each start a process');
+      assert.deepEqual(outcomes.slice(3, 5), [402, 402], 'then the app has all the processes it may have');
+      assert.deepEqual(outcomes.slice(5), [429, 429, 429], 'and this address has used its five creations');
+      // (Refused attempts count too: hammering through the 402s used the address's window.)
+      // Another app on the same node still gets a room at once.
+      const other = await lodge.echoApp({ roomsPerProcess: 1 });
+      const room = await other.sdk.roomsV2.createRoom({ region: REGION }, other.appId);
+      const info = await waitActive(other.sdk, other.appId, room.roomId);
+      assert.equal(await udpRequest(info.exposedPort.host, info.exposedPort.port, 'still here'), 'still here');
+      started.push(room.processId);
+      await stopQuietly(other.sdk, other.appId, room.processId);
+      // /livez keeps answering.
+      assert.equal((await fetch(`${lodge.url}/livez`)).status, 200);
+    } finally {
+      for (const p of started) await stopQuietly(sdk, appId, p).catch(() => {});
+    }
+  });
+});

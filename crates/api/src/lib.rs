@@ -95,6 +95,22 @@ impl FromRequestParts<AppState> for Dev {
     }
 }
 
+/// The address a request came from (set by [`server::serve`]; absent under other servers).
+pub struct Source(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Source {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Source(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
+}
+
 /// The request body, or `None` when it is empty or only whitespace.
 async fn non_blank_body<S: Send + Sync>(
     req: Request,

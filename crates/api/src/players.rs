@@ -13,7 +13,7 @@ use lodge_model::wire::{
 };
 use lodge_model::{LobbyVisibility, Region};
 
-use crate::{invalid, ApiResult, AppState, Body, Dev, Path, QueryPairs};
+use crate::{invalid, ApiResult, AppState, Body, Dev, Path, QueryPairs, Source};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -87,6 +87,7 @@ fn region_filter(q: &QueryPairs) -> ApiResult<Option<Region>> {
 
 async fn create_lobby_v3(
     State(s): State<AppState>,
+    Source(src): Source,
     Path(app): Path<String>,
     headers: HeaderMap,
     q: QueryPairs,
@@ -101,6 +102,7 @@ async fn create_lobby_v3(
         room_id: opt(&q, "roomId").or(p.room_id.filter(|r| !r.is_empty())),
         short_code: opt(&q, "shortCode").or(p.short_code.filter(|c| !c.is_empty())),
         default_short_code: true,
+        source: src,
     };
     let lobby = s.control.create_lobby(&app, &player, new).await?;
     Ok((StatusCode::CREATED, Json(LobbyV3::from(&lobby))).into_response())
@@ -146,6 +148,7 @@ async fn create_legacy(
 
 async fn create_lobby_v2(
     State(s): State<AppState>,
+    Source(src): Source,
     Path(app): Path<String>,
     headers: HeaderMap,
     q: QueryPairs,
@@ -154,18 +157,19 @@ async fn create_lobby_v2(
     let visibility = p
         .visibility
         .ok_or_else(|| invalid("visibility is required"))?;
-    new_lobby_v2(&s, &app, &headers, &q, visibility, p).await
+    new_lobby_v2(&s, &app, &headers, &q, visibility, p, src).await
 }
 
 async fn create_lobby_v2_as(
     State(s): State<AppState>,
+    Source(src): Source,
     Path((app, visibility)): Path<(String, String)>,
     headers: HeaderMap,
     q: QueryPairs,
     Body(p): Body<CreateLobbyParams>,
 ) -> ApiResult<Response> {
     let visibility: LobbyVisibility = visibility.parse().map_err(invalid)?;
-    new_lobby_v2(&s, &app, &headers, &q, visibility, p).await
+    new_lobby_v2(&s, &app, &headers, &q, visibility, p, src).await
 }
 
 /// Lobby v2 creation, whether the visibility came in the body or the path.
@@ -176,6 +180,7 @@ async fn new_lobby_v2(
     q: &QueryPairs,
     visibility: LobbyVisibility,
     p: CreateLobbyParams,
+    src: Option<std::net::IpAddr>,
 ) -> ApiResult<Response> {
     let new = NewLobby {
         visibility,
@@ -185,6 +190,7 @@ async fn new_lobby_v2(
         room_id: opt(q, "roomId"),
         short_code: None,
         default_short_code: false,
+        source: src,
     };
     let lobby = create_legacy(s, app, headers, new).await?;
     Ok((StatusCode::CREATED, Json(LobbyLegacy::from(&lobby))).into_response())
@@ -194,6 +200,7 @@ async fn new_lobby_v2(
 /// 200 with the room id as a JSON string.
 async fn create_lobby_v1(
     State(s): State<AppState>,
+    Source(src): Source,
     Path((app, visibility)): Path<(String, String)>,
     headers: HeaderMap,
     q: QueryPairs,
@@ -218,6 +225,7 @@ async fn create_lobby_v1(
         room_id: None,
         short_code: None,
         default_short_code: false,
+        source: src,
     };
     let lobby = create_legacy(&s, &app, &headers, new).await?;
     Ok(Json(lobby.room_id))

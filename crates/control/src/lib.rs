@@ -12,6 +12,7 @@ pub mod jwt;
 mod legacy;
 mod nodes;
 mod players;
+mod ratelimit;
 pub mod registry;
 mod rooms;
 mod tokens;
@@ -97,6 +98,13 @@ pub struct ControlConfig {
     pub egress: egress::EgressPolicy,
     /// The longest one registry pull may take, however the registry behaves.
     pub pull_deadline: Duration,
+    /// Lobbies one source address may create per app within `lobby_rate_window`.
+    pub lobby_rate_limit_source: u32,
+    /// Lobbies all players together may create per app within `lobby_rate_window`.
+    pub lobby_rate_limit_app: u32,
+    /// Live processes one app may have (402 beyond), so that no app, and no player of one,
+    /// can take every public port of the fleet.
+    pub max_processes_per_app: u64,
 }
 
 impl ControlConfig {
@@ -115,6 +123,9 @@ impl ControlConfig {
             retention: Duration::from_secs(72 * 3600),
             egress: egress::EgressPolicy::default(),
             pull_deadline: Duration::from_secs(30 * 60),
+            lobby_rate_limit_source: 30,
+            lobby_rate_limit_app: 1000,
+            max_processes_per_app: 500,
         }
     }
 }
@@ -129,6 +140,8 @@ pub struct Control {
     jwks: jwt::JwksSource,
     /// The default org, once known (it never changes).
     default_org: std::sync::OnceLock<Org>,
+    /// Lobby creations per (app, source address) and per app.
+    lobby_windows: ratelimit::Windows,
 }
 
 /// Counters for `/metrics`.
@@ -151,6 +164,7 @@ impl Control {
             cfg,
             local_agents: RwLock::default(),
             metrics: Metrics::default(),
+            lobby_windows: ratelimit::Windows::default(),
         })
     }
 

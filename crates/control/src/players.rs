@@ -59,6 +59,8 @@ pub struct NewLobby {
     pub short_code: Option<String>,
     /// v3 lobbies always have a short code (their room id unless one is given).
     pub default_short_code: bool,
+    /// The address the request came from, for the per-source limit.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl Control {
@@ -190,6 +192,10 @@ impl Control {
             room_config: room_config.clone(),
         };
         let window = self.cfg.lobby_rate_window.as_millis() as i64;
+        // Player ids cost nothing (anonymous login mints one per call): the source address and
+        // the app bound lobby creation too, before the per-player count in the store. Every
+        // attempt counts, refused or not, so hammering gains nothing.
+        self.count_lobby_attempt(&app.app_id, new.source)?;
         let limit = self.cfg.lobby_rate_limit;
         if let Some(oldest) = self
             .store
@@ -221,6 +227,41 @@ impl Control {
         }
         tracing::info!(room_id, app_id = %app.app_id, player = %player.id, visibility = %lobby.visibility, "lobby created");
         Ok(lobby)
+    }
+
+    /// Count a lobby creation against the per-source and per-app windows; 429 naming the
+    /// limit when either is full.
+    fn count_lobby_attempt(&self, app_id: &str, source: Option<std::net::IpAddr>) -> Result<()> {
+        let now = self.now();
+        let window = self.cfg.lobby_rate_window.as_millis() as i64;
+        let mut checks = vec![(
+            format!("app {app_id}"),
+            self.cfg.lobby_rate_limit_app,
+            format!("app {app_id}"),
+        )];
+        if let Some(ip) = source {
+            checks.insert(
+                0,
+                (
+                    format!("source {app_id} {ip}"),
+                    self.cfg.lobby_rate_limit_source,
+                    format!("address {ip}"),
+                ),
+            );
+        }
+        for (key, max, who) in checks {
+            if let Err(retry) = self.lobby_windows.hit(&key, now, window, max) {
+                return Err(Error::RateLimited(
+                    format!(
+                        "{who} created {max} lobbies of this app in the last {} s (the lobby limit per {}); try again in {retry} s",
+                        window / 1000,
+                        if key.starts_with("source") { "source address" } else { "app" },
+                    ),
+                    retry,
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A lobby by room id (any visibility); 404 once its room is destroyed.

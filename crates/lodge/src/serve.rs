@@ -92,6 +92,15 @@ pub struct ServeArgs {
     /// the API address it always needs an admin token.
     #[arg(long, env = "LODGE_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Lobbies one source address may create per app per hour (429 with Retry-After beyond).
+    #[arg(long, env = "LODGE_LOBBY_RATE_LIMIT_SOURCE", default_value_t = 30)]
+    pub lobby_rate_limit_source: u32,
+    /// Lobbies all players together may create per app per hour.
+    #[arg(long, env = "LODGE_LOBBY_RATE_LIMIT_APP", default_value_t = 1000)]
+    pub lobby_rate_limit_app: u32,
+    /// Live processes one app may have; CreateRoom and CreateProcess answer 402 beyond.
+    #[arg(long, env = "LODGE_MAX_PROCESSES_PER_APP", default_value_t = 500)]
+    pub max_processes_per_app: u64,
     /// Google's signing keys for LoginGoogle: a JWKS URL, or a file holding a JWKS document.
     #[arg(long, env = "LODGE_GOOGLE_JWKS", default_value = lodge_control::jwt::GOOGLE_JWKS)]
     pub google_jwks: String,
@@ -228,6 +237,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .filter(|t| !t.is_empty());
     cfg.idle_timeout = secs(args.idle_timeout, "idle-timeout")?;
     cfg.lobby_rate_limit = args.lobby_rate_limit;
+    cfg.lobby_rate_limit_source = args.lobby_rate_limit_source;
+    cfg.lobby_rate_limit_app = args.lobby_rate_limit_app;
+    cfg.max_processes_per_app = args.max_processes_per_app;
     cfg.google_jwks = args.google_jwks.clone();
     cfg.image_builder = args.image_builder.clone();
     cfg.retention = secs(args.retention_hours * 3600.0, "retention-hours")?;

@@ -128,6 +128,7 @@ impl Server {
             .args(["--stop-grace", "1"])
             // Every bench client comes from 127.0.0.1: one source, thousands of flows.
             .args(["--flows-per-source", "1000000"])
+            .args(["--max-processes-per-app", "1000000"])
             .args(extra)
             .env("LODGE_ADMIN_TOKEN", &token)
             .env("RUST_LOG", "warn")
