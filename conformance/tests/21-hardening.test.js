@@ -500,7 +500,6 @@ describe('no anonymous player and no single app can exhaust the node', () => {
       const room = await other.sdk.roomsV2.createRoom({ region: REGION }, other.appId);
       const info = await waitActive(other.sdk, other.appId, room.roomId);
       assert.equal(await udpRequest(info.exposedPort.host, info.exposedPort.port, 'still here'), 'still here');
-      started.push(room.processId);
       await stopQuietly(other.sdk, other.appId, room.processId);
       // /livez keeps answering.
       assert.equal((await fetch(`${lodge.url}/livez`)).status, 200);

@@ -104,6 +104,8 @@ impl Control {
             }
             None => id::build_id(),
         };
+        self.check_build_quota(&org, upload.as_ref().map_or(0, |u| u.size))
+            .await?;
         let build = Build {
             build_id,
             org_id: org,
@@ -120,6 +122,37 @@ impl Control {
         };
         self.store.insert_build(&build).await?;
         Ok(build)
+    }
+
+    /// 402 when the org has `max_builds_per_org` builds, or this one would take its builds
+    /// past `max_org_build_bytes` (declared upload sizes, image sizes once built).
+    async fn check_build_quota(&self, org: &str, adding: u64) -> Result<()> {
+        let live: Vec<Build> = self
+            .store
+            .builds(org)
+            .await?
+            .into_iter()
+            .filter(|b| b.deleted_at.is_none())
+            .collect();
+        let max = self.cfg.max_builds_per_org;
+        if live.len() as u64 >= max {
+            return Err(Error::NoCapacity(format!(
+                "the org has {} builds, the most it may have (--max-builds-per-org {max}); delete old builds",
+                live.len()
+            )));
+        }
+        let used: u64 = live
+            .iter()
+            .map(|b| b.image_size.max(b.upload.as_ref().map_or(0, |u| u.size)))
+            .sum();
+        let quota = self.cfg.max_org_build_bytes;
+        if used.saturating_add(adding) > quota {
+            return Err(Error::NoCapacity(format!(
+                "the org's builds take {used} bytes; {adding} more would pass its storage quota of \
+                 {quota} bytes (--max-org-build-gb); delete old builds"
+            )));
+        }
+        Ok(())
     }
 
     /// The presigned part URLs and completion URL of a build's multipart upload.
@@ -157,7 +190,7 @@ impl Control {
         match build {
             Some(b) if b.deleted_at.is_none() => match b.upload.clone() {
                 Some(u) if crate::tokens::same(&u.secret, signature) => {
-                    if b.status != BuildStatus::Created {
+                    if b.status != BuildStatus::Created || u.completed {
                         return Err(Error::BadRequest(format!(
                             "build {build_id} no longer accepts uploads"
                         )));
@@ -206,7 +239,9 @@ impl Control {
         }
         let dir = self.build_dir(build_id).join("parts");
         tokio::fs::create_dir_all(&dir).await?;
-        let tmp = dir.join(format!("{part}.tmp"));
+        // A temporary name of its own: concurrent PUTs of one part each write whole, and the
+        // last rename wins.
+        let tmp = dir.join(format!("{part}.{}.tmp", id::secret_hex()));
         tokio::fs::write(&tmp, data).await?;
         tokio::fs::rename(&tmp, dir.join(part.to_string())).await?;
         let digest = Sha256::digest(data);
@@ -244,7 +279,15 @@ impl Control {
         let dir = self.build_dir(build_id);
         let parts = dir.join("parts");
         let archive = dir.join("archive");
-        let tmp = dir.join("archive.tmp");
+        for n in numbers {
+            if !tokio::fs::try_exists(parts.join(n.to_string()))
+                .await
+                .unwrap_or(false)
+            {
+                return Err(Error::BadRequest(format!("part {n} was not uploaded")));
+            }
+        }
+        let tmp = dir.join(format!("archive.{}.tmp", id::secret_hex()));
         let mut out = tokio::fs::File::create(&tmp).await?;
         for n in numbers {
             let mut f = tokio::fs::File::open(parts.join(n.to_string()))
@@ -349,6 +392,9 @@ impl Control {
                     (BuildStatus::Failed, 0, None)
                 }
             };
+            if status == BuildStatus::Failed {
+                control.reclaim_failed(&build.build_id).await;
+            }
             build.status = status;
             build.image_size = size;
             build.content_hash = hash;
@@ -544,13 +590,79 @@ impl Control {
         let mut build = self.build_of(caller, org_id, build_id).await?;
         build.deleted_at = Some(self.now());
         self.store.update_build(&build).await?;
-        let dir = self.build_dir(build_id);
-        let _ = tokio::fs::remove_dir_all(dir.join("parts")).await;
-        let _ = tokio::fs::remove_file(dir.join("archive")).await;
+        self.reclaim_deleted(&build).await?;
         Ok(())
+    }
+
+    /// Give back the disk of a deleted build: all of it once no live process runs from it,
+    /// else everything but what those processes run (then again on the next start).
+    async fn reclaim_deleted(&self, build: &Build) -> Result<()> {
+        let dir = self.build_dir(&build.build_id);
+        if self.build_in_use(build).await? {
+            for part in ["parts", "archive", "pull.tmp", "upload.tmp"] {
+                remove_any(&dir.join(part)).await;
+            }
+        } else {
+            remove_any(&dir).await;
+        }
+        Ok(())
+    }
+
+    /// Whether a live process runs a deployment of `build`.
+    async fn build_in_use(&self, build: &Build) -> Result<bool> {
+        for app in self.store.apps(&build.org_id).await? {
+            for d in self.store.deployments(&app.app_id).await? {
+                if d.build_id != build.build_id {
+                    continue;
+                }
+                let q = lodge_store::ProcessQuery {
+                    deployment_id: Some(d.deployment_id.clone()),
+                    statuses: lodge_model::ProcessStatus::LIVE.to_vec(),
+                    ..Default::default()
+                };
+                if self.store.count_processes(&q).await? > 0 {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// At start: the disk of builds deleted while their processes ran, and of failed builds.
+    pub async fn reclaim_build_disk(&self) -> Result<usize> {
+        let mut n = 0;
+        for org in self.store.orgs().await? {
+            for b in self.store.builds(&org.org_id).await? {
+                let dir = self.build_dir(&b.build_id);
+                if b.deleted_at.is_some() && tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+                    self.reclaim_deleted(&b).await?;
+                    n += 1;
+                } else if b.status == BuildStatus::Failed {
+                    self.reclaim_failed(&b.build_id).await;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// A failed build keeps nothing on disk: no process can ever run it.
+    async fn reclaim_failed(&self, build_id: &str) {
+        remove_any(&self.build_dir(build_id)).await;
     }
 
     pub fn bundle_path(&self, build_id: &str) -> PathBuf {
         self.build_dir(build_id).join("bundle")
+    }
+}
+
+async fn remove_any(path: &std::path::Path) {
+    match tokio::fs::symlink_metadata(path).await {
+        Ok(m) if m.is_dir() => {
+            let _ = tokio::fs::remove_dir_all(path).await;
+        }
+        Ok(_) => {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        Err(_) => {}
     }
 }

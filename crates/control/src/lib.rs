@@ -105,6 +105,10 @@ pub struct ControlConfig {
     /// Live processes one app may have (402 beyond), so that no app, and no player of one,
     /// can take every public port of the fleet.
     pub max_processes_per_app: u64,
+    /// Builds (not deleted) one org may have.
+    pub max_builds_per_org: u64,
+    /// Bytes all builds of one org may take.
+    pub max_org_build_bytes: u64,
 }
 
 impl ControlConfig {
@@ -126,6 +130,8 @@ impl ControlConfig {
             lobby_rate_limit_source: 30,
             lobby_rate_limit_app: 1000,
             max_processes_per_app: 500,
+            max_builds_per_org: 1000,
+            max_org_build_bytes: 50 << 30,
         }
     }
 }

@@ -101,6 +101,12 @@ pub struct ServeArgs {
     /// Live processes one app may have; CreateRoom and CreateProcess answer 402 beyond.
     #[arg(long, env = "LODGE_MAX_PROCESSES_PER_APP", default_value_t = 500)]
     pub max_processes_per_app: u64,
+    /// Builds (not deleted) one org may have; CreateBuild answers 402 beyond.
+    #[arg(long, env = "LODGE_MAX_BUILDS_PER_ORG", default_value_t = 1000)]
+    pub max_builds_per_org: u64,
+    /// Gigabytes all builds of one org may take (declared upload sizes, then image sizes).
+    #[arg(long, env = "LODGE_MAX_ORG_BUILD_GB", default_value_t = 50.0)]
+    pub max_org_build_gb: f64,
     /// Google's signing keys for LoginGoogle: a JWKS URL, or a file holding a JWKS document.
     #[arg(long, env = "LODGE_GOOGLE_JWKS", default_value = lodge_control::jwt::GOOGLE_JWKS)]
     pub google_jwks: String,
@@ -240,6 +246,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     cfg.lobby_rate_limit_source = args.lobby_rate_limit_source;
     cfg.lobby_rate_limit_app = args.lobby_rate_limit_app;
     cfg.max_processes_per_app = args.max_processes_per_app;
+    cfg.max_builds_per_org = args.max_builds_per_org;
+    cfg.max_org_build_bytes = (args.max_org_build_gb.max(0.0) * (1u64 << 30) as f64) as u64;
     cfg.google_jwks = args.google_jwks.clone();
     cfg.image_builder = args.image_builder.clone();
     cfg.retention = secs(args.retention_hours * 3600.0, "retention-hours")?;
@@ -248,6 +256,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
     control
         .fail_interrupted_builds()
+        .await
+        .map_err(|e| e.to_string())?;
+    control
+        .reclaim_build_disk()
         .await
         .map_err(|e| e.to_string())?;
     let token_file = data_dir.join("admin-token");

@@ -577,3 +577,141 @@ async fn slow_and_oversized_clients_are_bounded() {
     }
     assert!(ok, "/livez answers once the idle connections are gone");
 }
+
+#[tokio::test]
+async fn upload_sessions_close_and_failed_or_deleted_builds_give_disk_back() {
+    let dir = TempDir::new("uploads");
+    let url = serve(&dir.0).await;
+    let http = reqwest::Client::new();
+    let archive = {
+        // A gzipped tar holding one file and no lodge.toml: the build fails.
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, "readme.txt", &b"hello"[..])
+            .unwrap();
+        let raw = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        gz.finish().unwrap()
+    };
+    let (status, made) = call(
+        &url,
+        "POST",
+        "/builds/v3/builds",
+        "admin",
+        Some(json!({"buildSizeInBytes": archive.len()})),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let build_id = made["buildId"].as_str().unwrap().to_string();
+    let part_url = made["uploadParts"][0]["putRequestUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let complete_url = made["completeUploadPostRequestUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Completing before any part: a 4xx with a message, not a 500.
+    let res = http
+        .post(&complete_url)
+        .body("<CompleteMultipartUpload/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(res.json::<Value>().await.unwrap()["message"].is_string());
+
+    // Six concurrent PUTs of one part all succeed.
+    let puts: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(http.put(&part_url).body(archive.clone()).send()))
+        .collect();
+    for put in puts {
+        let res = put.await.unwrap().unwrap();
+        assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    }
+    let res = http
+        .post(&complete_url)
+        .body("<CompleteMultipartUpload/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // The session is closed: no part can replace the archive, and it completes once.
+    let res = http
+        .put(&part_url)
+        .body(b"other".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(res.json::<Value>().await.unwrap()["message"].is_string());
+    let res = http
+        .post(&complete_url)
+        .body("<CompleteMultipartUpload/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+
+    // The build fails (no lodge.toml) and keeps nothing on disk.
+    let build_dir = dir.0.join("builds").join(&build_id);
+    assert!(build_dir.join("archive").exists());
+    let log = http
+        .post(format!("{url}/builds/v3/builds/{build_id}/run"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("failed"), "{log}");
+    let (_, b) = call(
+        &url,
+        "GET",
+        &format!("/builds/v3/builds/{build_id}"),
+        "admin",
+        None,
+    )
+    .await;
+    assert_eq!(b["status"], "failed");
+    assert!(!build_dir.exists(), "a failed build's files are removed");
+
+    // A deleted build with no process gives its disk back at once.
+    let (_, other) = call(
+        &url,
+        "POST",
+        "/builds/v3/builds",
+        "admin",
+        Some(json!({"buildSizeInBytes": archive.len()})),
+    )
+    .await;
+    let other_id = other["buildId"].as_str().unwrap();
+    let put = http
+        .put(other["uploadParts"][0]["putRequestUrl"].as_str().unwrap())
+        .body(archive.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let other_dir = dir.0.join("builds").join(other_id);
+    assert!(other_dir.exists());
+    assert_eq!(
+        call(
+            &url,
+            "DELETE",
+            &format!("/builds/v3/builds/{other_id}"),
+            "admin",
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert!(!other_dir.exists(), "a deleted build's files are removed");
+}
