@@ -77,6 +77,17 @@ pub fn shims_under(under: &Path) -> Vec<(u32, PathBuf, Vec<u32>)> {
     shims
 }
 
+/// How many ports of `range` on `ip` this host can bind for both TCP and UDP right now: the
+/// node's real capacity, less what other programs hold.
+pub fn bindable_ports(ip: std::net::IpAddr, range: (u16, u16)) -> u32 {
+    (range.0..=range.1)
+        .filter(|p| {
+            let addr = std::net::SocketAddr::new(ip, *p);
+            std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok()
+        })
+        .count() as u32
+}
+
 pub fn signal_group(pgid: u32, sig: i32) {
     if pgid > 1 {
         // SAFETY: kill with a negative pid signals a process group; no memory is touched.

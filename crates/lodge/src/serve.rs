@@ -291,8 +291,19 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         public_host: args.public_host.clone(),
         regions: regions.clone(),
         started_at: control.now(),
-        port_capacity: (!args.fake_processes)
-            .then(|| u32::from(args.port_range.1 - args.port_range.0) + 1),
+        // Ports other programs hold are not capacity (checked before re-adoption opens ours).
+        port_capacity: (!args.fake_processes).then(|| {
+            let free = lodge_agent::sys::bindable_ports(args.proxy_bind, args.port_range);
+            let span = u32::from(args.port_range.1 - args.port_range.0) + 1;
+            if free < span {
+                tracing::warn!(
+                    free,
+                    span,
+                    "some ports of --port-range are held by other programs; they are not offered"
+                );
+            }
+            free
+        }),
     };
     let agent_cfg = AgentConfig {
         node_id: node.node_id.clone(),
