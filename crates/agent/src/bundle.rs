@@ -211,7 +211,12 @@ fn inside(base: &Path, link: &Path) -> Option<PathBuf> {
     Some(out.iter().collect())
 }
 
-fn unpack_tar(reader: impl Read, dest: &Path, limits: Limits) -> Result<(usize, u64), BundleError> {
+/// Unpack a tar stream (not compressed) into `dest` under the bundle rules.
+pub fn unpack_tar(
+    reader: impl Read,
+    dest: &Path,
+    limits: Limits,
+) -> Result<(usize, u64), BundleError> {
     let mut archive = tar::Archive::new(reader);
     let mut files = 0usize;
     let mut total = 0u64;

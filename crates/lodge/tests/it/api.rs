@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::TempDir;
 
-async fn serve(dir: &std::path::Path) -> String {
+pub(crate) async fn serve(dir: &std::path::Path) -> String {
     serve_with(dir, lodge_api::server::ServeLimits::default()).await
 }
 

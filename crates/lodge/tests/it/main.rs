@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod control;
+mod fuzz;
 mod store;
 
 use std::path::PathBuf;
