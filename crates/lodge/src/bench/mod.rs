@@ -5,8 +5,10 @@
 //! rate), `cold` (CreateRoom → active on a new process, minus the server's own exec-to-bind, per
 //! driver and isolation), `proxy` (UDP latency and packet rate, TCP throughput and connection
 //! rate: direct, through Lodge, through nginx), `scale` (latency and memory per room with many
-//! rooms and processes, with pretend processes).
+//! rooms and processes, with pretend processes), `abuse` (what hostile traffic costs: /livez
+//! under floods and slow clients, memory under an archive bomb).
 
+mod abuse;
 mod echo;
 mod net;
 mod server;
@@ -26,7 +28,7 @@ pub struct BenchArgs {
     /// Short mode: every scenario, small sample sizes, done in about a minute (what CI runs).
     #[arg(long)]
     pub quick: bool,
-    /// Scenarios to run, comma-separated: warm, cold, proxy, scale (default: all).
+    /// Scenarios to run, comma-separated: warm, cold, proxy, scale, abuse (default: all).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The largest room count of the scale scenario (default 100000; 2000 with --quick).
@@ -141,6 +143,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if wanted("scale") {
             add(scale(&args).await?);
+        }
+        if wanted("abuse") {
+            add(abuse::run(&args).await?);
         }
         if let Some(path) = &args.report {
             let doc = json!({"machine": server::machine(), "quick": args.quick, "tables": tables.iter().map(Table::json).collect::<Vec<_>>()});

@@ -106,6 +106,20 @@ pub struct Setup {
 
 impl Server {
     pub async fn start(extra: &[&str]) -> Result<Server> {
+        // Every bench client comes from 127.0.0.1: one source, thousands of flows and
+        // processes, which the default per-source and per-app limits would refuse.
+        let mut args = vec![
+            "--flows-per-source",
+            "1000000",
+            "--max-processes-per-app",
+            "1000000",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with_defaults(&args).await
+    }
+
+    /// A server with Lodge's default limits, plus `extra`.
+    pub async fn start_with_defaults(extra: &[&str]) -> Result<Server> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = std::env::temp_dir().join(format!(
             "lodge-bench-{}-{}",
@@ -126,9 +140,6 @@ impl Server {
             .args(["--port-range", &format!("{lo}-{hi}")])
             .args(["--ping-port", &ping_port.to_string()])
             .args(["--stop-grace", "1"])
-            // Every bench client comes from 127.0.0.1: one source, thousands of flows.
-            .args(["--flows-per-source", "1000000"])
-            .args(["--max-processes-per-app", "1000000"])
             .args(extra)
             .env("LODGE_ADMIN_TOKEN", &token)
             .env("RUST_LOG", "warn")
@@ -160,6 +171,21 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Upload `archive` as a build and run it; whether it failed.
+    pub async fn build_fails(&self, archive: Vec<u8>) -> Result<bool> {
+        let ctx = self.ctx()?;
+        let (_, status, _) = self.run_build(&ctx, archive).await?;
+        Ok(status == "failed")
     }
 
     pub fn rss_bytes(&self) -> u64 {
@@ -208,6 +234,19 @@ impl Server {
     }
 
     async fn build(&self, ctx: &cli::Ctx, archive: Vec<u8>) -> Result<String> {
+        let (id, status, log) = self.run_build(ctx, archive).await?;
+        if status != "succeeded" {
+            return Err(format!("the benchmark build failed:\n{log}"));
+        }
+        Ok(id)
+    }
+
+    /// Upload and run a build: its id, final status and log.
+    async fn run_build(
+        &self,
+        ctx: &cli::Ctx,
+        archive: Vec<u8>,
+    ) -> Result<(String, String, String)> {
         let created = ctx
             .api
             .post(
@@ -234,10 +273,8 @@ impl Server {
             .get(&format!("/builds/v3/builds/{id}"))
             .await
             .map_err(|e| e.0)?;
-        if build["status"] != "succeeded" {
-            return Err(format!("the benchmark build failed:\n{log}"));
-        }
-        Ok(id)
+        let status = build["status"].as_str().unwrap_or_default().to_string();
+        Ok((id, status, log))
     }
 
     async fn deploy(
