@@ -243,6 +243,23 @@ pub(crate) async fn metrics_text(State(s): State<AppState>) -> ApiResult<Respons
         }
     }
     let _ = writeln!(out, "# HELP lodge_process_bytes_total Bytes proxied per process.\n# TYPE lodge_process_bytes_total counter\n{bytes}");
+    let _ = writeln!(
+        out,
+        "# HELP lodge_player_flows Players' UDP sessions and TCP connections on the node's public ports.\n# TYPE lodge_player_flows gauge\n\
+         # HELP lodge_player_flows_max The node's cap on them (descriptor limit less the API's reserve).\n# TYPE lodge_player_flows_max gauge\n\
+         # HELP lodge_player_flows_refused_total Flows refused at the node's or a source's cap.\n# TYPE lodge_player_flows_refused_total counter"
+    );
+    for agent in s.control.agents() {
+        let flows = &agent.config().flows;
+        let node = &agent.config().node_id;
+        let _ = writeln!(
+            out,
+            "lodge_player_flows{{node=\"{node}\"}} {}\nlodge_player_flows_max{{node=\"{node}\"}} {}\nlodge_player_flows_refused_total{{node=\"{node}\"}} {}",
+            flows.active(),
+            flows.max_flows(),
+            flows.refused.load(Ordering::Relaxed)
+        );
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
