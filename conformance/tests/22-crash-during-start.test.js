@@ -30,7 +30,6 @@ const STARTUP_DELAY_S = '0.3';
 const MAX_KILL_DELAY_MS = 400;
 const LOOP_BUDGET_MS = 120_000; // the loop stops early (with fewer cycles) past this
 const SETTLE_TIMEOUT_MS = 60_000;
-const LIVE = new Set(['starting', 'running', 'draining', 'stopping']);
 const ENDED = new Set(['stopped', 'failed']);
 
 /** mulberry32: a small deterministic PRNG, [0, 1). */
@@ -235,6 +234,7 @@ test(
       let cycles = 0;
       let rooms = 0;
       const phases = {}; // how far the starts of each batch had got at the kill
+      const phaseOf = new Map();
       while (cycles < CYCLES && Date.now() - loopStart < LOOP_BUDGET_MS) {
         const n = 1 + Math.floor(rand() * 2);
         const killAfter = Math.floor(rand() * (MAX_KILL_DELAY_MS + 1));
@@ -251,6 +251,7 @@ test(
         for (const id of batch) {
           const phase = startPhase(lodge.dataDir, id);
           phases[phase] = (phases[phase] ?? 0) + 1;
+          phaseOf.set(id, phase);
         }
         sample(`cycle ${cycles} after kill -9`);
         await lodge.start();
@@ -308,6 +309,17 @@ test(
           `start phase at the kill ${JSON.stringify(phases)}, ` +
           `max game servers seen per process id ${maxPerId}`,
       );
+      // Why the processes that ended did (from Lodge's log): a crash in some windows of a
+      // start costs the process, which is fine as long as no game server runs for it.
+      for (const [id, status] of statuses) {
+        if (!ENDED.has(status)) continue;
+        const line = lodge
+          .readLog()
+          .split('\n')
+          .find((l) => l.includes('process ended') && l.includes(id));
+        const phase = phaseOf.get(id);
+        console.log(`  ${id} ${status} (start phase at the kill: ${phase ?? 'not killed during its start'}): ${line?.replace(/^.*?reason=/, 'reason=') ?? 'no log line'}`);
+      }
       if (problems.length) {
         const ids = new Set([...trees.keys(), ...statuses.keys()]);
         const details = [...ids]

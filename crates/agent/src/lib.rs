@@ -779,6 +779,13 @@ impl Agent {
         }
         let mut state = state;
         recover_pids(dir, &mut state);
+        if state.shim_pid == 0 {
+            // Lodge died after recording the start but before any shim existed: nothing ran,
+            // so start it now instead of failing it.
+            self.release(&state).await;
+            let _ = std::fs::remove_file(dir.join("state.json"));
+            return Adopt::Fresh;
+        }
         if sys::alive(state.shim_pid, state.shim_start) {
             let mut routes = Vec::new();
             for t in &state.targets {
