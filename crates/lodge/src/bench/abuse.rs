@@ -151,22 +151,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Table>> {
     );
 
     // TCP connections opened and held on a public port, from one address.
-    let (lat, peak) = under(&server, n, |stop| {
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for _ in 0..sources {
-                if let Ok(c) =
-                    std::net::TcpStream::connect_timeout(&tcp, Duration::from_millis(200))
-                {
-                    held.push(c);
-                }
-            }
-            while !*stop.borrow() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    })
-    .await;
+    let (lat, peak) = under(&server, n, |stop| hold(tcp, sources, b"", stop)).await;
     row(
         &mut t,
         &format!("TCP: {sources} connections held on one public port"),
@@ -181,21 +166,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Table>> {
         .parse()
         .map_err(|e| format!("{e}"))?;
     let (lat, peak) = under(&server, n, |stop| {
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut held = Vec::new();
-            for _ in 0..sources {
-                if let Ok(mut c) =
-                    std::net::TcpStream::connect_timeout(&api, Duration::from_millis(200))
-                {
-                    let _ = c.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n");
-                    held.push(c);
-                }
-            }
-            while !*stop.borrow() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
+        hold(api, sources, b"GET /livez HTTP/1.1\r\nHost: x\r\n", stop)
     })
     .await;
     row(
@@ -224,6 +195,32 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Table>> {
     );
     server.shutdown(&s).await;
     Ok(vec![t])
+}
+
+/// Open up to `n` TCP connections to `addr`, send `first` on each, and hold them until `stop`.
+fn hold(
+    addr: SocketAddr,
+    n: usize,
+    first: &'static [u8],
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut held = Vec::new();
+        for _ in 0..n {
+            if let Ok(mut c) =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            {
+                if !first.is_empty() {
+                    let _ = c.write_all(first);
+                }
+                held.push(c);
+            }
+        }
+        while !*stop.borrow() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
 }
 
 /// A gzipped tar whose first entry is a GNU long name claiming 1 GiB (the data is not there).
