@@ -19,6 +19,7 @@ pub fn routes() -> Router<AppState> {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route("/orgs/v1", get(get_orgs))
         .route("/tokens/v1/orgs/{org_id}", get(list_tokens))
         .route("/tokens/v1/orgs/{org_id}/create", post(create_token))
@@ -124,6 +125,13 @@ pub fn routes() -> Router<AppState> {
 
 fn created<T: serde::Serialize>(v: T) -> Response {
     (StatusCode::CREATED, Json(v)).into_response()
+}
+
+/// The OpenAPI document of every route served here (kept in step by a test).
+pub(crate) const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -720,7 +728,7 @@ fn metrics_query(
         }
     };
     let end = finite("end")?.map_or(now_s, |v| v as i64);
-    let start = finite("start")?.map_or(end - 3600, |v| v as i64);
+    let start = finite("start")?.map_or(end.saturating_sub(3600), |v| v as i64);
     let step = finite("step")?.map_or(60, |v| v as i64);
     let mut names = Vec::new();
     for m in q

@@ -7,6 +7,8 @@ mod lodge_routes;
 mod logs;
 mod multipart;
 mod players;
+#[cfg(test)]
+mod route_table;
 mod scopes;
 pub mod server;
 

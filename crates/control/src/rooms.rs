@@ -623,6 +623,15 @@ impl Control {
     ) -> Result<crate::MetricSeries> {
         let app = self.app_of(caller, app_id).await?;
         self.process_of(&app.app_id, process_id).await?;
+        // Epoch seconds from 1970 to the year 5000: no arithmetic below can overflow.
+        const LATEST: i64 = 95_617_584_000;
+        for (name, v) in [("start", q.start), ("end", q.end)] {
+            if !(0..=LATEST).contains(&v) {
+                return Err(Error::Invalid(format!(
+                    "{name} ({v}) must be a time in seconds since 1970, at most {LATEST}"
+                )));
+            }
+        }
         if q.end <= q.start {
             return Err(Error::Invalid(format!(
                 "end ({}) must be after start ({})",
