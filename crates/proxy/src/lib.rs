@@ -416,8 +416,31 @@ async fn udp_loop(
         counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         let _ = session.upstream.send(&buf[..n]).await;
     }
-    sessions.clear();
     replies.shutdown().await;
+    // What the game sent just before the route closed (its last words before exiting, say)
+    // is still queued on the upstream sockets: deliver it rather than drop it.
+    for (peer, session) in sessions.drain() {
+        while let Some(n) = recv_now(&session.upstream, &mut buf) {
+            counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            let _ = public.try_send_to(&buf[..n], peer);
+        }
+    }
+}
+
+/// A datagram already queued on `socket`, read without waiting. Tokio's `try_recv` trusts its
+/// cached readiness, which may not know yet of what just arrived; this asks the kernel.
+fn recv_now(socket: &UdpSocket, buf: &mut [u8]) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: recv writes at most `buf.len()` bytes into `buf`, which we own for the call.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).ok()
 }
 
 fn new_udp_session(
@@ -649,6 +672,33 @@ mod tests {
             0,
             "closing the route gives every flow back"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reply_sent_as_the_route_closes_still_arrives() {
+        let game = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let public = free_port();
+        let route = open(
+            public,
+            game.local_addr().unwrap(),
+            Protocol::Udp,
+            Arc::default(),
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+        let player = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        player.send_to(b"exit", public).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (_, from) = game.recv_from(&mut buf).await.unwrap();
+        // The game answers and is gone at once: the route closes right behind the reply.
+        game.send_to(b"bye", from).await.unwrap();
+        route.close().await;
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), player.recv_from(&mut buf))
+            .await
+            .expect("the last reply is delivered")
+            .unwrap();
+        assert_eq!(&buf[..n], b"bye");
     }
 
     #[tokio::test]
