@@ -24,7 +24,7 @@ use tower::ServiceExt;
 
 use crate::ApiFailure;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeLimits {
     pub max_connections: usize,
     pub header_timeout: Duration,
@@ -32,6 +32,9 @@ pub struct ServeLimits {
     /// Request line plus headers; larger is 414 (URI) or 431 (headers), as JSON.
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
+    /// Reverse proxies in front of Lodge: for requests from these addresses the player's
+    /// address is the last one of `X-Forwarded-For` (the one the proxy added).
+    pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
 }
 
 impl Default for ServeLimits {
@@ -42,6 +45,7 @@ impl Default for ServeLimits {
             body_idle_timeout: Duration::from_secs(30),
             max_header_bytes: 32 << 10,
             max_uri_bytes: 8 << 10,
+            trusted_proxies: Arc::default(),
         }
     }
 }
@@ -77,18 +81,22 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
+        let limits = limits.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let header_timeout = limits.header_timeout;
+            let max_buf = (limits.max_header_bytes * 2).max(8192);
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let router = router.clone();
-                async move { Ok::<_, Infallible>(handle(router, req, peer, limits).await) }
+                let limits = limits.clone();
+                async move { Ok::<_, Infallible>(handle(router, req, peer, &limits).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size((limits.max_header_bytes * 2).max(8192));
+                .header_read_timeout(header_timeout)
+                .max_buf_size(max_buf);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -110,7 +118,7 @@ async fn handle(
     router: axum::Router,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
-    limits: ServeLimits,
+    limits: &ServeLimits,
 ) -> axum::response::Response {
     let uri_len = req.uri().to_string().len();
     if uri_len > limits.max_uri_bytes {
@@ -141,11 +149,59 @@ async fn handle(
         .into_response();
     }
     let (mut parts, body) = req.into_parts();
+    let peer = player_address(peer, &parts.headers, &limits.trusted_proxies);
     parts.extensions.insert(ConnectInfo(peer));
     let body = Body::new(IdleTimeout::new(body, limits.body_idle_timeout));
     match router.oneshot(Request::from_parts(parts, body)).await {
         Ok(res) => res,
         Err(never) => match never {},
+    }
+}
+
+/// The address a request came from: the peer, or behind a trusted reverse proxy the last
+/// address it appended to `X-Forwarded-For` (earlier entries are the client's to forge).
+fn player_address(
+    peer: SocketAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> SocketAddr {
+    if !trusted.contains(&peer.ip()) {
+        return peer;
+    }
+    // Only the last entry: anything the proxy did not write itself (or could not) is ignored.
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .map_or(peer, |ip| SocketAddr::new(ip, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let mut h = axum::http::HeaderMap::new();
+        h.append("x-forwarded-for", "6.6.6.6, 1.2.3.4".parse().unwrap());
+        let proxy: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let trusted = ["10.0.0.1".parse().unwrap()];
+        assert_eq!(
+            player_address(proxy, &h, &trusted).ip().to_string(),
+            "1.2.3.4"
+        );
+        assert_eq!(
+            player_address(proxy, &h, &[]),
+            proxy,
+            "untrusted peers are taken as they are"
+        );
+        assert_eq!(
+            player_address(proxy, &axum::http::HeaderMap::new(), &trusted),
+            proxy
+        );
     }
 }
 

@@ -239,7 +239,7 @@ impl Control {
             self.cfg.lobby_rate_limit_app,
             format!("app {app_id}"),
         )];
-        if let Some(ip) = source {
+        if let Some(ip) = source.map(lodge_model::source_key) {
             checks.insert(
                 0,
                 (

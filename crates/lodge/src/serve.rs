@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// `host` or `host:port`, comma-separated (public registries need no entry).
     #[arg(long, env = "LODGE_REGISTRY_ALLOW", value_delimiter = ',')]
     pub registry_allow: Vec<String>,
+    /// Reverse proxies in front of the API (comma-separated addresses): for their requests the
+    /// player's address, which per-source limits count, is the last of `X-Forwarded-For`.
+    #[arg(long, env = "LODGE_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxy: Vec<IpAddr>,
     /// Serve `/metrics` without a token on this address too (for example 127.0.0.1:9634); on
     /// the API address it always needs an admin token.
     #[arg(long, env = "LODGE_METRICS_ADDR")]
@@ -373,7 +377,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     lodge_api::server::serve(
         listener,
         lodge_api::router(state),
-        lodge_api::server::ServeLimits::default(),
+        lodge_api::server::ServeLimits {
+            trusted_proxies: Arc::new(args.trusted_proxy.clone()),
+            ..Default::default()
+        },
         shutdown_signal(),
         Duration::from_secs(5),
     )

@@ -74,6 +74,7 @@ impl FlowLimits {
 
     /// A permit for one more flow from `peer`, or `None` when a cap is reached.
     fn admit(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<FlowPermit> {
+        let peer = lodge_model::source_key(peer);
         let mut by_source = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
         let n = by_source.get(&peer).copied().unwrap_or(0);
         if n >= self.per_source || self.flows.load(Ordering::Relaxed) >= self.max_flows {
