@@ -65,6 +65,7 @@ impl From<StoreError> for Error {
         match e {
             StoreError::Duplicate(m) => Error::Invalid(m),
             StoreError::Conflict(m) => Error::BadRequest(m),
+            StoreError::Limit(m) => Error::NoCapacity(m),
             StoreError::Backend(m) => Error::Internal(m),
         }
     }

@@ -65,25 +65,15 @@ impl Control {
         }
     }
 
-    /// 402 when the app already has `max_processes_per_app` live processes. A soft cap: racing
-    /// creations may pass it by the number racing.
-    async fn check_process_quota(&self, app_id: &str) -> Result<()> {
-        let max = self.cfg.max_processes_per_app;
-        let live = self
-            .store
-            .count_processes(&ProcessQuery {
-                app_id: Some(app_id.to_string()),
-                statuses: ProcessStatus::LIVE.to_vec(),
-                ..Default::default()
-            })
-            .await?;
-        if live >= max {
-            return Err(Error::NoCapacity(format!(
-                "app {app_id} has {live} live processes, the most one app may have \
-                 (--max-processes-per-app {max}); destroy rooms or stop processes"
-            )));
+    /// The store's refusal of one more process for an app, as a 402 naming the flag.
+    fn process_limit(&self, e: StoreError) -> Error {
+        match e {
+            StoreError::Limit(m) => Error::NoCapacity(format!(
+                "{m}, the most one app may have (--max-processes-per-app {}); destroy rooms or stop processes",
+                self.cfg.max_processes_per_app
+            )),
+            other => other.into(),
         }
-        Ok(())
     }
 
     async fn node_loads(&self) -> Result<Vec<lodge_scheduler::NodeLoad>> {
@@ -152,11 +142,10 @@ impl Control {
                     (process_id.clone(), PlaceTarget::Existing(process_id), None)
                 }
                 Placement::NewProcess { node_id } => {
-                    self.check_process_quota(&d.app_id).await?;
                     let p = self.new_process(d, region, node_id, Some(&room));
                     (
                         p.process_id.clone(),
-                        PlaceTarget::New(Box::new(p.clone())),
+                        PlaceTarget::New(Box::new(p.clone()), Some(self.cfg.max_processes_per_app)),
                         Some(p),
                     )
                 }
@@ -200,7 +189,7 @@ impl Control {
                         tokio::task::yield_now().await;
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(self.process_limit(e)),
             }
         }
         Err(Error::Internal(
@@ -484,12 +473,14 @@ impl Control {
     ) -> Result<ProcessV3> {
         let app = self.app_of(caller, app_id).await?;
         let d = self.deployment_for(&app.app_id, None).await?;
-        self.check_process_quota(&app.app_id).await?;
         let nodes = self.node_loads().await?;
         let node_id = lodge_scheduler::place_process(region, d.ports().count() as u32, &nodes)
             .map_err(placement_error)?;
         let p = self.new_process(&d, region, node_id, None);
-        self.store.insert_process(&p).await?;
+        self.store
+            .insert_process(&p, Some(self.cfg.max_processes_per_app))
+            .await
+            .map_err(|e| self.process_limit(e))?;
         self.metrics
             .processes_started
             .fetch_add(1, Ordering::Relaxed);

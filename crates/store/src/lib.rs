@@ -17,6 +17,9 @@ pub enum StoreError {
     /// A uniqueness rule (id or name already taken); the message says which.
     #[error("{0}")]
     Duplicate(String),
+    /// A limit the caller asked the store to hold would be passed; the message says which.
+    #[error("{0}")]
+    Limit(String),
     #[error("storage error: {0}")]
     Backend(String),
 }
@@ -44,8 +47,10 @@ pub struct ProcessQuery {
 pub enum PlaceTarget {
     /// An existing process; fails with `Conflict` if it is full or no longer placeable.
     Existing(String),
-    /// A new process, inserted with this room as its first.
-    New(Box<Process>),
+    /// A new process, inserted with this room as its first, unless its app already has the
+    /// given number of live processes (`Limit`; checked in the same transaction, so racing
+    /// placements cannot pass it).
+    New(Box<Process>, Option<u64>),
 }
 
 /// A process that ended, and the rooms that ended with it.
@@ -96,7 +101,9 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn processes(&self, query: &ProcessQuery) -> Result<Vec<Process>>;
     async fn count_processes(&self, query: &ProcessQuery) -> Result<u64>;
-    async fn insert_process(&self, process: &Process) -> Result<()>;
+    /// Insert a process, unless its app already has `max_live_for_app` live processes
+    /// (`Limit`), atomically.
+    async fn insert_process(&self, process: &Process, max_live_for_app: Option<u64>) -> Result<()>;
     /// Read-modify-write of one live (non-terminal) process in one transaction. `change`
     /// returns false to leave it untouched. Terminal processes are never modified here; use
     /// [`Store::end_process`]. Returns the process as stored afterwards.

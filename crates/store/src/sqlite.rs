@@ -308,7 +308,23 @@ fn write_process(conn: &Connection, p: &Process) -> Result<()> {
     Ok(())
 }
 
-fn insert_process_row(conn: &Connection, p: &Process) -> Result<()> {
+fn insert_process_row(conn: &Connection, p: &Process, max_live_for_app: Option<u64>) -> Result<()> {
+    if let Some(max) = max_live_for_app {
+        let live: u64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM processes WHERE app_id = ?1
+                   AND status IN ('starting', 'running', 'draining', 'stopping')",
+                params![p.app_id],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        if live >= max {
+            return Err(StoreError::Limit(format!(
+                "app {} has {live} live processes",
+                p.app_id
+            )));
+        }
+    }
     conn.run(
         "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, doc, port_count)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -764,8 +780,14 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn insert_process(&self, p: &Process) -> Result<()> {
-        self.with(|c| insert_process_row(c, p))
+    async fn insert_process(&self, p: &Process, max_live_for_app: Option<u64>) -> Result<()> {
+        self.with(|c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            insert_process_row(&tx, p, max_live_for_app)?;
+            tx.commit().map_err(backend)
+        })
     }
 
     async fn update_process(
@@ -886,7 +908,7 @@ impl Store for SqliteStore {
                         return Err(StoreError::Conflict(format!("process {pid} has no free slot")));
                     }
                 }
-                PlaceTarget::New(p) => insert_process_row(&tx, p)?,
+                PlaceTarget::New(p, max) => insert_process_row(&tx, p, *max)?,
             }
             let doc = to_json(&RoomDoc { room_config: room.room_config.clone(), created_at: room.created_at })?;
             let inserted = tx.run(

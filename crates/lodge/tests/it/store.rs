@@ -54,7 +54,7 @@ async fn placement_is_conditional_and_durable() {
         let s = SqliteStore::open(&path).unwrap();
         s.place_room(
             &room("r1", "p1"),
-            PlaceTarget::New(Box::new(process("p1", 2, 1))),
+            PlaceTarget::New(Box::new(process("p1", 2, 1)), None),
         )
         .await
         .unwrap();
@@ -71,7 +71,7 @@ async fn placement_is_conditional_and_durable() {
         let e = s
             .place_room(
                 &room("r1", "p2"),
-                PlaceTarget::New(Box::new(process("p2", 2, 1))),
+                PlaceTarget::New(Box::new(process("p2", 2, 1)), None),
             )
             .await
             .unwrap_err();
@@ -187,4 +187,48 @@ async fn names_are_unique_among_live_entities() {
     s.update_app(&deleted).await.unwrap();
     s.insert_app(&twin).await.unwrap();
     assert_eq!(s.apps("o").await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn racing_new_processes_never_pass_the_app_limit() {
+    let dir = TempDir::new("store-limit");
+    let store = std::sync::Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let p = process(&format!("p{i}"), 1, 1);
+            if i % 2 == 0 {
+                store.insert_process(&p, Some(5)).await
+            } else {
+                store
+                    .place_room(
+                        &room(&format!("r{i}"), &p.process_id),
+                        PlaceTarget::New(Box::new(p), Some(5)),
+                    )
+                    .await
+            }
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(StoreError::Limit(m)) => {
+                assert!(m.contains("5 live processes"), "{m}");
+                limited += 1
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, limited), (5, 19));
+    let live = store
+        .count_processes(&ProcessQuery {
+            app_id: Some("app".into()),
+            statuses: ProcessStatus::LIVE.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(live, 5);
 }
