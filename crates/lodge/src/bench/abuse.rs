@@ -40,18 +40,7 @@ fn fds(pid: u32) -> usize {
 }
 
 fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(f64::NAN)
-        / 1024.0
+    super::server::proc_status_kb(pid, "VmHWM").map_or(f64::NAN, |kb| kb as f64 / 1024.0)
 }
 
 /// Measure `/livez` while `attack` runs in the background; also the peak descriptor count.

@@ -49,6 +49,18 @@ pub fn machine() -> String {
 }
 
 /// A port free for both TCP and UDP on every address.
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, ...).
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 pub fn free_port() -> Result<u16> {
     for _ in 0..100 {
         let t = std::net::TcpListener::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
@@ -189,18 +201,7 @@ impl Server {
     }
 
     pub fn rss_bytes(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-            * 1024
+        proc_status_kb(self.child.id(), "VmRSS").unwrap_or(0) * 1024
     }
 
     pub fn runtime_name(&self) -> String {
