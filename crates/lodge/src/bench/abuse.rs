@@ -71,7 +71,9 @@ where
 
 pub async fn run(args: &BenchArgs) -> Result<Vec<Table>> {
     // Default limits (the bench's usual "every client is 127.0.0.1" exemption undone).
-    let server = Server::start_with_defaults(&["--isolation", "none"]).await?;
+    let server =
+        Server::start_with_defaults(&["--isolation", "none", "--registry-allow", "127.0.0.1"])
+            .await?;
     let s = server.setup_with_tcp(10).await?;
     let (_, room, _) = room_to_active(&s, "London").await?;
     let info = s.connection_info(&room).await?;
@@ -165,23 +167,48 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Table>> {
         peak,
     );
 
-    // A 1 GiB long-name claim in a small upload: fails at once, memory stays flat.
-    let before = peak_rss_mb(pid);
-    let bomb = long_name_bomb();
-    let t0 = Instant::now();
-    let failed = server.build_fails(bomb).await?;
-    let bomb_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let lat = livez(server.url(), n / 4).await;
-    row(
-        &mut t,
-        &format!(
-            "archive claiming a 1 GiB long name: build {} in {bomb_ms:.0} ms, peak RSS {before:.0} → {:.0} MB",
-            if failed { "failed" } else { "SUCCEEDED" },
-            peak_rss_mb(pid)
+    // Hostile builds: each must fail fast with memory flat (peak RSS is the process's
+    // high-water mark, so growth shows even when it is given back).
+    let dirs = if args.quick { 150_000 } else { 300_000 };
+    let bombs: Vec<(String, Vec<u8>)> = vec![
+        (
+            "archive claiming a 1 GiB long name".into(),
+            metadata_bomb(tar::EntryType::GNULongName),
         ),
-        &lat,
-        fds(pid),
-    );
+        (
+            "archive claiming a 1 GiB pax header".into(),
+            metadata_bomb(tar::EntryType::XHeader),
+        ),
+        (
+            format!("archive of {dirs} directory entries"),
+            directories_bomb(dirs),
+        ),
+        ("a 15 MB lodge.toml".into(), manifest_bomb()),
+    ];
+    for (name, archive) in bombs {
+        let before = peak_rss_mb(pid);
+        let t0 = Instant::now();
+        let failed = server.build_fails(archive).await?;
+        bomb_row(&mut t, &row, &server, n, &name, failed, t0, before).await;
+    }
+    // A registry whose manifest never ends.
+    let registry = endless_registry()?;
+    let before = peak_rss_mb(pid);
+    let t0 = Instant::now();
+    let failed = server
+        .registry_build_fails(&format!("127.0.0.1:{registry}/games/endless:1"))
+        .await?;
+    bomb_row(
+        &mut t,
+        &row,
+        &server,
+        n,
+        "registry pull of an endless manifest",
+        failed,
+        t0,
+        before,
+    )
+    .await;
     server.shutdown(&s).await;
     Ok(vec![t])
 }
@@ -212,17 +239,110 @@ fn hold(
     })
 }
 
-/// A gzipped tar whose first entry is a GNU long name claiming 1 GiB (the data is not there).
-fn long_name_bomb() -> Vec<u8> {
+/// One row for a hostile build: how it ended, how fast, and the peak RSS before and after.
+#[allow(clippy::too_many_arguments)]
+async fn bomb_row(
+    t: &mut Table,
+    row: &impl Fn(&mut Table, &str, &[f64], usize),
+    server: &Server,
+    n: usize,
+    name: &str,
+    failed: bool,
+    t0: Instant,
+    before: f64,
+) {
+    let took = t0.elapsed().as_secs_f64() * 1000.0;
+    let lat = livez(server.url(), n / 4).await;
+    row(
+        t,
+        &format!(
+            "{name}: build {} in {took:.0} ms, peak RSS {before:.0} → {:.0} MB",
+            if failed { "failed" } else { "SUCCEEDED" },
+            peak_rss_mb(server.pid())
+        ),
+        &lat,
+        fds(server.pid()),
+    );
+}
+
+fn gzip(raw: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, raw).unwrap_or(());
+    gz.finish().unwrap_or_default()
+}
+
+/// A gzipped tar whose first entry is a metadata entry (GNU long name, pax header) claiming
+/// 1 GiB, followed by 1 MiB of it.
+fn metadata_bomb(kind: tar::EntryType) -> Vec<u8> {
     let mut h = tar::Header::new_gnu();
     h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
-    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_entry_type(kind);
     h.set_size(1 << 30);
     h.set_mode(0o644);
     h.set_cksum();
     let mut raw = h.as_bytes().to_vec();
     raw.extend(vec![b'a'; 1 << 20]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &raw).unwrap_or(());
-    gz.finish().unwrap_or_default()
+    gzip(&raw)
+}
+
+/// A gzipped tar of `n` empty directories.
+fn directories_bomb(n: usize) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(n * 512 + 1024);
+    for i in 0..n {
+        let mut h = tar::Header::new_gnu();
+        let name = format!("d{i}/");
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o755);
+        h.set_cksum();
+        raw.extend_from_slice(h.as_bytes());
+    }
+    raw.extend([0u8; 1024]);
+    gzip(&raw)
+}
+
+/// A gzipped tar holding a 15 MB `lodge.toml`.
+fn manifest_bomb() -> Vec<u8> {
+    let mut toml = String::from("command = [\"./gs\"]\n[env]\n");
+    let mut i = 0;
+    while toml.len() < 15 << 20 {
+        toml.push_str(&format!("V{i} = \"{}\"\n", "x".repeat(200)));
+        i += 1;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(toml.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let _ = b.append_data(&mut h, "lodge.toml", toml.as_bytes());
+    gzip(&b.into_inner().unwrap_or_default())
+}
+
+/// A registry on loopback that answers every request with a manifest that never ends (it stops
+/// after 4 GiB or when the client hangs up). Returns its port.
+fn endless_registry() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(8) {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut req = [0u8; 4096];
+                let _ = c.read(&mut req);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n{\"schemaVersion\":2,\"x\":\"";
+                if c.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b'a'; 64 << 10];
+                for _ in 0..(4u64 << 30) / chunk.len() as u64 {
+                    if c.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(port)
 }

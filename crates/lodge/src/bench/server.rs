@@ -200,6 +200,32 @@ impl Server {
         Ok(status == "failed")
     }
 
+    /// Pull `image` in a registry build; whether it failed.
+    pub async fn registry_build_fails(&self, image: &str) -> Result<bool> {
+        let ctx = self.ctx()?;
+        let created = ctx
+            .api
+            .post("/builds/v3/builds/registry", json!({}))
+            .await
+            .map_err(|e| e.0)?;
+        let id = created["buildId"].as_str().unwrap_or_default().to_string();
+        let res = ctx
+            .api
+            .stream_json(
+                &format!("/builds/v3/builds/{id}/runRegistry"),
+                json!({ "image": image }),
+            )
+            .await
+            .map_err(|e| e.0)?;
+        res.text().await.map_err(|e| e.to_string())?;
+        let build = ctx
+            .api
+            .get(&format!("/builds/v3/builds/{id}"))
+            .await
+            .map_err(|e| e.0)?;
+        Ok(build["status"] == "failed")
+    }
+
     pub fn rss_bytes(&self) -> u64 {
         proc_status_kb(self.child.id(), "VmRSS").unwrap_or(0) * 1024
     }

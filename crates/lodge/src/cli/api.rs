@@ -143,6 +143,12 @@ impl Api {
     pub async fn stream(&self, method: Method, path: &str) -> Result<reqwest::Response> {
         self.send(self.request(method, path)?).await
     }
+
+    /// A streaming response to a POST with a JSON body (RunBuildRegistry's log).
+    pub async fn stream_json(&self, path: &str, body: Value) -> Result<reqwest::Response> {
+        self.send(self.request(Method::POST, path)?.json(&body))
+            .await
+    }
 }
 
 /// Copy a streaming body to a writer as it arrives.
