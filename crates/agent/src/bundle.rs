@@ -15,8 +15,12 @@ pub const MANIFEST: &str = "lodge.toml";
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Archive entries of every kind.
     pub max_files: usize,
     pub max_total_bytes: u64,
+    /// Directory entries: each costs a mkdir now and an rmdir later, so this bound keeps a
+    /// hostile archive's time to fail (and its inodes) small.
+    pub max_dirs: usize,
 }
 
 impl Default for Limits {
@@ -24,6 +28,7 @@ impl Default for Limits {
         Self {
             max_files: 100_000,
             max_total_bytes: 8 << 30,
+            max_dirs: 20_000,
         }
     }
 }
@@ -219,6 +224,7 @@ pub fn unpack_tar(
 ) -> Result<(usize, u64), BundleError> {
     let mut archive = tar::Archive::new(reader);
     let mut files = 0usize;
+    let mut dirs = 0usize;
     let mut total = 0u64;
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     crate::tarsafe::for_each(&mut archive, limits.max_files, |m| {
@@ -242,6 +248,13 @@ pub fn unpack_tar(
         }
         match kind {
             tar::EntryType::Directory => {
+                dirs += 1;
+                if dirs > limits.max_dirs {
+                    return Err(BundleError::TooLarge(format!(
+                        "{} directories",
+                        limits.max_dirs
+                    )));
+                }
                 fs::create_dir_all(&target)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -494,6 +507,7 @@ mod tests {
             Limits {
                 max_files: 10,
                 max_total_bytes: 1000,
+                ..Limits::default()
             },
         );
         assert!(matches!(r, Err(BundleError::TooLarge(_))));
@@ -503,9 +517,31 @@ mod tests {
             Limits {
                 max_files: 1,
                 max_total_bytes: 1 << 20,
+                ..Limits::default()
             },
         );
         assert!(matches!(r, Err(BundleError::TooLarge(_))));
+        // Directories have a bound of their own.
+        let names: Vec<String> = (0..5).map(|i| format!("d{i}/")).collect();
+        let mut entries: Vec<(&str, tar::EntryType, &[u8], Option<&str>)> =
+            vec![("lodge.toml", tar::EntryType::Regular, TOML, None)];
+        entries.extend(
+            names
+                .iter()
+                .map(|n| (n.as_str(), tar::EntryType::Directory, &b""[..], None)),
+        );
+        let (_t, r) = run(
+            "dirs",
+            gz(&tar_with(&entries)),
+            Limits {
+                max_dirs: 4,
+                ..Limits::default()
+            },
+        );
+        assert!(
+            matches!(&r, Err(BundleError::TooLarge(m)) if m.contains("directories")),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -80,15 +80,19 @@ impl ImageConfig {
 /// Upper bounds on what an image may unpack to.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Entries of every kind over all layers.
     pub max_files: usize,
     pub max_total_bytes: u64,
+    /// Directory entries over all layers (each a mkdir now, an rmdir later).
+    pub max_dirs: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_files: 1_000_000,
+            max_files: 500_000,
             max_total_bytes: 32 << 30,
+            max_dirs: 100_000,
         }
     }
 }
@@ -268,6 +272,7 @@ pub fn import(layout: &Path, dest: &Path, limits: Limits) -> Result<ImageConfig,
     let mut budget = Budget {
         limits,
         entries: 0,
+        dirs: 0,
         files: 0,
         bytes: 0,
     };
@@ -295,6 +300,7 @@ struct Budget {
     limits: Limits,
     /// Archive entries of every kind seen so far, over all layers.
     entries: usize,
+    dirs: usize,
     files: usize,
     bytes: u64,
 }
@@ -438,6 +444,13 @@ fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), Ima
         }
         match kind {
             tar::EntryType::Directory => {
+                budget.dirs += 1;
+                if budget.dirs > budget.limits.max_dirs {
+                    return Err(ImageError::TooLarge(format!(
+                        "{} directories",
+                        budget.limits.max_dirs
+                    )));
+                }
                 match fs::symlink_metadata(&target) {
                     Ok(m) if m.is_dir() => {}
                     Ok(_) => {
@@ -694,6 +707,7 @@ mod tests {
         let small = Limits {
             max_files: 10,
             max_total_bytes: 8,
+            ..Limits::default()
         };
         assert!(matches!(
             import(&lay, &t.0.join("d1"), small),

@@ -194,6 +194,7 @@ fn fuzz_archive_unpacking() {
     let limits = Limits {
         max_files: 200,
         max_total_bytes: 1 << 20,
+        max_dirs: 50,
     };
     for i in 0..iterations(1500) {
         let input = mutate(&corpus[i % corpus.len()], &corpus, &mut rng);
