@@ -67,7 +67,8 @@ test('schemathesis finds no server error and no answer outside the OpenAPI docum
     ];
     let out;
     try {
-      out = await run(ST, args, { maxBuffer: 64 << 20, timeout: 540_000 });
+      // Its working directory is the scratch dir: schemathesis keeps a cache there.
+      out = await run(ST, args, { cwd: work, maxBuffer: 64 << 20, timeout: 540_000 });
     } catch (err) {
       assert.fail(`schemathesis found problems:\n${err.stdout?.slice(-20_000) ?? err.message}\n${err.stderr ?? ''}`);
     }
