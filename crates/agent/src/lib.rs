@@ -332,6 +332,8 @@ impl Agent {
             let _ = net.remove_bridge().await;
         }
         sys::Cgroups::remove_group(&self.cfg.cgroup_group());
+        // Nothing runs here any more: no scratch dir is in use.
+        let _ = std::fs::remove_dir_all(users::scratch_root(&self.cfg.instance));
     }
 
     /// Start or stop just these processes, as the control plane now wants them.
