@@ -629,14 +629,17 @@ mod tests {
         false
     }
 
-    /// One datagram from `source` to `public`; whether an answer came back.
-    async fn answered(source: &str, public: SocketAddr) -> bool {
+    /// One datagram from a new socket of `source` to `public`; whether an answer came back.
+    /// The socket is kept in `held`, so that no later socket reuses its port (and its flow).
+    async fn answered(source: &str, public: SocketAddr, held: &mut Vec<UdpSocket>) -> bool {
         let c = UdpSocket::bind(format!("{source}:0")).await.unwrap();
         c.send_to(b"hi", public).await.unwrap();
         let mut buf = [0u8; 16];
-        tokio::time::timeout(Duration::from_millis(500), c.recv_from(&mut buf))
+        let ok = tokio::time::timeout(Duration::from_millis(500), c.recv_from(&mut buf))
             .await
-            .is_ok()
+            .is_ok();
+        held.push(c);
+        ok
     }
 
     #[tokio::test]
@@ -656,15 +659,17 @@ mod tests {
         .unwrap();
         // Two flows from one source, the third refused; another source gets its two, and
         // then the node is full for everyone.
-        assert!(answered("127.0.0.1", public).await);
-        assert!(answered("127.0.0.1", public).await);
+        let mut held = Vec::new();
+        let h = &mut held;
+        assert!(answered("127.0.0.1", public, h).await);
+        assert!(answered("127.0.0.1", public, h).await);
         assert!(
-            !answered("127.0.0.1", public).await,
+            !answered("127.0.0.1", public, h).await,
             "third flow of one source"
         );
-        assert!(answered("127.0.0.2", public).await);
-        assert!(answered("127.0.0.2", public).await);
-        assert!(!answered("127.0.0.3", public).await, "the node's cap");
+        assert!(answered("127.0.0.2", public, h).await);
+        assert!(answered("127.0.0.2", public, h).await);
+        assert!(!answered("127.0.0.3", public, h).await, "the node's cap");
         assert_eq!(limits.active(), 4);
         assert_eq!(limits.refused.load(Ordering::Relaxed), 2);
         route.close().await;
