@@ -496,7 +496,6 @@ async fn slow_and_oversized_clients_are_bounded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = TempDir::new("slow");
     let limits = lodge_api::server::ServeLimits {
-        max_connections: 8,
         header_timeout: Duration::from_millis(300),
         body_idle_timeout: Duration::from_millis(300),
         ..Default::default()
@@ -551,7 +550,18 @@ async fn slow_and_oversized_clients_are_bounded() {
     assert!(res.json::<Value>().await.unwrap()["message"].is_string());
 
     // Past the connection cap, new connections are closed; /livez answers again once the
-    // idle ones go.
+    // idle ones go. (A server of its own with the default 10 s header timeout, so the idle
+    // connections cannot time out while the test looks.)
+    let capped = TempDir::new("capped");
+    let url = serve_with(
+        &capped.0,
+        lodge_api::server::ServeLimits {
+            max_connections: 8,
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = url.trim_start_matches("http://").to_string();
     let mut idle = Vec::new();
     for _ in 0..8 {
         idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
