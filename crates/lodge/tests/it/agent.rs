@@ -337,6 +337,8 @@ impl Drop for Node {
     fn drop(&mut self) {
         kill_leftovers(&self.dir.0);
         self.crash();
+        // The game users' scratch dirs live outside the data dir.
+        let _ = std::fs::remove_dir_all(lodge_agent::users::scratch_root(&self.cfg.instance));
     }
 }
 
