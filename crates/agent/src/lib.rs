@@ -730,7 +730,7 @@ impl Agent {
     }
 
     async fn release(&self, state: &LocalState) {
-        if let (Some(_), Some(dir)) = (&state.user, state.scratch.as_ref()) {
+        if let Some(dir) = &state.scratch {
             let _ = std::fs::remove_dir_all(dir);
         }
         if let Some(oci) = &state.oci {

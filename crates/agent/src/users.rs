@@ -71,10 +71,6 @@ pub fn make_scratch(root: &Path, process_id: &str, user: GameUser) -> std::io::R
     Ok(dir)
 }
 
-pub fn remove_scratch(root: &Path, process_id: &str) {
-    let _ = std::fs::remove_dir_all(root.join(process_id));
-}
-
 /// A directory that must be root's own: created if missing; one that another user made (a
 /// squatter in a shared temp dir) is refused.
 fn ensure_root_dir(dir: &Path, mode: u32) -> std::io::Result<()> {

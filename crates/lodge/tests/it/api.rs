@@ -209,7 +209,7 @@ async fn health_and_cors() {
 }
 
 /// A request as an attacker holding `token` would send it; the status and body.
-async fn call(
+pub(crate) async fn call(
     url: &str,
     method: &str,
     path: &str,
@@ -230,6 +230,11 @@ async fn call(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// Only the status of [`call`].
+async fn status_of(url: &str, method: &str, path: &str, token: &str, body: Option<Value>) -> u16 {
+    call(url, method, path, token, body).await.0
 }
 
 #[tokio::test]
@@ -260,9 +265,7 @@ async fn scopes_are_enforced_and_never_escalate() {
     let builds_read = mint(json!(["builds:read"])).await;
     // What a builds:read token may and may not do.
     assert_eq!(
-        call(&url, "GET", "/builds/v3/builds", &builds_read, None)
-            .await
-            .0,
+        status_of(&url, "GET", "/builds/v3/builds", &builds_read, None).await,
         200
     );
     let denied: Vec<(&str, String, Option<Value>)> = vec![
@@ -351,27 +354,25 @@ async fn scopes_are_enforced_and_never_escalate() {
     // read-write includes read; a processes token reads rooms but not apps.
     let procs = mint(json!(["processes:read-write"])).await;
     assert_eq!(
-        call(
+        status_of(
             &url,
             "GET",
             &format!("/processes/v3/apps/{app_id}/processes/latest"),
             &procs,
             None
         )
-        .await
-        .0,
+        .await,
         200
     );
     assert_eq!(
-        call(
+        status_of(
             &url,
             "GET",
             &format!("/apps/v2/apps/{app_id}"),
             &procs,
             None
         )
-        .await
-        .0,
+        .await,
         401
     );
 }
@@ -395,15 +396,14 @@ async fn orgs_are_isolated() {
         .unwrap()
         .to_string();
     assert_eq!(
-        call(
+        status_of(
             &url,
             "POST",
             "/lodge/v1/orgs",
             "admin",
             Some(json!({"name": "studio-b"}))
         )
-        .await
-        .0,
+        .await,
         422
     );
     // Org A's app and build, invisible to B.
@@ -452,40 +452,39 @@ async fn orgs_are_isolated() {
     let (_, admin_orgs) = call(&url, "GET", "/orgs/v1", "admin", None).await;
     let a_org = admin_orgs["orgs"][0]["orgId"].as_str().unwrap();
     assert_eq!(
-        call(&url, "GET", &format!("/tokens/v1/orgs/{a_org}"), &b, None)
-            .await
-            .0,
+        status_of(&url, "GET", &format!("/tokens/v1/orgs/{a_org}"), &b, None).await,
         404
     );
     // B's admin token administers B, not the instance.
-    assert_eq!(call(&url, "GET", "/lodge/v1/orgs", &b, None).await.0, 401);
     assert_eq!(
-        call(
+        status_of(&url, "GET", "/lodge/v1/orgs", &b, None).await,
+        401
+    );
+    assert_eq!(
+        status_of(
             &url,
             "POST",
             "/lodge/v1/orgs",
             &b,
             Some(json!({"name": "c"}))
         )
-        .await
-        .0,
+        .await,
         401
     );
-    assert_eq!(call(&url, "GET", "/metrics", &b, None).await.0, 401);
+    assert_eq!(status_of(&url, "GET", "/metrics", &b, None).await, 401);
     let (status, all) = call(&url, "GET", "/lodge/v1/orgs", "admin", None).await;
     assert_eq!(status, 200);
     assert_eq!(all["orgs"].as_array().unwrap().len(), 2);
     // B's own app works.
     assert_eq!(
-        call(
+        status_of(
             &url,
             "POST",
             "/apps/v2/apps",
             &b,
             Some(json!({"appName": "a-game", "authConfiguration": {}}))
         )
-        .await
-        .0,
+        .await,
         201
     );
 }
@@ -712,15 +711,14 @@ async fn upload_sessions_close_and_failed_or_deleted_builds_give_disk_back() {
     let other_dir = dir.0.join("builds").join(other_id);
     assert!(other_dir.exists());
     assert_eq!(
-        call(
+        status_of(
             &url,
             "DELETE",
             &format!("/builds/v3/builds/{other_id}"),
             "admin",
             None
         )
-        .await
-        .0,
+        .await,
         200
     );
     assert!(!other_dir.exists(), "a deleted build's files are removed");

@@ -281,26 +281,16 @@ async fn fuzz_api_bodies() {
     let dir = TempDir::new("fuzz-api");
     let url = crate::api::serve(&dir.0).await;
     let http = reqwest::Client::new();
-    let orgs: Value = http
-        .get(format!("{url}/orgs/v1"))
-        .bearer_auth("admin")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, orgs) = crate::api::call(&url, "GET", "/orgs/v1", "admin", None).await;
     let org = orgs["orgs"][0]["orgId"].as_str().unwrap().to_string();
-    let app: Value = http
-        .post(format!("{url}/apps/v2/apps"))
-        .bearer_auth("admin")
-        .json(&json!({"appName": "fuzzed", "authConfiguration": {}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, app) = crate::api::call(
+        &url,
+        "POST",
+        "/apps/v2/apps",
+        "admin",
+        Some(json!({"appName": "fuzzed", "authConfiguration": {}})),
+    )
+    .await;
     let app_id = app["appId"].as_str().unwrap().to_string();
     let seeds = api_seeds();
     let mut corpus: Vec<Vec<u8>> = seeds.iter().map(|(_, _, b)| b.clone()).collect();
