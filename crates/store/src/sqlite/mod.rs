@@ -1,112 +1,23 @@
-//! The embedded store: one SQLite file in WAL mode behind a mutex. Writes are single-row or
-//! short transactions, so one connection keeps up with the API (see the store benchmark).
+//! The embedded store: one SQLite file in WAL mode. Writes go to one writer thread that commits
+//! every pending write in one transaction (group commit, `writer.rs`); reads run on their own
+//! read-only connections beside it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 use lodge_model::*;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{EndedProcess, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE orgs (org_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
-CREATE TABLE tokens (
-    org_token_id TEXT PRIMARY KEY,
-    org_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    active INTEGER NOT NULL,
-    secret_hash TEXT NOT NULL UNIQUE,
-    doc TEXT NOT NULL
-);
-CREATE UNIQUE INDEX tokens_active_name ON tokens (org_id, name) WHERE active = 1;
-CREATE TABLE apps (
-    app_id TEXT PRIMARY KEY,
-    org_id TEXT NOT NULL,
-    app_name TEXT NOT NULL,
-    deleted INTEGER NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE UNIQUE INDEX apps_live_name ON apps (org_id, app_name) WHERE deleted = 0;
-CREATE TABLE builds (build_id TEXT PRIMARY KEY, org_id TEXT NOT NULL, created_at INTEGER NOT NULL, doc TEXT NOT NULL);
-CREATE INDEX builds_org ON builds (org_id, created_at);
-CREATE TABLE deployments (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    deployment_id TEXT NOT NULL UNIQUE,
-    app_id TEXT NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE INDEX deployments_app ON deployments (app_id, seq);
-CREATE TABLE nodes (node_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
-CREATE TABLE processes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    process_id TEXT NOT NULL UNIQUE,
-    app_id TEXT NOT NULL,
-    deployment_id TEXT NOT NULL,
-    node_id TEXT NOT NULL,
-    region TEXT NOT NULL,
-    status TEXT NOT NULL,
-    rooms_per_process INTEGER NOT NULL,
-    rooms_allocated INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE INDEX processes_app ON processes (app_id, created_at);
-CREATE INDEX processes_place ON processes (deployment_id, region, status);
-CREATE INDEX processes_node ON processes (node_id, status);
-CREATE TABLE rooms (
-    room_id TEXT PRIMARY KEY,
-    app_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    process_id TEXT,
-    doc TEXT NOT NULL
-);
-CREATE INDEX rooms_process ON rooms (process_id);
-CREATE TABLE allocations (
-    room_allocation_id TEXT PRIMARY KEY,
-    room_id TEXT NOT NULL,
-    process_id TEXT NOT NULL,
-    scheduled_at INTEGER NOT NULL,
-    unscheduled_at INTEGER,
-    seq INTEGER NOT NULL
-);
-CREATE INDEX allocations_room ON allocations (room_id, seq);
-CREATE INDEX allocations_process ON allocations (process_id, unscheduled_at);
-"#,
-    r#"
-CREATE TABLE lobbies (
-    room_id TEXT PRIMARY KEY,
-    app_id TEXT NOT NULL,
-    short_code TEXT,
-    visibility TEXT NOT NULL,
-    region TEXT NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE INDEX lobbies_short_code ON lobbies (app_id, short_code, created_at);
-CREATE INDEX lobbies_creator ON lobbies (app_id, created_by, created_at);
-CREATE INDEX lobbies_listing ON lobbies (app_id, visibility, created_at);
-CREATE TABLE legacy_ids (
-    scope TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    num INTEGER NOT NULL,
-    id TEXT NOT NULL,
-    PRIMARY KEY (scope, kind, num),
-    UNIQUE (scope, kind, id)
-);
-"#,
-    r#"
-ALTER TABLE processes ADD COLUMN port_count INTEGER NOT NULL DEFAULT 1;
-UPDATE processes SET port_count = COALESCE(json_extract(doc, '$.portCount'), 1);
-CREATE INDEX processes_free ON processes (deployment_id, region, status) WHERE rooms_allocated < rooms_per_process;
-CREATE INDEX processes_node_ports ON processes (node_id, status, port_count);
-"#,
-];
+mod schema;
+mod writer;
+
+use schema::MIGRATIONS;
+use writer::Writer;
 
 /// Statements run through SQLite's statement cache: parsed once, not on every call.
 trait Run {
@@ -133,18 +44,23 @@ impl Run for Connection {
     }
 }
 
-/// Reader connections besides the writer.
-const READERS: usize = 3;
+/// How often `update_process` reads again when the row moved under it.
+const UPDATE_ATTEMPTS: usize = 64;
+
+/// Read-only connections beside the writer.
+const READERS: usize = 4;
 
 pub struct SqliteStore {
-    /// The one connection that writes (SQLite has a single writer anyway).
-    conn: Mutex<Connection>,
+    /// The one connection that writes, owned by the writer thread.
+    writer: Writer,
     /// Read-only connections, so reads run beside writes and each other (WAL).
     readers: Vec<Mutex<Connection>>,
     next_reader: std::sync::atomic::AtomicUsize,
+    /// A scratch database file removed on drop (`in_memory`).
+    scratch: Option<PathBuf>,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -173,76 +89,107 @@ impl SqliteStore {
     /// Open (creating if needed) the database file and apply pending migrations.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(backend)?;
-        let mut store = Self::init(conn)?;
+        init(&conn)?;
+        let mut readers = Vec::new();
         for _ in 0..READERS {
             let r = Connection::open(path).map_err(backend)?;
             r.pragma_update(None, "query_only", "ON").map_err(backend)?;
             r.busy_timeout(std::time::Duration::from_secs(5))
                 .map_err(backend)?;
-            store.readers.push(Mutex::new(r));
-        }
-        Ok(store)
-    }
-
-    pub fn in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory().map_err(backend)?)
-    }
-
-    fn init(conn: Connection) -> Result<Self> {
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(backend)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(backend)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(backend)?;
-        for (i, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(version).unwrap_or(0))
-        {
-            conn.execute_batch(&format!(
-                "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
-                i + 1
-            ))
-            .map_err(backend)?;
+            readers.push(Mutex::new(r));
         }
         Ok(Self {
-            conn: Mutex::new(conn),
-            readers: Vec::new(),
+            writer: Writer::start(conn)?,
+            readers,
             next_reader: std::sync::atomic::AtomicUsize::new(0),
+            scratch: None,
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn)
+    /// A store of its own in a scratch file, removed when the store is dropped (tests).
+    pub fn in_memory() -> Result<Self> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "lodge-scratch-{}-{}.db",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        remove_db(&path);
+        let mut store = Self::open(&path)?;
+        store.scratch = Some(path);
+        Ok(store)
     }
 
-    /// Run a read on a reader connection (a free one if any), or on the writer when there are
-    /// none (an in-memory store).
-    fn read<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        if self.readers.is_empty() {
-            return self.with(f);
-        }
+    /// Run a write in the writer's next transaction.
+    async fn write<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.writer.write(op).await
+    }
+
+    /// Run a read on a reader connection (a free one if any).
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let n = self.readers.len();
         let start = self
             .next_reader
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for i in 0..n {
-            if let Ok(mut c) = self.readers[(start + i) % n].try_lock() {
-                return f(&mut c);
+            if let Ok(c) = self.readers[(start + i) % n].try_lock() {
+                return f(&c);
             }
         }
-        let mut c = self.readers[start % n]
+        let c = self.readers[start % n]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        f(&mut c)
+        f(&c)
     }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        if let Some(path) = &self.scratch {
+            self.readers.clear();
+            self.writer.stop();
+            remove_db(path);
+        }
+    }
+}
+
+fn remove_db(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+}
+
+/// Pragmas and pending migrations, on the write connection before the writer takes it.
+fn init(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(backend)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(backend)?;
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        conn.execute_batch(&format!(
+            "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .map_err(backend)?;
+    }
+    Ok(())
 }
 
 fn docs<T: DeserializeOwned>(
@@ -507,7 +454,9 @@ fn write_lobby(conn: &Connection, l: &Lobby) -> Result<()> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_org(&self, org: &Org) -> Result<()> {
-        self.with(|c| {
+        let org = org.to_owned();
+        self.write(move |c| {
+            let org = &org;
             c.run(
                 "INSERT INTO orgs (org_id, doc) VALUES (?1, ?2) ON CONFLICT (org_id) DO NOTHING",
                 params![org.org_id, to_json(org)?],
@@ -515,6 +464,7 @@ impl Store for SqliteStore {
             .map_err(backend)?;
             Ok(())
         })
+        .await
     }
 
     async fn orgs(&self) -> Result<Vec<Org>> {
@@ -522,14 +472,16 @@ impl Store for SqliteStore {
     }
 
     async fn insert_token(&self, t: &OrgToken, secret_hash: &str) -> Result<()> {
-        self.with(|c| {
+        let (t, secret_hash) = (t.to_owned(), secret_hash.to_owned());
+        self.write(move |c| {
+            let (t, secret_hash) = (&t, &secret_hash);
             c.run(
                 "INSERT INTO tokens (org_token_id, org_id, name, active, secret_hash, doc) VALUES (?1, ?2, ?3, 1, ?4, ?5)",
                 params![t.org_token_id, t.org_id, t.name, secret_hash, to_json(t)?],
             )
             .map_err(|e| unique(e, || format!("a token named '{}' already exists", t.name)))?;
             Ok(())
-        })
+        }).await
     }
 
     async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>> {
@@ -553,38 +505,43 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, org_id: &str, token_id: &str) -> Result<Option<OrgToken>> {
-        self.with(|c| {
-            let tx = c.transaction().map_err(backend)?;
+        let (org_id, token_id) = (org_id.to_owned(), token_id.to_owned());
+        self.write(move |c| {
+            let (org_id, token_id) = (&org_id, &token_id);
             let t: Option<OrgToken> = doc(
-                &tx,
+                c,
                 "SELECT doc FROM tokens WHERE org_id = ?1 AND org_token_id = ?2",
                 params![org_id, token_id],
             )?;
             let Some(mut t) = t else { return Ok(None) };
             t.status = OrgTokenStatus::Revoked;
-            tx.run(
+            c.run(
                 "UPDATE tokens SET active = 0, doc = ?2 WHERE org_token_id = ?1",
                 params![token_id, to_json(&t)?],
             )
             .map_err(backend)?;
-            tx.commit().map_err(backend)?;
             Ok(Some(t))
         })
+        .await
     }
 
     async fn insert_app(&self, app: &App) -> Result<()> {
-        self.with(|c| {
+        let app = app.to_owned();
+        self.write(move |c| {
+            let app = &app;
             c.run(
                 "INSERT INTO apps (app_id, org_id, app_name, deleted, doc) VALUES (?1, ?2, ?3, 0, ?4)",
                 params![app.app_id, app.org_id, app.app_name, to_json(app)?],
             )
             .map_err(|e| unique(e, || format!("an application named '{}' already exists", app.app_name)))?;
             Ok(())
-        })
+        }).await
     }
 
     async fn update_app(&self, app: &App) -> Result<()> {
-        self.with(|c| {
+        let app = app.to_owned();
+        self.write(move |c| {
+            let app = &app;
             c.run(
                 "UPDATE apps SET app_name = ?2, deleted = ?3, doc = ?4 WHERE app_id = ?1",
                 params![
@@ -601,6 +558,7 @@ impl Store for SqliteStore {
             })?;
             Ok(())
         })
+        .await
     }
 
     async fn app(&self, app_id: &str) -> Result<Option<App>> {
@@ -618,7 +576,9 @@ impl Store for SqliteStore {
     }
 
     async fn insert_build(&self, b: &Build) -> Result<()> {
-        self.with(|c| {
+        let b = b.to_owned();
+        self.write(move |c| {
+            let b = &b;
             c.run(
                 "INSERT INTO builds (build_id, org_id, created_at, doc) VALUES (?1, ?2, ?3, ?4)",
                 params![b.build_id, b.org_id, b.created_at, to_json(b)?],
@@ -626,10 +586,13 @@ impl Store for SqliteStore {
             .map_err(|e| unique(e, || format!("build id '{}' is already taken", b.build_id)))?;
             Ok(())
         })
+        .await
     }
 
     async fn update_build(&self, b: &Build) -> Result<()> {
-        self.with(|c| {
+        let b = b.to_owned();
+        self.write(move |c| {
+            let b = &b;
             c.run(
                 "UPDATE builds SET doc = ?2 WHERE build_id = ?1",
                 params![b.build_id, to_json(b)?],
@@ -637,10 +600,13 @@ impl Store for SqliteStore {
             .map_err(backend)?;
             Ok(())
         })
+        .await
     }
 
     async fn update_build_if(&self, b: &Build, expected: BuildStatus) -> Result<bool> {
-        self.with(|c| {
+        let b = b.to_owned();
+        self.write(move |c| {
+            let b = &b;
             let n = c
                 .run(
                     "UPDATE builds SET doc = ?2 WHERE build_id = ?1 AND json_extract(doc, '$.status') = ?3",
@@ -648,7 +614,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(backend)?;
             Ok(n == 1)
-        })
+        }).await
     }
 
     async fn build(&self, build_id: &str) -> Result<Option<Build>> {
@@ -672,7 +638,9 @@ impl Store for SqliteStore {
     }
 
     async fn insert_deployment(&self, d: &Deployment) -> Result<()> {
-        self.with(|c| {
+        let d = d.to_owned();
+        self.write(move |c| {
+            let d = &d;
             c.run(
                 "INSERT INTO deployments (deployment_id, app_id, doc) VALUES (?1, ?2, ?3)",
                 params![d.deployment_id, d.app_id, to_json(d)?],
@@ -684,6 +652,7 @@ impl Store for SqliteStore {
             })?;
             Ok(())
         })
+        .await
     }
 
     async fn latest_deployment(&self, app_id: &str) -> Result<Option<Deployment>> {
@@ -717,14 +686,16 @@ impl Store for SqliteStore {
     }
 
     async fn put_node(&self, n: &Node) -> Result<()> {
-        self.with(|c| {
+        let n = n.to_owned();
+        self.write(move |c| {
+            let n = &n;
             c.run(
                 "INSERT INTO nodes (node_id, doc) VALUES (?1, ?2) ON CONFLICT (node_id) DO UPDATE SET doc = excluded.doc",
                 params![n.node_id, to_json(n)?],
             )
             .map_err(backend)?;
             Ok(())
-        })
+        }).await
     }
 
     async fn nodes(&self) -> Result<Vec<Node>> {
@@ -781,13 +752,13 @@ impl Store for SqliteStore {
     }
 
     async fn insert_process(&self, p: &Process, max_live_for_app: Option<u64>) -> Result<()> {
-        self.with(|c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            insert_process_row(&tx, p, max_live_for_app)?;
-            tx.commit().map_err(backend)
+        let p = p.to_owned();
+        self.write(move |c| {
+            let p = &p;
+            insert_process_row(c, p, max_live_for_app)?;
+            Ok(())
         })
+        .await
     }
 
     async fn update_process(
@@ -795,24 +766,45 @@ impl Store for SqliteStore {
         id: &str,
         change: &(dyn for<'p> Fn(&'p mut Process) -> bool + Send + Sync),
     ) -> Result<Option<Process>> {
-        self.with(|c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let Some(mut p) = load_process(&tx, id)? else {
+        // The change is the caller's borrowed closure, so it runs here, not on the writer:
+        // read, change, then write only if the row is still as read (compare and swap on the
+        // stored document), again from the top if it moved in between.
+        for _ in 0..UPDATE_ATTEMPTS {
+            let Some((old_doc, old_status, allocated)) = self.read(|c| {
+                c.one(
+                    &format!("SELECT {PROCESS_COLS} FROM processes WHERE process_id = ?1"),
+                    params![id],
+                    read_process,
+                )
+                .optional()
+                .map_err(backend)
+            })?
+            else {
                 return Ok(None);
             };
-            if p.status.is_terminal() {
+            let mut p = process_from((old_doc.clone(), old_status.clone(), allocated))?;
+            if p.status.is_terminal() || !change(&mut p) {
                 return Ok(Some(p));
             }
-            let allocated = p.rooms_allocated;
-            if change(&mut p) {
-                p.rooms_allocated = allocated;
-                write_process(&tx, &p)?;
-                tx.commit().map_err(backend)?;
+            p.rooms_allocated = allocated;
+            let (id, new_doc, new_status) = (id.to_owned(), to_json(&p)?, p.status.as_str());
+            let swapped = self
+                .write(move |c| {
+                    c.run(
+                        "UPDATE processes SET status = ?2, doc = ?3
+                         WHERE process_id = ?1 AND doc = ?4 AND status = ?5",
+                        params![id, new_status, new_doc, old_doc, old_status],
+                    )
+                    .map_err(backend)
+                })
+                .await?;
+            if swapped == 1 {
+                return Ok(Some(p));
             }
-            Ok(Some(p))
-        })
+        }
+        Err(StoreError::Conflict(format!(
+            "process {id} kept changing; try again"
+        )))
     }
 
     async fn end_process(
@@ -822,25 +814,26 @@ impl Store for SqliteStore {
         at: Millis,
         reason: &str,
     ) -> Result<Option<EndedProcess>> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
-            let Some(mut p) = load_process(&tx, id)? else { return Ok(None) };
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        self.write(move |c| {
+            let (id, reason) = (&id, &reason);
+            let Some(mut p) = load_process(c, id)? else { return Ok(None) };
             if p.status.is_terminal() {
                 return Ok(None);
             }
             let room_ids: Vec<String> = {
-                let mut stmt = tx
+                let mut stmt = c
                     .prepare_cached("SELECT room_id FROM rooms WHERE process_id = ?1")
                     .map_err(backend)?;
                 let rows = stmt.query_map(params![id], |r| r.get(0)).map_err(backend)?;
                 rows.collect::<rusqlite::Result<_>>().map_err(backend)?
             };
-            tx.run(
+            c.run(
                 "UPDATE allocations SET unscheduled_at = ?2 WHERE process_id = ?1 AND unscheduled_at IS NULL",
                 params![id, at],
             )
             .map_err(backend)?;
-            tx.run(
+            c.run(
                 "UPDATE rooms SET status = 'destroyed', process_id = NULL WHERE process_id = ?1",
                 params![id],
             )
@@ -857,10 +850,9 @@ impl Store for SqliteStore {
                 _ => reason.to_string(),
             };
             p.summary_exit_reason = Some(summary);
-            write_process(&tx, &p)?;
-            tx.commit().map_err(backend)?;
-            Ok(Some(EndedProcess { process: p, destroyed_rooms: room_ids }))
-        })
+            write_process(c, &p)?;
+                        Ok(Some(EndedProcess { process: p, destroyed_rooms: room_ids }))
+        }).await
     }
 
     async fn room(&self, room_id: &str) -> Result<Option<Room>> {
@@ -887,15 +879,16 @@ impl Store for SqliteStore {
     }
 
     async fn place_room(&self, room: &Room, target: PlaceTarget) -> Result<()> {
+        let room = room.clone();
         let alloc = room
             .allocations
             .last()
+            .cloned()
             .ok_or_else(|| StoreError::Backend("room to place has no allocation".into()))?;
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
             match &target {
                 PlaceTarget::Existing(pid) => {
-                    let n = tx
+                    let n = c
                         .run(
                             "UPDATE processes SET rooms_allocated = rooms_allocated + 1,
                                     doc = json_set(doc, '$.lastBusyAt', ?2)
@@ -908,10 +901,10 @@ impl Store for SqliteStore {
                         return Err(StoreError::Conflict(format!("process {pid} has no free slot")));
                     }
                 }
-                PlaceTarget::New(p, max) => insert_process_row(&tx, p, *max)?,
+                PlaceTarget::New(p, max) => insert_process_row(c, p, *max)?,
             }
             let doc = to_json(&RoomDoc { room_config: room.room_config.clone(), created_at: room.created_at })?;
-            let inserted = tx.run(
+            let inserted = c.run(
                 "INSERT INTO rooms (room_id, app_id, status, process_id, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![room.room_id, room.app_id, room.status.as_str(), alloc.process_id, doc],
             );
@@ -921,7 +914,7 @@ impl Store for SqliteStore {
                 Err(e) if is_unique_violation(&e) => {
                     fresh = false;
                     // Resume: allowed only for a room of the same app with no current slot.
-                    let n = tx
+                    let n = c
                         .run(
                             "UPDATE rooms SET status = ?3, process_id = ?4 WHERE room_id = ?1 AND app_id = ?2
                              AND process_id IS NULL AND status = 'suspended'",
@@ -937,17 +930,17 @@ impl Store for SqliteStore {
             let seq: i64 = if fresh {
                 0
             } else {
-                tx.one("SELECT COUNT(*) FROM allocations WHERE room_id = ?1", params![room.room_id], |r| r.get(0))
+                c.one("SELECT COUNT(*) FROM allocations WHERE room_id = ?1", params![room.room_id], |r| r.get(0))
                     .map_err(backend)?
             };
-            tx.run(
+            c.run(
                 "INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
                  VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
                 params![alloc.room_allocation_id, room.room_id, alloc.process_id, alloc.scheduled_at, seq],
             )
             .map_err(backend)?;
-            tx.commit().map_err(backend)
-        })
+            Ok(())
+        }).await
     }
 
     async fn unallocate_room(
@@ -956,9 +949,10 @@ impl Store for SqliteStore {
         status: RoomStatus,
         at: Millis,
     ) -> Result<Option<Room>> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
-            let row: Option<(String, Option<String>)> = tx
+        let room_id = room_id.to_owned();
+        self.write(move |c| {
+            let room_id = &room_id;
+            let row: Option<(String, Option<String>)> = c
                 .one("SELECT status, process_id FROM rooms WHERE room_id = ?1", params![room_id], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })
@@ -969,26 +963,27 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             if let Some(pid) = &pid {
-                close_allocation(&tx, room_id, pid, at)?;
-                tx.run(
+                close_allocation(c, room_id, pid, at)?;
+                c.run(
                     "UPDATE processes SET doc = json_set(doc, '$.lastBusyAt', ?2) WHERE process_id = ?1",
                     params![pid, at],
                 )
                 .map_err(backend)?;
             }
-            tx.run(
+            c.run(
                 "UPDATE rooms SET status = ?2, process_id = NULL WHERE room_id = ?1",
                 params![room_id, status.as_str()],
             )
             .map_err(backend)?;
-            let room = load_room(&tx, room_id)?;
-            tx.commit().map_err(backend)?;
-            Ok(room)
-        })
+            let room = load_room(c, room_id)?;
+                        Ok(room)
+        }).await
     }
 
     async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool> {
-        self.with(|c| {
+        let (room_id, config) = (room_id.to_owned(), config.to_owned());
+        self.write(move |c| {
+            let (room_id, config) = (&room_id, &config);
             let n = c
                 .run(
                     "UPDATE rooms SET doc = json_set(doc, '$.roomConfig', ?2) WHERE room_id = ?1 AND status != 'destroyed'",
@@ -996,7 +991,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(backend)?;
             Ok(n > 0)
-        })
+        }).await
     }
 
     async fn reserve_lobby(
@@ -1005,9 +1000,10 @@ impl Store for SqliteStore {
         since: Millis,
         max: u32,
     ) -> Result<Option<Millis>> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
-            let (n, oldest): (u32, Option<Millis>) = tx
+        let lobby = lobby.to_owned();
+        self.write(move |c| {
+            let lobby = &lobby;
+            let (n, oldest): (u32, Option<Millis>) = c
                 .one(
                     "SELECT COUNT(*), MIN(created_at) FROM lobbies WHERE app_id = ?1 AND created_by = ?2 AND created_at > ?3",
                     params![lobby.app_id, lobby.created_by, since],
@@ -1017,24 +1013,26 @@ impl Store for SqliteStore {
             if n >= max {
                 return Ok(Some(oldest.unwrap_or(since)));
             }
-            let taken: bool = tx
+            let taken: bool = c
                 .one("SELECT EXISTS (SELECT 1 FROM rooms WHERE room_id = ?1 UNION SELECT 1 FROM lobbies WHERE room_id = ?1)", params![lobby.room_id], |r| r.get(0))
                 .map_err(backend)?;
             if taken {
                 return Err(StoreError::Duplicate(format!("room id '{}' is already taken", lobby.room_id)));
             }
-            write_lobby(&tx, lobby)?;
-            tx.commit().map_err(backend)?;
-            Ok(None)
-        })
+            write_lobby(c, lobby)?;
+                        Ok(None)
+        }).await
     }
 
     async fn delete_lobby(&self, room_id: &str) -> Result<()> {
-        self.with(|c| {
+        let room_id = room_id.to_owned();
+        self.write(move |c| {
+            let room_id = &room_id;
             c.run("DELETE FROM lobbies WHERE room_id = ?1", params![room_id])
                 .map_err(backend)?;
             Ok(())
         })
+        .await
     }
 
     async fn lobby(&self, room_id: &str) -> Result<Option<(Lobby, RoomStatus)>> {
@@ -1084,26 +1082,26 @@ impl Store for SqliteStore {
         room_id: &str,
         state: &serde_json::Value,
     ) -> Result<Option<Lobby>> {
-        self.with(|c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
+        let (room_id, state) = (room_id.to_owned(), state.to_owned());
+        self.write(move |c| {
+            let (room_id, state) = (&room_id, &state);
             let Some((mut lobby, _)) =
-                lobbies_where(&tx, "WHERE l.room_id = ?1", params![room_id])?.pop()
+                lobbies_where(c, "WHERE l.room_id = ?1", params![room_id])?.pop()
             else {
                 return Ok(None);
             };
             lobby.state = Some(state.clone());
-            write_lobby(&tx, &lobby)?;
-            tx.commit().map_err(backend)?;
+            write_lobby(c, &lobby)?;
             Ok(Some(lobby))
         })
+        .await
     }
 
     async fn legacy_number(&self, scope: &str, kind: &str, id: &str) -> Result<i64> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
-            let found: Option<i64> = tx
+        let (scope, kind, id) = (scope.to_owned(), kind.to_owned(), id.to_owned());
+        self.write(move |c| {
+            let (scope, kind, id) = (&scope, &kind, &id);
+            let found: Option<i64> = c
                 .one(
                     "SELECT num FROM legacy_ids WHERE scope = ?1 AND kind = ?2 AND id = ?3",
                     params![scope, kind, id],
@@ -1114,21 +1112,20 @@ impl Store for SqliteStore {
             if let Some(n) = found {
                 return Ok(n);
             }
-            let n: i64 = tx
+            let n: i64 = c
                 .one(
                     "SELECT COALESCE(MAX(num), 0) + 1 FROM legacy_ids WHERE scope = ?1 AND kind = ?2",
                     params![scope, kind],
                     |r| r.get(0),
                 )
                 .map_err(backend)?;
-            tx.run(
+            c.run(
                 "INSERT INTO legacy_ids (scope, kind, num, id) VALUES (?1, ?2, ?3, ?4)",
                 params![scope, kind, n, id],
             )
             .map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(n)
-        })
+                        Ok(n)
+        }).await
     }
 
     async fn legacy_id(&self, scope: &str, kind: &str, num: i64) -> Result<Option<String>> {
