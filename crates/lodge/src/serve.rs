@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use lodge_agent::{Agent, AgentConfig, Isolation};
 use lodge_control::{Control, ControlConfig};
 use lodge_model::{Node, Region, SystemClock};
-use lodge_store::SqliteStore;
+use lodge_store::{PostgresStore, SqliteStore, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IsolationArg {
@@ -212,12 +212,29 @@ fn init_tracing() {
     }
 }
 
+fn is_postgres_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// The store `--store` names: the embedded SQLite file in the data dir, or PostgreSQL (which
+/// has to answer within a few seconds, or Lodge does not start).
+async fn open_store(spec: &str, data_dir: &Path) -> Result<Arc<dyn Store>, String> {
+    if is_postgres_url(spec) {
+        let store = PostgresStore::connect(spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(Arc::new(store));
+    }
+    let store = SqliteStore::open(&data_dir.join("lodge.db")).map_err(|e| e.to_string())?;
+    Ok(Arc::new(store))
+}
+
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     init_tracing();
     let regions = parse_regions(&args.regions)?;
-    if args.store != "sqlite" {
+    if !(args.store == "sqlite" || is_postgres_url(&args.store)) {
         return Err(format!(
-            "--store {}: only the embedded SQLite store is available in this version; use --store sqlite",
+            "--store {}: expected `sqlite` or a postgres:// URL",
             args.store
         ));
     }
@@ -240,7 +257,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir).map_err(|e| e.to_string())?;
-    let store = SqliteStore::open(&data_dir.join("lodge.db")).map_err(|e| e.to_string())?;
+    let store = open_store(&args.store, &data_dir).await?;
     let mut cfg = ControlConfig::new(data_dir.clone());
     cfg.admin_token = std::env::var("LODGE_ADMIN_TOKEN")
         .ok()
@@ -256,7 +273,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     cfg.image_builder = args.image_builder.clone();
     cfg.retention = secs(args.retention_hours * 3600.0, "retention-hours")?;
     cfg.egress = lodge_control::egress::EgressPolicy::new(args.registry_allow.clone());
-    let control = Control::new(Arc::new(store), Arc::new(SystemClock), cfg);
+    let control = Control::new(store, Arc::new(SystemClock), cfg);
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
     control
         .fail_interrupted_builds()

@@ -6,8 +6,22 @@
 use async_trait::async_trait;
 use lodge_model::*;
 
+mod codec;
+mod postgres;
 mod sqlite;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+/// Why a live process ended, as `summaryExitReason` shows it: a stop Lodge asked for
+/// (StopProcess, the idle reaper) names why, then how it went.
+pub(crate) fn exit_summary(before: &Process, reason: &str) -> String {
+    match (&before.status, &before.summary_exit_reason) {
+        (ProcessStatus::Stopping, Some(why)) if !reason.starts_with(why.as_str()) => {
+            format!("{why} ({reason})")
+        }
+        _ => reason.to_string(),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use lodge_model::*;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
+use crate::codec::{from_json, to_json, RoomDoc};
 use crate::{EndedProcess, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
 mod schema;
@@ -62,14 +62,6 @@ pub struct SqliteStore {
 
 pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-fn to_json<T: Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(backend)
-}
-
-fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(backend)
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -291,14 +283,6 @@ fn insert_process_row(conn: &Connection, p: &Process, max_live_for_app: Option<u
     )
     .map_err(|e| unique(e, || format!("process {} already exists", p.process_id)))?;
     Ok(())
-}
-
-/// The room document holds everything but the allocations, which have their own table.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RoomDoc {
-    room_config: Option<String>,
-    created_at: Millis,
 }
 
 fn load_room(conn: &Connection, id: &str) -> Result<Option<Room>> {
@@ -838,18 +822,11 @@ impl Store for SqliteStore {
                 params![id],
             )
             .map_err(backend)?;
+            p.summary_exit_reason = Some(crate::exit_summary(&p, reason));
             p.status = status;
             p.rooms_allocated = 0;
             p.terminated_at = Some(at);
             p.stopping_at.get_or_insert(at);
-            // A stop Lodge asked for (StopProcess, the idle reaper) names why, then how it went.
-            let summary = match (&p.status, &p.summary_exit_reason) {
-                (ProcessStatus::Stopping, Some(why)) if !reason.starts_with(why.as_str()) => {
-                    format!("{why} ({reason})")
-                }
-                _ => reason.to_string(),
-            };
-            p.summary_exit_reason = Some(summary);
             write_process(c, &p)?;
                         Ok(Some(EndedProcess { process: p, destroyed_rooms: room_ids }))
         }).await

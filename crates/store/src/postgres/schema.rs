@@ -1,0 +1,147 @@
+//! The PostgreSQL store's schema: forward-only migrations, numbered by their place in the list
+//! and recorded in `lodge_schema`. They run at start inside one transaction under a
+//! transaction-level advisory lock, so replicas that start together apply each exactly once
+//! (the others wait, then find nothing to do).
+
+use tokio_postgres::Client;
+
+use super::pg;
+use crate::Result;
+
+/// An arbitrary constant: the advisory lock key under which migrations run.
+const MIGRATION_LOCK: i64 = 0x6c6f_6467_6501;
+
+pub(super) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE orgs (seq BIGSERIAL NOT NULL, org_id TEXT PRIMARY KEY, doc JSONB NOT NULL);
+CREATE TABLE tokens (
+    seq BIGSERIAL NOT NULL,
+    org_token_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    active BOOLEAN NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    doc JSONB NOT NULL
+);
+CREATE UNIQUE INDEX tokens_active_name ON tokens (org_id, name) WHERE active;
+CREATE TABLE apps (
+    seq BIGSERIAL NOT NULL,
+    app_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    app_name TEXT NOT NULL,
+    deleted BOOLEAN NOT NULL,
+    doc JSONB NOT NULL
+);
+CREATE UNIQUE INDEX apps_live_name ON apps (org_id, app_name) WHERE NOT deleted;
+CREATE TABLE builds (
+    seq BIGSERIAL NOT NULL,
+    build_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    doc JSONB NOT NULL
+);
+CREATE INDEX builds_org ON builds (org_id, created_at);
+CREATE TABLE deployments (
+    seq BIGSERIAL PRIMARY KEY,
+    deployment_id TEXT NOT NULL UNIQUE,
+    app_id TEXT NOT NULL,
+    doc JSONB NOT NULL
+);
+CREATE INDEX deployments_app ON deployments (app_id, seq);
+CREATE TABLE nodes (node_id TEXT PRIMARY KEY, doc JSONB NOT NULL);
+CREATE TABLE processes (
+    seq BIGSERIAL PRIMARY KEY,
+    process_id TEXT NOT NULL UNIQUE,
+    app_id TEXT NOT NULL,
+    deployment_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    status TEXT NOT NULL,
+    rooms_per_process INTEGER NOT NULL,
+    rooms_allocated INTEGER NOT NULL,
+    created_at BIGINT NOT NULL,
+    port_count INTEGER NOT NULL,
+    doc JSONB NOT NULL,
+    CONSTRAINT rooms_within_capacity CHECK (rooms_allocated >= 0 AND rooms_allocated <= rooms_per_process)
+);
+CREATE INDEX processes_app ON processes (app_id, created_at);
+CREATE INDEX processes_free ON processes (deployment_id, region, status) WHERE rooms_allocated < rooms_per_process;
+CREATE INDEX processes_node ON processes (node_id, status, port_count);
+CREATE TABLE rooms (
+    room_id TEXT PRIMARY KEY,
+    seq BIGSERIAL NOT NULL,
+    app_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    process_id TEXT,
+    doc JSONB NOT NULL
+);
+CREATE INDEX rooms_process ON rooms (process_id);
+CREATE TABLE allocations (
+    room_allocation_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    process_id TEXT NOT NULL,
+    scheduled_at BIGINT NOT NULL,
+    unscheduled_at BIGINT,
+    seq INTEGER NOT NULL,
+    UNIQUE (room_id, seq)
+);
+CREATE INDEX allocations_process ON allocations (process_id, unscheduled_at);
+CREATE UNIQUE INDEX allocations_one_current ON allocations (room_id) WHERE unscheduled_at IS NULL;
+CREATE TABLE lobbies (
+    seq BIGSERIAL NOT NULL,
+    room_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    short_code TEXT,
+    visibility TEXT NOT NULL,
+    region TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    doc JSONB NOT NULL
+);
+CREATE INDEX lobbies_short_code ON lobbies (app_id, short_code, created_at);
+CREATE INDEX lobbies_creator ON lobbies (app_id, created_by, created_at);
+CREATE INDEX lobbies_listing ON lobbies (app_id, visibility, created_at);
+CREATE TABLE legacy_ids (
+    scope TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    num BIGINT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (scope, kind, num),
+    UNIQUE (scope, kind, id)
+);
+"#];
+
+/// Apply the migrations this database has not seen yet; returns the schema version.
+pub(super) async fn migrate(client: &mut Client) -> Result<usize> {
+    let tx = client.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS lodge_schema (
+            version INTEGER PRIMARY KEY,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )",
+    )
+    .await
+    .map_err(pg)?;
+    let row = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM lodge_schema", &[])
+        .await
+        .map_err(pg)?;
+    let have = usize::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+    if have > MIGRATIONS.len() {
+        return Err(crate::StoreError::Backend(format!(
+            "the database's schema is version {have}, newer than this Lodge knows ({}); run a newer Lodge",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(have) {
+        tx.batch_execute(sql).await.map_err(pg)?;
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        tx.execute("INSERT INTO lodge_schema (version) VALUES ($1)", &[&version])
+            .await
+            .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)?;
+    Ok(MIGRATIONS.len())
+}
