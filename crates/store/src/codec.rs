@@ -11,7 +11,8 @@ pub(crate) fn to_json<T: Serialize>(v: &T) -> Result<String> {
 }
 
 pub(crate) fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Backend(format!("a stored document does not decode: {e}")))
+    serde_json::from_str(s)
+        .map_err(|e| StoreError::Backend(format!("a stored document does not decode: {e}")))
 }
 
 /// The room document holds everything but the allocations, which have their own table.

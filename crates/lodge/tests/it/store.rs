@@ -1,9 +1,157 @@
-//! The store contract, on SQLite (file-backed, so reopening proves durability).
+//! The `Store` contract: one suite, run on every backend. SQLite on a file (reopening proves
+//! durability; a second handle on the file is a second writer) and PostgreSQL in a schema of
+//! its own per test, dropped after (a second store on its own pool is a second replica).
+//!
+//! PostgreSQL comes from `LODGE_TEST_POSTGRES` (default `postgres://root@127.0.0.1/test`, which
+//! `scripts/install-deps` starts); when it cannot be reached the PostgreSQL half fails and
+//! says so.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use lodge_model::*;
-use lodge_store::{PlaceTarget, ProcessQuery, SqliteStore, Store, StoreError};
+use lodge_store::{PlaceTarget, PostgresStore, ProcessQuery, SqliteStore, Store, StoreError};
 
 use crate::TempDir;
+
+/// Somewhere a store lives; `open` gives another handle on the same data.
+#[async_trait::async_trait]
+trait Backend: Send + Sync {
+    async fn open(&self) -> Arc<dyn Store>;
+}
+
+struct Sqlite {
+    dir: TempDir,
+}
+
+#[async_trait::async_trait]
+impl Backend for Sqlite {
+    async fn open(&self) -> Arc<dyn Store> {
+        Arc::new(SqliteStore::open(&self.dir.0.join("lodge.db")).unwrap())
+    }
+}
+
+fn sqlite() -> Sqlite {
+    Sqlite {
+        dir: TempDir::new("store"),
+    }
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("LODGE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1/test".to_string())
+}
+
+/// A schema of its own on the test database, dropped with this value.
+pub struct PgSchema {
+    pub name: String,
+}
+
+impl PgSchema {
+    pub async fn new() -> PgSchema {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "lodge_it_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        pg_admin(&format!(
+            "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+        ))
+        .await;
+        PgSchema { name }
+    }
+
+    /// The store URL whose connections use this schema.
+    pub fn url(&self) -> String {
+        let base = postgres_url();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{sep}options=-csearch_path%3D{}", self.name)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+        // A runtime of its own: this may run inside a test's runtime, which cannot block.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(pg_admin(&sql));
+        })
+        .join();
+    }
+}
+
+async fn pg_admin(sql: &str) {
+    let url = postgres_url();
+    let (client, conn) = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at {url} ({e}); start it (scripts/install-deps does) or set LODGE_TEST_POSTGRES"
+        ),
+    };
+    let task = tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+    drop(client);
+    let _ = task.await;
+}
+
+struct Postgres {
+    schema: PgSchema,
+}
+
+#[async_trait::async_trait]
+impl Backend for Postgres {
+    async fn open(&self) -> Arc<dyn Store> {
+        Arc::new(PostgresStore::connect(&self.schema.url()).await.unwrap())
+    }
+}
+
+async fn postgres() -> Postgres {
+    Postgres {
+        schema: PgSchema::new().await,
+    }
+}
+
+/// Each contract test, once per backend.
+macro_rules! contract {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(&super::sqlite()).await
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(&super::postgres().await).await
+                }
+            )+
+        }
+    };
+}
+
+contract!(
+    placement_is_conditional_and_durable,
+    names_are_unique_among_live_entities,
+    tokens_builds_and_deployments,
+    process_queries_filter_and_order,
+    lobbies_and_their_limits,
+    legacy_numbers_are_issued_once,
+    racing_new_processes_never_pass_the_app_limit,
+    racing_placements_never_overfill_a_process,
+    racing_updates_lose_nothing,
+    ending_a_process_races_placement_cleanly,
+    churn_keeps_counts_exact,
+);
 
 fn process(id: &str, cap: u32, allocated: u32) -> Process {
     Process {
@@ -46,12 +194,51 @@ fn room(id: &str, process_id: &str) -> Room {
     }
 }
 
-#[tokio::test]
-async fn placement_is_conditional_and_durable() {
-    let dir = TempDir::new("store");
-    let path = dir.0.join("lodge.db");
+fn app(id: &str, name: &str) -> App {
+    App {
+        app_id: id.into(),
+        app_name: name.into(),
+        app_secret: "s".into(),
+        org_id: "o".into(),
+        created_by: "x".into(),
+        created_at: 0,
+        deleted_at: None,
+        deleted_by: None,
+        auth_configuration: serde_json::json!({}),
+        service_config: None,
+    }
+}
+
+fn deployment(id: &str, created_at: Millis) -> Deployment {
+    serde_json::from_value(serde_json::json!({
+        "deploymentId": id, "appId": "app", "buildId": "b1", "buildTag": null,
+        "createdBy": "x", "createdAt": created_at, "idleTimeoutEnabled": true, "env": [],
+        "roomsPerProcess": 4,
+        "defaultContainerPort": {"name": "default", "port": 7777, "transportType": "udp"},
+        "additionalContainerPorts": [], "requestedCPU": 0.5, "requestedMemoryMB": 1024.0,
+        "requestedGPU": null, "deploymentTag": null, "fleetId": null
+    }))
+    .unwrap()
+}
+
+fn lobby(room_id: &str, by: &str, at: Millis, code: &str, region: Region) -> Lobby {
+    Lobby {
+        room_id: room_id.into(),
+        app_id: "app".into(),
+        region,
+        visibility: LobbyVisibility::Public,
+        short_code: Some(code.into()),
+        created_by: by.into(),
+        created_at: at,
+        initial_config: None,
+        state: None,
+        room_config: None,
+    }
+}
+
+async fn placement_is_conditional_and_durable(b: &dyn Backend) {
     {
-        let s = SqliteStore::open(&path).unwrap();
+        let s = b.open().await;
         s.place_room(
             &room("r1", "p1"),
             PlaceTarget::New(Box::new(process("p1", 2, 1)), None),
@@ -82,13 +269,14 @@ async fn placement_is_conditional_and_durable() {
         );
     }
     // Reopen: everything acknowledged is there.
-    let s = SqliteStore::open(&path).unwrap();
+    let s = b.open().await;
     let p = s.process("p1").await.unwrap().unwrap();
     assert_eq!(p.rooms_allocated, 2);
     assert_eq!(s.rooms_of_process("p1", true).await.unwrap().len(), 2);
     let r = s.room("r1").await.unwrap().unwrap();
     assert_eq!(r.room_config.as_deref(), Some("cfg"));
     assert_eq!(r.current_allocation().unwrap().process_id, "p1");
+    assert!(s.room("nope").await.unwrap().is_none());
 
     // Destroying frees the slot and records history.
     let r = s
@@ -99,7 +287,12 @@ async fn placement_is_conditional_and_durable() {
     assert_eq!(r.status, RoomStatus::Destroyed);
     assert!(r.current_allocation().is_none());
     assert_eq!(r.allocations[0].unscheduled_at, Some(9));
-    assert_eq!(s.process("p1").await.unwrap().unwrap().rooms_allocated, 1);
+    let p = s.process("p1").await.unwrap().unwrap();
+    assert_eq!(p.rooms_allocated, 1);
+    assert_eq!(
+        p.last_busy_at, 9,
+        "freeing a slot marks the process busy then"
+    );
     assert_eq!(
         s.rooms_of_process("p1", false).await.unwrap()[0].room_id,
         "r1"
@@ -109,6 +302,12 @@ async fn placement_is_conditional_and_durable() {
         .await
         .unwrap()
         .is_none());
+    assert!(!s.update_room_config("r1", "late").await.unwrap());
+    assert!(s.update_room_config("r2", "new").await.unwrap());
+    assert_eq!(
+        s.room("r2").await.unwrap().unwrap().room_config.as_deref(),
+        Some("new")
+    );
 
     // Suspend then resume onto the same process.
     s.unallocate_room("r2", RoomStatus::Suspended, 11)
@@ -129,7 +328,22 @@ async fn placement_is_conditional_and_durable() {
     let r2 = s.room("r2").await.unwrap().unwrap();
     assert_eq!(r2.allocations.len(), 2);
     assert_eq!(r2.current_allocation().unwrap().room_allocation_id, "again");
+    // An active room cannot be placed again.
+    let e = s
+        .place_room(&resumed, PlaceTarget::Existing("p1".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Duplicate(_)), "{e:?}");
 
+    // A stop Lodge asked for keeps its reason, then how it went.
+    s.update_process("p1", &|p| {
+        p.status = ProcessStatus::Stopping;
+        p.summary_exit_reason = Some("stopped by request".into());
+        true
+    })
+    .await
+    .unwrap()
+    .unwrap();
     // Ending the process destroys its rooms atomically, once.
     let ended = s
         .end_process("p1", ProcessStatus::Stopped, 20, "exited with code 0")
@@ -138,6 +352,10 @@ async fn placement_is_conditional_and_durable() {
         .unwrap();
     assert_eq!(ended.destroyed_rooms, vec!["r2".to_string()]);
     assert_eq!(ended.process.rooms_allocated, 0);
+    assert_eq!(
+        ended.process.summary_exit_reason.as_deref(),
+        Some("stopped by request (exited with code 0)")
+    );
     assert!(s
         .end_process("p1", ProcessStatus::Failed, 21, "again")
         .await
@@ -153,6 +371,7 @@ async fn placement_is_conditional_and_durable() {
         true
     });
     assert_eq!(p.await.unwrap().unwrap().status, ProcessStatus::Stopped);
+    assert!(s.update_process("nope", &|_| true).await.unwrap().is_none());
     let q = ProcessQuery {
         statuses: vec![ProcessStatus::Stopped],
         ..Default::default()
@@ -160,42 +379,402 @@ async fn placement_is_conditional_and_durable() {
     assert_eq!(s.count_processes(&q).await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn names_are_unique_among_live_entities() {
-    let s = SqliteStore::in_memory().unwrap();
-    let app = App {
-        app_id: "a1".into(),
-        app_name: "game".into(),
-        app_secret: "s".into(),
-        org_id: "o".into(),
-        created_by: "x".into(),
-        created_at: 0,
-        deleted_at: None,
-        deleted_by: None,
-        auth_configuration: serde_json::json!({}),
-        service_config: None,
-    };
-    s.insert_app(&app).await.unwrap();
-    let mut twin = app.clone();
-    twin.app_id = "a2".into();
+async fn names_are_unique_among_live_entities(b: &dyn Backend) {
+    let s = b.open().await;
+    let a = app("a1", "game");
+    s.insert_app(&a).await.unwrap();
     assert!(matches!(
-        s.insert_app(&twin).await,
+        s.insert_app(&app("a2", "game")).await,
         Err(StoreError::Duplicate(_))
     ));
-    let mut deleted = app.clone();
+    let mut deleted = a.clone();
     deleted.deleted_at = Some(1);
     s.update_app(&deleted).await.unwrap();
-    s.insert_app(&twin).await.unwrap();
+    s.insert_app(&app("a2", "game")).await.unwrap();
     assert_eq!(s.apps("o").await.unwrap().len(), 1);
+    assert_eq!(s.app("a1").await.unwrap().unwrap().deleted_at, Some(1));
+    // Renaming onto a live name is refused too.
+    s.insert_app(&app("a3", "other")).await.unwrap();
+    assert!(matches!(
+        s.update_app(&app("a3", "game")).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    let names: Vec<String> = s
+        .apps("o")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.app_id)
+        .collect();
+    assert_eq!(names, ["a2", "a3"], "in creation order");
 }
 
-#[tokio::test]
-async fn racing_new_processes_never_pass_the_app_limit() {
-    let dir = TempDir::new("store-limit");
-    let store = std::sync::Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
+async fn tokens_builds_and_deployments(b: &dyn Backend) {
+    let s = b.open().await;
+    for (id, name) in [("o1", "first"), ("o2", "second")] {
+        s.put_org(&Org {
+            org_id: id.into(),
+            name: name.into(),
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+    }
+    // Putting an org again changes nothing.
+    s.put_org(&Org {
+        org_id: "o1".into(),
+        name: "renamed".into(),
+        created_at: 2,
+    })
+    .await
+    .unwrap();
+    let orgs = s.orgs().await.unwrap();
+    assert_eq!(orgs.len(), 2);
+    assert_eq!(
+        (orgs[0].org_id.as_str(), orgs[0].name.as_str()),
+        ("o1", "first")
+    );
+
+    let token = |id: &str, name: &str| OrgToken {
+        org_token_id: id.into(),
+        org_id: "o1".into(),
+        name: name.into(),
+        status: OrgTokenStatus::Active,
+        last_four_chars_of_key: "abcd".into(),
+        created_at: 1,
+        created_by: "x".into(),
+        scopes: Some(serde_json::json!(["builds:read"])),
+    };
+    s.insert_token(&token("t1", "ci"), "h1").await.unwrap();
+    assert!(matches!(
+        s.insert_token(&token("t2", "ci"), "h2").await,
+        Err(StoreError::Duplicate(_))
+    ));
+    let t = s.token_by_hash("h1").await.unwrap().unwrap();
+    assert_eq!(t.scopes, Some(serde_json::json!(["builds:read"])));
+    assert!(s.token_by_hash("h2").await.unwrap().is_none());
+    assert!(
+        s.revoke_token("o2", "t1").await.unwrap().is_none(),
+        "another org's"
+    );
+    let revoked = s.revoke_token("o1", "t1").await.unwrap().unwrap();
+    assert_eq!(revoked.status, OrgTokenStatus::Revoked);
+    // A revoked token's name is free again; both stay listed.
+    s.insert_token(&token("t2", "ci"), "h2").await.unwrap();
+    let all = s.tokens("o1").await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].status, OrgTokenStatus::Revoked);
+
+    let build = |id: &str, at: Millis| Build {
+        build_id: id.into(),
+        org_id: "o1".into(),
+        created_by: "x".into(),
+        created_at: at,
+        status: BuildStatus::Created,
+        image_size: 0,
+        started_at: None,
+        finished_at: None,
+        deleted_at: None,
+        build_tag: None,
+        content_hash: None,
+        upload: None,
+    };
+    s.insert_build(&build("b1", 10)).await.unwrap();
+    s.insert_build(&build("b2", 20)).await.unwrap();
+    assert!(matches!(
+        s.insert_build(&build("b1", 30)).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    let mut running = build("b1", 10);
+    running.status = BuildStatus::Running;
+    assert!(s
+        .update_build_if(&running, BuildStatus::Created)
+        .await
+        .unwrap());
+    assert!(
+        !s.update_build_if(&running, BuildStatus::Created)
+            .await
+            .unwrap(),
+        "the status moved on"
+    );
+    running.image_size = 42;
+    s.update_build(&running).await.unwrap();
+    assert_eq!(s.build("b1").await.unwrap().unwrap().image_size, 42);
+    let ids: Vec<String> = s
+        .builds("o1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.build_id)
+        .collect();
+    assert_eq!(ids, ["b2", "b1"], "newest first");
+
+    assert!(s.latest_deployment("app").await.unwrap().is_none());
+    s.insert_deployment(&deployment("d1", 5)).await.unwrap();
+    s.insert_deployment(&deployment("d2", 5)).await.unwrap();
+    assert!(matches!(
+        s.insert_deployment(&deployment("d1", 6)).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    assert_eq!(
+        s.latest_deployment("app")
+            .await
+            .unwrap()
+            .unwrap()
+            .deployment_id,
+        "d2"
+    );
+    assert_eq!(
+        s.deployment("d1").await.unwrap().unwrap().rooms_per_process,
+        4
+    );
+    let ids: Vec<String> = s
+        .deployments("app")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.deployment_id)
+        .collect();
+    assert_eq!(ids, ["d2", "d1"]);
+}
+
+async fn process_queries_filter_and_order(b: &dyn Backend) {
+    let s = b.open().await;
+    let node = |id: &str| Node {
+        node_id: id.into(),
+        public_host: format!("{id}.example"),
+        regions: None,
+        started_at: 1,
+        port_capacity: Some(10),
+    };
+    s.put_node(&node("n2")).await.unwrap();
+    s.put_node(&node("n1")).await.unwrap();
+    let mut again = node("n1");
+    again.public_host = "moved.example".into();
+    s.put_node(&again).await.unwrap();
+    let nodes = s.nodes().await.unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert_eq!(nodes[0].public_host, "moved.example");
+
+    // Four processes: fullness and status decide placement order.
+    let mut specs = vec![
+        ("pa", ProcessStatus::Running, 4, 1, 10, "n1"),
+        ("pb", ProcessStatus::Running, 4, 3, 20, "n1"),
+        ("pc", ProcessStatus::Starting, 4, 3, 5, "n2"),
+        ("pd", ProcessStatus::Running, 4, 4, 1, "n2"),
+        ("pe", ProcessStatus::Stopped, 4, 0, 2, "n2"),
+    ];
+    for (id, status, cap, alloc, at, node) in specs.drain(..) {
+        let mut p = process(id, cap, alloc);
+        p.status = status;
+        p.created_at = at;
+        p.node_id = node.into();
+        p.port_count = 2;
+        s.insert_process(&p, None).await.unwrap();
+    }
+    assert!(matches!(
+        s.insert_process(&process("pa", 1, 0), None).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    let ids = |ps: Vec<Process>| ps.into_iter().map(|p| p.process_id).collect::<Vec<_>>();
+    let free = ProcessQuery {
+        deployment_id: Some("dep".into()),
+        regions: vec![Region::London],
+        statuses: ProcessStatus::PLACEABLE.to_vec(),
+        with_free_slot: true,
+        limit: Some(8),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(s.processes(&free).await.unwrap()),
+        ["pb", "pa", "pc"],
+        "running before starting, fullest first"
+    );
+    let limited = ProcessQuery {
+        limit: Some(1),
+        ..free.clone()
+    };
+    assert_eq!(ids(s.processes(&limited).await.unwrap()), ["pb"]);
+    let elsewhere = ProcessQuery {
+        regions: vec![Region::Tokyo],
+        ..free.clone()
+    };
+    assert!(s.processes(&elsewhere).await.unwrap().is_empty());
+    assert_eq!(
+        ids(s.processes(&ProcessQuery::default()).await.unwrap()),
+        ["pb", "pa", "pc", "pe", "pd"],
+        "newest first"
+    );
+    let q = ProcessQuery {
+        node_id: Some("n2".into()),
+        created_before: Some(5),
+        ..Default::default()
+    };
+    assert_eq!(ids(s.processes(&q).await.unwrap()), ["pe", "pd"]);
+    assert_eq!(s.count_processes(&q).await.unwrap(), 2);
+    let q = ProcessQuery {
+        app_id: Some("other".into()),
+        ..Default::default()
+    };
+    assert_eq!(s.count_processes(&q).await.unwrap(), 0);
+    let mut usage = s.node_usage().await.unwrap();
+    usage.sort();
+    assert_eq!(
+        usage,
+        [("n1".to_string(), 2, 4), ("n2".to_string(), 2, 4)],
+        "live processes and their ports per node"
+    );
+}
+
+async fn lobbies_and_their_limits(b: &dyn Backend) {
+    let s = b.open().await;
+    let place = |id: &str| room(id, "p1");
+    s.insert_process(&process("p1", 100, 0), None)
+        .await
+        .unwrap();
+    // Two per player in the window.
+    for (i, id) in ["l1", "l2"].iter().enumerate() {
+        let l = lobby(id, "alice", 100 + i as Millis, "CODE", Region::London);
+        assert_eq!(s.reserve_lobby(&l, 50, 2).await.unwrap(), None);
+        s.place_room(&place(id), PlaceTarget::Existing("p1".into()))
+            .await
+            .unwrap();
+    }
+    let third = lobby("l3", "alice", 110, "X", Region::London);
+    assert_eq!(
+        s.reserve_lobby(&third, 50, 2).await.unwrap(),
+        Some(100),
+        "refused, with the oldest in the window"
+    );
+    assert_eq!(
+        s.reserve_lobby(&third, 100, 2).await.unwrap(),
+        None,
+        "window moved"
+    );
+    assert!(
+        s.lobby("l3").await.unwrap().is_none(),
+        "a lobby whose room was never created is not shown"
+    );
+    s.delete_lobby("l3").await.unwrap();
+    // Taken room ids.
+    for taken in ["l1"] {
+        let l = lobby(taken, "bob", 120, "Y", Region::London);
+        assert!(matches!(
+            s.reserve_lobby(&l, 0, 10).await,
+            Err(StoreError::Duplicate(_))
+        ));
+    }
+    s.place_room(&place("plain"), PlaceTarget::Existing("p1".into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.reserve_lobby(&lobby("plain", "bob", 120, "Z", Region::London), 0, 10)
+            .await,
+        Err(StoreError::Duplicate(_))
+    ));
+    let tokyo = lobby("l4", "bob", 130, "CODE", Region::Tokyo);
+    s.reserve_lobby(&tokyo, 0, 10).await.unwrap();
+    s.place_room(&place("l4"), PlaceTarget::Existing("p1".into()))
+        .await
+        .unwrap();
+
+    let (l, status) = s.lobby_by_short_code("app", "CODE").await.unwrap().unwrap();
+    assert_eq!(
+        (l.room_id.as_str(), status),
+        ("l4", RoomStatus::Active),
+        "newest"
+    );
+    assert_eq!(l.room_config.as_deref(), Some("cfg"), "the room's config");
+    let ids = |ls: Vec<Lobby>| ls.into_iter().map(|l| l.room_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s
+            .lobbies("app", LobbyVisibility::Public, None)
+            .await
+            .unwrap()),
+        ["l4", "l2", "l1"]
+    );
+    assert_eq!(
+        ids(s
+            .lobbies("app", LobbyVisibility::Public, Some(Region::London))
+            .await
+            .unwrap()),
+        ["l2", "l1"]
+    );
+    assert!(s
+        .lobbies("app", LobbyVisibility::Private, None)
+        .await
+        .unwrap()
+        .is_empty());
+    let state = serde_json::json!({"round": 3});
+    let l = s.set_lobby_state("l1", &state).await.unwrap().unwrap();
+    assert_eq!(l.state, Some(state.clone()));
+    assert_eq!(s.lobby("l1").await.unwrap().unwrap().0.state, Some(state));
+    assert!(s
+        .set_lobby_state("nope", &serde_json::json!(1))
+        .await
+        .unwrap()
+        .is_none());
+    // A destroyed room's lobby leaves the listings and the short code.
+    s.unallocate_room("l4", RoomStatus::Destroyed, 200)
+        .await
+        .unwrap();
+    let (l, _) = s.lobby_by_short_code("app", "CODE").await.unwrap().unwrap();
+    assert_eq!(l.room_id, "l2");
+    assert_eq!(
+        s.lobby("l4").await.unwrap().unwrap().1,
+        RoomStatus::Destroyed
+    );
+}
+
+async fn legacy_numbers_are_issued_once(b: &dyn Backend) {
+    let (s1, s2) = (b.open().await, b.open().await);
+    let mut tasks = tokio::task::JoinSet::new();
+    // 40 ids, each asked for twice, through two handles at once.
+    for i in 0..80 {
+        let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.spawn(async move {
+            let id = format!("id{}", i % 40);
+            (
+                id.clone(),
+                s.legacy_number("app", "room", &id).await.unwrap(),
+            )
+        });
+    }
+    let mut by_id: HashMap<String, i64> = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        let (id, n) = r.unwrap();
+        if let Some(prev) = by_id.insert(id.clone(), n) {
+            assert_eq!(prev, n, "{id} got two numbers");
+        }
+    }
+    let numbers: HashSet<i64> = by_id.values().copied().collect();
+    assert_eq!(numbers, (1..=40).collect(), "1..=40, none twice");
+    assert_eq!(
+        s1.legacy_number("app", "lobby", "id0").await.unwrap(),
+        1,
+        "per kind"
+    );
+    assert_eq!(
+        s1.legacy_number("other", "room", "id0").await.unwrap(),
+        1,
+        "per scope"
+    );
+    let n = by_id["id7"];
+    assert_eq!(
+        s2.legacy_id("app", "room", n).await.unwrap().as_deref(),
+        Some("id7")
+    );
+    assert!(s2.legacy_id("app", "room", 41).await.unwrap().is_none());
+    let entries = s2.legacy_entries("app", "room").await.unwrap();
+    assert_eq!(entries.len(), 40);
+    assert_eq!(entries[0].0, 40, "highest first");
+}
+
+async fn racing_new_processes_never_pass_the_app_limit(b: &dyn Backend) {
+    let (s1, s2) = (b.open().await, b.open().await);
     let mut tasks = Vec::new();
     for i in 0..24 {
-        let store = store.clone();
+        let store = if i % 3 == 0 { s2.clone() } else { s1.clone() };
         tasks.push(tokio::spawn(async move {
             let p = process(&format!("p{i}"), 1, 1);
             if i % 2 == 0 {
@@ -222,7 +801,7 @@ async fn racing_new_processes_never_pass_the_app_limit() {
         }
     }
     assert_eq!((ok, limited), (5, 19));
-    let live = store
+    let live = s1
         .count_processes(&ProcessQuery {
             app_id: Some("app".into()),
             statuses: ProcessStatus::LIVE.to_vec(),
@@ -231,4 +810,199 @@ async fn racing_new_processes_never_pass_the_app_limit() {
         .await
         .unwrap();
     assert_eq!(live, 5);
+}
+
+async fn racing_placements_never_overfill_a_process(b: &dyn Backend) {
+    let (s1, s2) = (b.open().await, b.open().await);
+    s1.insert_process(&process("p", 10, 0), None).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.spawn(async move {
+            s.place_room(
+                &room(&format!("r{i}"), "p"),
+                PlaceTarget::Existing("p".into()),
+            )
+            .await
+            .map(|()| format!("r{i}"))
+        });
+    }
+    let mut placed = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(id) => placed.push(id),
+            Err(StoreError::Conflict(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(placed.len(), 10, "exactly roomsPerProcess rooms won");
+    assert_eq!(s2.process("p").await.unwrap().unwrap().rooms_allocated, 10);
+    let mut on: Vec<String> = s1
+        .rooms_of_process("p", true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.room_id)
+        .collect();
+    on.sort();
+    placed.sort();
+    assert_eq!(on, placed, "every acknowledged room is there, no other");
+}
+
+async fn racing_updates_lose_nothing(b: &dyn Backend) {
+    let (s1, s2) = (b.open().await, b.open().await);
+    s1.insert_process(&process("p", 10, 0), None).await.unwrap();
+    // Read-modify-write from 32 tasks on two handles, interleaved with placements that change
+    // the same row: every increment lands.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.spawn(async move {
+            if i % 4 == 0 {
+                s.place_room(
+                    &room(&format!("r{i}"), "p"),
+                    PlaceTarget::Existing("p".into()),
+                )
+                .await
+                .unwrap();
+            }
+            loop {
+                match s
+                    .update_process("p", &|p| {
+                        p.booted_at = Some(p.booted_at.unwrap_or(0) + 1);
+                        true
+                    })
+                    .await
+                {
+                    Ok(p) => break p.unwrap(),
+                    Err(StoreError::Conflict(_)) => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let p = s2.process("p").await.unwrap().unwrap();
+    assert_eq!(p.booted_at, Some(32), "no update lost");
+    assert_eq!(p.rooms_allocated, 8, "no placement undone by an update");
+}
+
+async fn ending_a_process_races_placement_cleanly(b: &dyn Backend) {
+    let (s1, s2) = (b.open().await, b.open().await);
+    s1.insert_process(&process("p", 1000, 0), None)
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.spawn(async move {
+            if i == 20 {
+                let ended = s
+                    .end_process("p", ProcessStatus::Stopped, 50, "exited")
+                    .await
+                    .unwrap()
+                    .unwrap();
+                return Some(ended.destroyed_rooms);
+            }
+            match s
+                .place_room(
+                    &room(&format!("r{i}"), "p"),
+                    PlaceTarget::Existing("p".into()),
+                )
+                .await
+            {
+                Ok(()) | Err(StoreError::Conflict(_)) => None,
+                Err(e) => panic!("{e}"),
+            }
+        });
+    }
+    let mut destroyed = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Some(d) = r.unwrap() {
+            destroyed = Some(d);
+        }
+    }
+    let destroyed = destroyed.unwrap();
+    let p = s1.process("p").await.unwrap().unwrap();
+    assert_eq!((p.status, p.rooms_allocated), (ProcessStatus::Stopped, 0));
+    assert!(s1.rooms_of_process("p", true).await.unwrap().is_empty());
+    // Every room that was placed before the end was destroyed by it; none placed after.
+    for id in &destroyed {
+        let r = s2.room(id).await.unwrap().unwrap();
+        assert_eq!(r.status, RoomStatus::Destroyed);
+        assert_eq!(r.allocations[0].unscheduled_at, Some(50));
+    }
+    for i in (0..40).filter(|i| *i != 20) {
+        if let Some(r) = s2.room(&format!("r{i}")).await.unwrap() {
+            assert!(
+                destroyed.contains(&r.room_id),
+                "{} outlived its process",
+                r.room_id
+            );
+        }
+    }
+}
+
+async fn churn_keeps_counts_exact(b: &dyn Backend) {
+    let (s1, s2) = (b.open().await, b.open().await);
+    for p in ["p1", "p2"] {
+        s1.insert_process(&process(p, 3, 0), None).await.unwrap();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16 {
+        let s = if w % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.spawn(async move {
+            let mut held: Option<String> = None;
+            for i in 0..20 {
+                if let Some(id) = held.take() {
+                    s.unallocate_room(&id, RoomStatus::Destroyed, i)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    continue;
+                }
+                let id = format!("w{w}-{i}");
+                let target = if (w + i) % 2 == 0 { "p1" } else { "p2" };
+                match s
+                    .place_room(&room(&id, target), PlaceTarget::Existing(target.into()))
+                    .await
+                {
+                    Ok(()) => held = Some(id),
+                    Err(StoreError::Conflict(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+                // Check the invariant while it runs.
+                let p = s.process(target).await.unwrap().unwrap();
+                assert!(
+                    p.rooms_allocated <= 3,
+                    "{target} over capacity: {}",
+                    p.rooms_allocated
+                );
+            }
+            held
+        });
+    }
+    let mut still: Vec<String> = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        still.extend(r.unwrap());
+    }
+    for p in ["p1", "p2"] {
+        let proc_ = s1.process(p).await.unwrap().unwrap();
+        let active = s2.rooms_of_process(p, true).await.unwrap();
+        assert_eq!(
+            proc_.rooms_allocated as usize,
+            active.len(),
+            "{p}: count matches rooms"
+        );
+        assert!(active.iter().all(|r| still.contains(&r.room_id)));
+    }
+    let total: usize = [
+        s1.rooms_of_process("p1", true).await.unwrap().len(),
+        s1.rooms_of_process("p2", true).await.unwrap().len(),
+    ]
+    .iter()
+    .sum();
+    assert_eq!(total, still.len(), "no acknowledged room lost");
 }

@@ -32,7 +32,10 @@ pub struct PostgresStore {
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         // Lost a race PostgreSQL detected (a deadlock, a serialization failure): retry.
-        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE => {
+        Some(c)
+            if *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE =>
+        {
             StoreError::Conflict(format!("the database asks to retry: {e}"))
         }
         _ => StoreError::Backend(format!("postgres: {}", pg_message(&e))),
@@ -85,7 +88,10 @@ impl PostgresStore {
     /// not a hang later) and apply pending migrations.
     pub async fn connect(url: &str) -> Result<Self> {
         let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| {
-            StoreError::Backend(format!("--store {}: not a PostgreSQL URL: {e}", redact(url)))
+            StoreError::Backend(format!(
+                "--store {}: not a PostgreSQL URL: {e}",
+                redact(url)
+            ))
         })?;
         cfg.connect_timeout(CONNECT_TIMEOUT);
         let options = format!(
@@ -203,7 +209,11 @@ async fn load_process<C: GenericClient>(c: &C, id: &str, lock: bool) -> Result<O
     } else {
         "SELECT doc::text, status, rooms_allocated FROM processes WHERE process_id = $1"
     };
-    q(c, sql, &[&id]).await?.first().map(process_from).transpose()
+    q(c, sql, &[&id])
+        .await?
+        .first()
+        .map(process_from)
+        .transpose()
 }
 
 async fn write_process<C: GenericClient>(c: &C, p: &Process) -> Result<()> {
@@ -223,7 +233,12 @@ async fn insert_process_row<C: GenericClient>(
 ) -> Result<()> {
     if let Some(max) = max_live_for_app {
         // Racing inserts for one app count one after the other.
-        x(c, XACT_LOCK, &[&format!("lodge.app-processes:{}", p.app_id)]).await?;
+        x(
+            c,
+            XACT_LOCK,
+            &[&format!("lodge.app-processes:{}", p.app_id)],
+        )
+        .await?;
         let live: i64 = q(
             c,
             "SELECT COUNT(*) FROM processes WHERE app_id = $1
@@ -316,12 +331,20 @@ fn process_where(query: &ProcessQuery) -> (String, Vec<Box<dyn ToSql + Sync + Se
         }
     }
     if !query.statuses.is_empty() {
-        let v: Vec<String> = query.statuses.iter().map(|s| s.as_str().to_string()).collect();
+        let v: Vec<String> = query
+            .statuses
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect();
         args.push(Box::new(v));
         sql.push_str(&format!(" AND status = ANY(${})", args.len()));
     }
     if !query.regions.is_empty() {
-        let v: Vec<String> = query.regions.iter().map(|s| s.as_str().to_string()).collect();
+        let v: Vec<String> = query
+            .regions
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect();
         args.push(Box::new(v));
         sql.push_str(&format!(" AND region = ANY(${})", args.len()));
     }
@@ -336,7 +359,9 @@ fn process_where(query: &ProcessQuery) -> (String, Vec<Box<dyn ToSql + Sync + Se
 }
 
 fn arg_refs(args: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
-    args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect()
+    args.iter()
+        .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 const LOBBY_SELECT: &str = "SELECT l.doc::text, r.doc->>'roomConfig', r.status FROM lobbies l JOIN rooms r ON r.room_id = l.room_id";
@@ -352,7 +377,10 @@ async fn lobbies_where<C: GenericClient>(
         .map(|r| {
             let mut lobby: Lobby = from_json(r.get::<_, &str>(0))?;
             lobby.room_config = r.get(1);
-            Ok((lobby, r.get::<_, &str>(2).parse().map_err(StoreError::Backend)?))
+            Ok((
+                lobby,
+                r.get::<_, &str>(2).parse().map_err(StoreError::Backend)?,
+            ))
         })
         .collect()
 }
@@ -369,7 +397,8 @@ impl Store for PostgresStore {
     }
 
     async fn orgs(&self) -> Result<Vec<Org>> {
-        self.docs("SELECT doc::text FROM orgs ORDER BY seq", &[]).await
+        self.docs("SELECT doc::text FROM orgs ORDER BY seq", &[])
+            .await
     }
 
     async fn insert_token(&self, t: &OrgToken, secret_hash: &str) -> Result<()> {
@@ -380,20 +409,35 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        c.execute(&stmt, &[&t.org_token_id, &t.org_id, &t.name, &secret_hash, &to_json(t)?])
-            .await
-            .map_err(|e| unique(e, || format!("a token named '{}' already exists", t.name)))?;
+        c.execute(
+            &stmt,
+            &[
+                &t.org_token_id,
+                &t.org_id,
+                &t.name,
+                &secret_hash,
+                &to_json(t)?,
+            ],
+        )
+        .await
+        .map_err(|e| unique(e, || format!("a token named '{}' already exists", t.name)))?;
         Ok(())
     }
 
     async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>> {
-        self.doc("SELECT doc::text FROM tokens WHERE secret_hash = $1", &[&secret_hash])
-            .await
+        self.doc(
+            "SELECT doc::text FROM tokens WHERE secret_hash = $1",
+            &[&secret_hash],
+        )
+        .await
     }
 
     async fn tokens(&self, org_id: &str) -> Result<Vec<OrgToken>> {
-        self.docs("SELECT doc::text FROM tokens WHERE org_id = $1 ORDER BY seq", &[&org_id])
-            .await
+        self.docs(
+            "SELECT doc::text FROM tokens WHERE org_id = $1 ORDER BY seq",
+            &[&org_id],
+        )
+        .await
     }
 
     async fn revoke_token(&self, org_id: &str, token_id: &str) -> Result<Option<OrgToken>> {
@@ -428,11 +472,16 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        c.execute(&stmt, &[&app.app_id, &app.org_id, &app.app_name, &to_json(app)?])
-            .await
-            .map_err(|e| {
-                unique(e, || format!("an application named '{}' already exists", app.app_name))
-            })?;
+        c.execute(
+            &stmt,
+            &[&app.app_id, &app.org_id, &app.app_name, &to_json(app)?],
+        )
+        .await
+        .map_err(|e| {
+            unique(e, || {
+                format!("an application named '{}' already exists", app.app_name)
+            })
+        })?;
         Ok(())
     }
 
@@ -446,10 +495,19 @@ impl Store for PostgresStore {
             .map_err(pg)?;
         c.execute(
             &stmt,
-            &[&app.app_id, &app.app_name, &app.deleted_at.is_some(), &to_json(app)?],
+            &[
+                &app.app_id,
+                &app.app_name,
+                &app.deleted_at.is_some(),
+                &to_json(app)?,
+            ],
         )
         .await
-        .map_err(|e| unique(e, || format!("an application named '{}' already exists", app.app_name)))?;
+        .map_err(|e| {
+            unique(e, || {
+                format!("an application named '{}' already exists", app.app_name)
+            })
+        })?;
         Ok(())
     }
 
@@ -474,9 +532,12 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        c.execute(&stmt, &[&b.build_id, &b.org_id, &b.created_at, &to_json(b)?])
-            .await
-            .map_err(|e| unique(e, || format!("build id '{}' is already taken", b.build_id)))?;
+        c.execute(
+            &stmt,
+            &[&b.build_id, &b.org_id, &b.created_at, &to_json(b)?],
+        )
+        .await
+        .map_err(|e| unique(e, || format!("build id '{}' is already taken", b.build_id)))?;
         Ok(())
     }
 
@@ -500,8 +561,11 @@ impl Store for PostgresStore {
     }
 
     async fn build(&self, build_id: &str) -> Result<Option<Build>> {
-        self.doc("SELECT doc::text FROM builds WHERE build_id = $1", &[&build_id])
-            .await
+        self.doc(
+            "SELECT doc::text FROM builds WHERE build_id = $1",
+            &[&build_id],
+        )
+        .await
     }
 
     async fn builds(&self, org_id: &str) -> Result<Vec<Build>> {
@@ -522,7 +586,11 @@ impl Store for PostgresStore {
             .map_err(pg)?;
         c.execute(&stmt, &[&d.deployment_id, &d.app_id, &to_json(d)?])
             .await
-            .map_err(|e| unique(e, || format!("deployment {} already exists", d.deployment_id)))?;
+            .map_err(|e| {
+                unique(e, || {
+                    format!("deployment {} already exists", d.deployment_id)
+                })
+            })?;
         Ok(())
     }
 
@@ -535,8 +603,11 @@ impl Store for PostgresStore {
     }
 
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
-        self.doc("SELECT doc::text FROM deployments WHERE deployment_id = $1", &[&id])
-            .await
+        self.doc(
+            "SELECT doc::text FROM deployments WHERE deployment_id = $1",
+            &[&id],
+        )
+        .await
     }
 
     async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
@@ -557,7 +628,8 @@ impl Store for PostgresStore {
     }
 
     async fn nodes(&self) -> Result<Vec<Node>> {
-        self.docs("SELECT doc::text FROM nodes ORDER BY node_id", &[]).await
+        self.docs("SELECT doc::text FROM nodes ORDER BY node_id", &[])
+            .await
     }
 
     async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>> {
@@ -588,7 +660,10 @@ impl Store for PostgresStore {
 
     async fn processes(&self, query: &ProcessQuery) -> Result<Vec<Process>> {
         let (w, args) = process_where(query);
-        let limit = query.limit.map(|l| format!(" LIMIT {l}")).unwrap_or_default();
+        let limit = query
+            .limit
+            .map(|l| format!(" LIMIT {l}"))
+            .unwrap_or_default();
         let order = if query.with_free_slot {
             "status != 'running', rooms_allocated DESC, created_at, seq"
         } else {
@@ -605,7 +680,10 @@ impl Store for PostgresStore {
     async fn count_processes(&self, query: &ProcessQuery) -> Result<u64> {
         let (w, args) = process_where(query);
         let rows = self
-            .rows(&format!("SELECT COUNT(*) FROM processes{w}"), &arg_refs(&args))
+            .rows(
+                &format!("SELECT COUNT(*) FROM processes{w}"),
+                &arg_refs(&args),
+            )
             .await?;
         Ok(u64::try_from(rows[0].get::<_, i64>(0)).unwrap_or(0))
     }
@@ -654,11 +732,15 @@ impl Store for PostgresStore {
         if p.status.is_terminal() {
             return Ok(None);
         }
-        let room_ids: Vec<String> = q(&tx, "SELECT room_id FROM rooms WHERE process_id = $1 ORDER BY seq", &[&id])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let room_ids: Vec<String> = q(
+            &tx,
+            "SELECT room_id FROM rooms WHERE process_id = $1 ORDER BY seq",
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
         x(
             &tx,
             "UPDATE allocations SET unscheduled_at = $2 WHERE process_id = $1 AND unscheduled_at IS NULL",
@@ -732,7 +814,9 @@ impl Store for PostgresStore {
                 )
                 .await?;
                 if n == 0 {
-                    return Err(StoreError::Conflict(format!("process {pid} has no free slot")));
+                    return Err(StoreError::Conflict(format!(
+                        "process {pid} has no free slot"
+                    )));
                 }
             }
             PlaceTarget::New(p, max) => insert_process_row(&tx, p, *max).await?,
@@ -748,28 +832,33 @@ impl Store for PostgresStore {
             &[&room.room_id, &room.app_id, &room.status.as_str(), &alloc.process_id, &doc],
         )
         .await?;
-        let seq: i32 = if inserted == 1 {
-            0
-        } else {
-            // Resume: allowed only for a room of the same app with no current slot.
-            let n = x(
+        let seq: i32 =
+            if inserted == 1 {
+                0
+            } else {
+                // Resume: allowed only for a room of the same app with no current slot.
+                let n = x(
                 &tx,
                 "UPDATE rooms SET status = $3, process_id = $4 WHERE room_id = $1 AND app_id = $2
                  AND process_id IS NULL AND status = 'suspended'",
                 &[&room.room_id, &room.app_id, &room.status.as_str(), &alloc.process_id],
             )
             .await?;
-            if n == 0 {
-                return Err(StoreError::Duplicate(format!(
-                    "room id '{}' is already taken",
-                    room.room_id
-                )));
-            }
-            let count: i64 = q(&tx, "SELECT COUNT(*) FROM allocations WHERE room_id = $1", &[&room.room_id])
+                if n == 0 {
+                    return Err(StoreError::Duplicate(format!(
+                        "room id '{}' is already taken",
+                        room.room_id
+                    )));
+                }
+                let count: i64 = q(
+                    &tx,
+                    "SELECT COUNT(*) FROM allocations WHERE room_id = $1",
+                    &[&room.room_id],
+                )
                 .await?[0]
-                .get(0);
-            i32::try_from(count).unwrap_or(i32::MAX)
-        };
+                    .get(0);
+                i32::try_from(count).unwrap_or(i32::MAX)
+            };
         x(
             &tx,
             "INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
@@ -850,7 +939,10 @@ impl Store for PostgresStore {
         x(
             &tx,
             XACT_LOCK,
-            &[&format!("lodge.lobbies:{}:{}", lobby.app_id, lobby.created_by)],
+            &[&format!(
+                "lodge.lobbies:{}:{}",
+                lobby.app_id, lobby.created_by
+            )],
         )
         .await?;
         let rows = q(
@@ -864,9 +956,13 @@ impl Store for PostgresStore {
         if n >= i64::from(max) {
             return Ok(Some(oldest.unwrap_or(since)));
         }
-        let taken = !q(&tx, "SELECT 1 FROM rooms WHERE room_id = $1", &[&lobby.room_id])
-            .await?
-            .is_empty();
+        let taken = !q(
+            &tx,
+            "SELECT 1 FROM rooms WHERE room_id = $1",
+            &[&lobby.room_id],
+        )
+        .await?
+        .is_empty();
         let inserted = if taken {
             0
         } else {
@@ -905,7 +1001,9 @@ impl Store for PostgresStore {
 
     async fn lobby(&self, room_id: &str) -> Result<Option<(Lobby, RoomStatus)>> {
         let c = self.client().await?;
-        Ok(lobbies_where(&c, "WHERE l.room_id = $1", &[&room_id]).await?.pop())
+        Ok(lobbies_where(&c, "WHERE l.room_id = $1", &[&room_id])
+            .await?
+            .pop())
     }
 
     async fn lobby_by_short_code(
@@ -948,13 +1046,11 @@ impl Store for PostgresStore {
     ) -> Result<Option<Lobby>> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        let Some((mut lobby, _)) = lobbies_where(
-            &tx,
-            "WHERE l.room_id = $1 FOR UPDATE OF l",
-            &[&room_id],
-        )
-        .await?
-        .pop() else {
+        let Some((mut lobby, _)) =
+            lobbies_where(&tx, "WHERE l.room_id = $1 FOR UPDATE OF l", &[&room_id])
+                .await?
+                .pop()
+        else {
             return Ok(None);
         };
         lobby.state = Some(state.clone());

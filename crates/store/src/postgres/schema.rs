@@ -138,9 +138,12 @@ pub(super) async fn migrate(client: &mut Client) -> Result<usize> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(have) {
         tx.batch_execute(sql).await.map_err(pg)?;
         let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
-        tx.execute("INSERT INTO lodge_schema (version) VALUES ($1)", &[&version])
-            .await
-            .map_err(pg)?;
+        tx.execute(
+            "INSERT INTO lodge_schema (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(pg)?;
     }
     tx.commit().await.map_err(pg)?;
     Ok(MIGRATIONS.len())
