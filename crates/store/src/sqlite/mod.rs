@@ -80,6 +80,7 @@ fn unique(e: rusqlite::Error, msg: impl FnOnce() -> String) -> StoreError {
 impl SqliteStore {
     /// Open (creating if needed) the database file and apply pending migrations.
     pub fn open(path: &Path) -> Result<Self> {
+        without_memory_statistics();
         let conn = Connection::open(path).map_err(backend)?;
         init(&conn)?;
         let mut readers = Vec::new();
@@ -155,6 +156,23 @@ fn remove_db(path: &Path) {
         p.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(p));
     }
+}
+
+/// SQLite counts every allocation under one global mutex unless told not to, which readers on
+/// several threads then queue on. Only possible before SQLite initialises; later calls are
+/// refused by SQLite and change nothing.
+fn without_memory_statistics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a plain configuration call with an int argument, as SQLITE_CONFIG_MEMSTATUS
+        // takes; SQLite refuses it (SQLITE_MISUSE) rather than misbehave once initialised.
+        unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::os::raw::c_int,
+            );
+        }
+    });
 }
 
 /// Pragmas and pending migrations, on the write connection before the writer takes it.
