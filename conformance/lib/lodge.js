@@ -10,6 +10,9 @@
 //   LODGE_LOG=1 always print the server log at teardown (it is printed
 //               anyway when a test of the file failed)
 //   LODGE_KEEP=1 keep the temporary data dir after teardown
+//   LODGE_TEST_STORE=postgres://USER@HOST/DB  run every server on PostgreSQL
+//               instead of the embedded store: each server gets a schema of
+//               its own on that database (made with psql, dropped at teardown)
 
 import { spawn, execFile } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -64,6 +67,13 @@ export async function withTimeout(promise, ms, message) {
 // Every server still running when the test process exits is killed, so an
 // aborted run never leaves a lodge behind.
 const running = new Set();
+
+/** The PostgreSQL database every server of the run uses, if any (LODGE_TEST_STORE). */
+export const TEST_STORE = process.env.LODGE_TEST_STORE || '';
+
+async function psql(sql) {
+  await execFileAsync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', TEST_STORE, '-c', sql]);
+}
 process.on('exit', () => {
   for (const lodge of running) {
     try {
@@ -170,6 +180,12 @@ export class Lodge {
         this.pingPort = await freeTcpUdpPort();
       } while (this.pingPort === this.apiPort);
       this.portRange = pickPortRange([this.apiPort, this.pingPort]);
+      if (TEST_STORE && !this.extraArgs.includes('--store')) {
+        this.pgSchema = `lodge_conf_${process.pid}_${crypto.randomBytes(4).toString('hex')}`;
+        await psql(`CREATE SCHEMA ${this.pgSchema}`);
+        const sep = TEST_STORE.includes('?') ? '&' : '?';
+        this.storeArgs = ['--store', `${TEST_STORE}${sep}options=-csearch_path%3D${this.pgSchema}`];
+      }
     }
 
     const args = [
@@ -179,6 +195,7 @@ export class Lodge {
       '--port-range', `${this.portRange.start}-${this.portRange.end}`,
       '--ping-port', String(this.pingPort),
       '--isolation', this.isolation,
+      ...(this.storeArgs ?? []),
       ...this.extraArgs,
     ];
     // Inherited LODGE_* settings (a developer's shell) must not leak into the test server.
@@ -313,6 +330,10 @@ export class Lodge {
         } catch (err) {
           console.error(`lodge cleanup failed: ${err.stderr || err.message}`);
         }
+      }
+      if (this.pgSchema && process.env.LODGE_KEEP !== '1') {
+        await psql(`DROP SCHEMA IF EXISTS ${this.pgSchema} CASCADE`).catch((err) =>
+          console.error(`dropping schema ${this.pgSchema} failed: ${err.stderr || err.message}`));
       }
       if (this.tmpDir) {
         if (this.failed || process.env.LODGE_LOG === '1') this.printLog('lodge log');

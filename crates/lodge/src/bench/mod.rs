@@ -11,6 +11,7 @@
 mod abuse;
 mod echo;
 mod net;
+mod pg;
 mod server;
 
 use std::net::SocketAddr;
@@ -34,6 +35,10 @@ pub struct BenchArgs {
     /// The largest room count of the scale scenario (default 100000; 2000 with --quick).
     #[arg(long)]
     pub scale_rooms: Option<usize>,
+    /// Also run the warm scenario on PostgreSQL at this URL (in a schema of its own, dropped
+    /// after), with pgbench's single-row INSERT rate on the same database as its baseline.
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
     /// Also write every table as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub report: Option<std::path::PathBuf>,
@@ -183,14 +188,34 @@ async fn room_to_active(s: &Setup, region: &str) -> Result<(f64, String, String)
 }
 
 async fn warm(args: &BenchArgs) -> Result<Vec<Table>> {
-    let server = Server::start(&["--isolation", "none"]).await?;
+    let mut tables = warm_on(args, "embedded SQLite", &[]).await?;
+    if let Some(url) = &args.postgres {
+        let schema = pg::Schema::create(url).await?;
+        let store = schema.url();
+        let on_pg = warm_on(args, "PostgreSQL", &["--store", &store]).await;
+        let baseline =
+            pg::pgbench_insert_tps(url, &schema.name, if args.quick { 2 } else { 5 }).await;
+        schema.drop().await;
+        let mut on_pg = on_pg?;
+        tables.append(&mut on_pg);
+        tables.push(baseline?);
+    }
+    Ok(tables)
+}
+
+async fn warm_on(args: &BenchArgs, store: &str, extra: &[&str]) -> Result<Vec<Table>> {
+    let mut serve_args = vec!["--isolation", "none"];
+    serve_args.extend_from_slice(extra);
+    let server = Server::start(&serve_args).await?;
     let s = server.setup(10_000).await?;
     let region = "Chicago";
     let p = s.create_process(region).await?;
     s.wait_process_running(&p).await?;
 
     let mut t = Table::new(
-        "Warm room allocation: CreateRoom → active into a process with free slots",
+        &format!(
+            "Warm room allocation ({store}): CreateRoom → active into a process with free slots"
+        ),
         &[
             "concurrent clients",
             "rooms",
@@ -232,7 +257,7 @@ async fn warm(args: &BenchArgs) -> Result<Vec<Table>> {
     }
 
     let mut r = Table::new(
-        "Sustained CreateRoom rate (each client: create, then destroy to recycle the slot)",
+        &format!("Sustained CreateRoom rate ({store}; each client: create, then destroy to recycle the slot)"),
         &["concurrent clients", "CreateRoom/s", "p50", "p99"],
     );
     let secs = if args.quick { 1.0 } else { 5.0 };

@@ -150,6 +150,7 @@ contract!(
     racing_placements_never_overfill_a_process,
     racing_updates_lose_nothing,
     ending_a_process_races_placement_cleanly,
+    ending_a_process_races_its_rooms_ending,
     churn_keeps_counts_exact,
 );
 
@@ -1005,4 +1006,51 @@ async fn churn_keeps_counts_exact(b: &dyn Backend) {
     .iter()
     .sum();
     assert_eq!(total, still.len(), "no acknowledged room lost");
+}
+
+async fn ending_a_process_races_its_rooms_ending(b: &dyn Backend) {
+    // StopProcess frees a process's rooms while the node reports it ended: both touch the
+    // process and its rooms, from two handles, and neither may fail (no deadlock).
+    let (s1, s2) = (b.open().await, b.open().await);
+    for round in 0..5 {
+        let pid = format!("p{round}");
+        s1.insert_process(&process(&pid, 50, 0), None)
+            .await
+            .unwrap();
+        for i in 0..20 {
+            s1.place_room(
+                &room(&format!("{pid}-r{i}"), &pid),
+                PlaceTarget::Existing(pid.clone()),
+            )
+            .await
+            .unwrap();
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let (s, id) = (s2.clone(), format!("{pid}-r{i}"));
+            tasks.spawn(async move {
+                s.unallocate_room(&id, RoomStatus::Destroyed, 60)
+                    .await
+                    .map(|_| ())
+            });
+            if i == 10 {
+                let (s, pid) = (s1.clone(), pid.clone());
+                tasks.spawn(async move {
+                    s.end_process(&pid, ProcessStatus::Stopped, 61, "exited")
+                        .await
+                        .map(|_| ())
+                });
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let p = s1.process(&pid).await.unwrap().unwrap();
+        assert_eq!((p.status, p.rooms_allocated), (ProcessStatus::Stopped, 0));
+        for i in 0..20 {
+            let r = s2.room(&format!("{pid}-r{i}")).await.unwrap().unwrap();
+            assert_eq!(r.status, RoomStatus::Destroyed);
+            assert!(r.allocations[0].unscheduled_at.is_some());
+        }
+    }
 }

@@ -36,7 +36,7 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
             if *c == SqlState::T_R_DEADLOCK_DETECTED
                 || *c == SqlState::T_R_SERIALIZATION_FAILURE =>
         {
-            StoreError::Conflict(format!("the database asks to retry: {e}"))
+            StoreError::Conflict(format!("the database asks to retry: {}", pg_message(&e)))
         }
         _ => StoreError::Backend(format!("postgres: {}", pg_message(&e))),
     }
@@ -877,17 +877,42 @@ impl Store for PostgresStore {
     ) -> Result<Option<Room>> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        let rows = q(
-            &tx,
-            "SELECT status, process_id FROM rooms WHERE room_id = $1 FOR UPDATE",
-            &[&room_id],
-        )
-        .await?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
+        // Locks are taken process first, then room, as placing and ending a process take
+        // them; the other order deadlocks with a process ending while its rooms are freed.
+        let (current, pid) = loop {
+            let rows = q(
+                &tx,
+                "SELECT status, process_id FROM rooms WHERE room_id = $1",
+                &[&room_id],
+            )
+            .await?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let seen: Option<String> = row.get(1);
+            if let Some(pid) = &seen {
+                x(
+                    &tx,
+                    "SELECT 1 FROM processes WHERE process_id = $1 FOR UPDATE",
+                    &[pid],
+                )
+                .await?;
+            }
+            let rows = q(
+                &tx,
+                "SELECT status, process_id FROM rooms WHERE room_id = $1 FOR UPDATE",
+                &[&room_id],
+            )
+            .await?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let pid: Option<String> = row.get(1);
+            if pid == seen {
+                break (row.get::<_, String>(0), pid);
+            }
+            // It moved between the two reads; the process lock taken is harmless, look again.
         };
-        let current: &str = row.get(0);
-        let pid: Option<String> = row.get(1);
         if current == status.as_str() || current == RoomStatus::Destroyed.as_str() {
             return Ok(None);
         }
