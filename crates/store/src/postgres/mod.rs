@@ -726,33 +726,38 @@ impl Store for PostgresStore {
     ) -> Result<Option<EndedProcess>> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
+        // Rooms first, then the process: the order freeing a room takes them in.
+        x(
+            &tx,
+            "SELECT 1 FROM rooms WHERE process_id = $1 ORDER BY room_id FOR UPDATE",
+            &[&id],
+        )
+        .await?;
         let Some(mut p) = load_process(&tx, id, true).await? else {
             return Ok(None);
         };
         if p.status.is_terminal() {
             return Ok(None);
         }
-        let room_ids: Vec<String> = q(
-            &tx,
-            "SELECT room_id FROM rooms WHERE process_id = $1 ORDER BY seq",
-            &[&id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
         x(
             &tx,
             "UPDATE allocations SET unscheduled_at = $2 WHERE process_id = $1 AND unscheduled_at IS NULL",
             &[&id, &at],
         )
         .await?;
-        x(
+        // Every room on it now, including any placed while the rooms above were locked.
+        let room_ids: Vec<String> = q(
             &tx,
-            "UPDATE rooms SET status = 'destroyed', process_id = NULL WHERE process_id = $1",
+            "WITH ended AS (
+                UPDATE rooms SET status = 'destroyed', process_id = NULL WHERE process_id = $1
+                RETURNING room_id, seq
+             ) SELECT room_id FROM ended ORDER BY seq",
             &[&id],
         )
-        .await?;
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
         p.summary_exit_reason = Some(crate::exit_summary(&p, reason));
         p.status = status;
         p.rooms_allocated = 0;
@@ -802,24 +807,8 @@ impl Store for PostgresStore {
             .ok_or_else(|| StoreError::Backend("room to place has no allocation".into()))?;
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        match &target {
-            PlaceTarget::Existing(pid) => {
-                let n = x(
-                    &tx,
-                    "UPDATE processes SET rooms_allocated = rooms_allocated + 1,
-                            doc = jsonb_set(doc, '{lastBusyAt}', to_jsonb($2::int8))
-                     WHERE process_id = $1 AND rooms_allocated < rooms_per_process
-                       AND status IN ('starting', 'running')",
-                    &[pid, &alloc.scheduled_at],
-                )
-                .await?;
-                if n == 0 {
-                    return Err(StoreError::Conflict(format!(
-                        "process {pid} has no free slot"
-                    )));
-                }
-            }
-            PlaceTarget::New(p, max) => insert_process_row(&tx, p, *max).await?,
+        if let PlaceTarget::New(p, max) = &target {
+            insert_process_row(&tx, p, *max).await?;
         }
         let doc = to_json(&RoomDoc {
             room_config: room.room_config.clone(),
@@ -866,6 +855,25 @@ impl Store for PostgresStore {
             &[&alloc.room_allocation_id, &room.room_id, &alloc.process_id, &alloc.scheduled_at, &seq],
         )
         .await?;
+        // The slot last: every placement on this process queues on its row, so the row is
+        // held only for this update and the commit (and taken after the room, as freeing a
+        // room and ending a process take them). No slot: the room above is rolled back.
+        if let PlaceTarget::Existing(pid) = &target {
+            let n = x(
+                &tx,
+                "UPDATE processes SET rooms_allocated = rooms_allocated + 1,
+                        doc = jsonb_set(doc, '{lastBusyAt}', to_jsonb($2::int8))
+                 WHERE process_id = $1 AND rooms_allocated < rooms_per_process
+                   AND status IN ('starting', 'running')",
+                &[pid, &alloc.scheduled_at],
+            )
+            .await?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "process {pid} has no free slot"
+                )));
+            }
+        }
         tx.commit().await.map_err(pg)
     }
 
@@ -877,42 +885,19 @@ impl Store for PostgresStore {
     ) -> Result<Option<Room>> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        // Locks are taken process first, then room, as placing and ending a process take
-        // them; the other order deadlocks with a process ending while its rooms are freed.
-        let (current, pid) = loop {
-            let rows = q(
-                &tx,
-                "SELECT status, process_id FROM rooms WHERE room_id = $1",
-                &[&room_id],
-            )
-            .await?;
-            let Some(row) = rows.first() else {
-                return Ok(None);
-            };
-            let seen: Option<String> = row.get(1);
-            if let Some(pid) = &seen {
-                x(
-                    &tx,
-                    "SELECT 1 FROM processes WHERE process_id = $1 FOR UPDATE",
-                    &[pid],
-                )
-                .await?;
-            }
-            let rows = q(
-                &tx,
-                "SELECT status, process_id FROM rooms WHERE room_id = $1 FOR UPDATE",
-                &[&room_id],
-            )
-            .await?;
-            let Some(row) = rows.first() else {
-                return Ok(None);
-            };
-            let pid: Option<String> = row.get(1);
-            if pid == seen {
-                break (row.get::<_, String>(0), pid);
-            }
-            // It moved between the two reads; the process lock taken is harmless, look again.
+        // The room first, its process last, as ending a process takes them; the process row
+        // (which every placement on it needs) is held only for its update and the commit.
+        let rows = q(
+            &tx,
+            "SELECT status, process_id FROM rooms WHERE room_id = $1 FOR UPDATE",
+            &[&room_id],
+        )
+        .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
         };
+        let current: String = row.get(0);
+        let pid: Option<String> = row.get(1);
         if current == status.as_str() || current == RoomStatus::Destroyed.as_str() {
             return Ok(None);
         }
@@ -923,6 +908,15 @@ impl Store for PostgresStore {
                 &[&room_id, pid, &at],
             )
             .await?;
+        }
+        x(
+            &tx,
+            "UPDATE rooms SET status = $2, process_id = NULL WHERE room_id = $1",
+            &[&room_id, &status.as_str()],
+        )
+        .await?;
+        let room = load_room(&tx, room_id).await?;
+        if let Some(pid) = &pid {
             x(
                 &tx,
                 "UPDATE processes SET rooms_allocated = GREATEST(rooms_allocated - 1, 0),
@@ -932,13 +926,6 @@ impl Store for PostgresStore {
             )
             .await?;
         }
-        x(
-            &tx,
-            "UPDATE rooms SET status = $2, process_id = NULL WHERE room_id = $1",
-            &[&room_id, &status.as_str()],
-        )
-        .await?;
-        let room = load_room(&tx, room_id).await?;
         tx.commit().await.map_err(pg)?;
         Ok(room)
     }
