@@ -62,9 +62,12 @@ CREATE TABLE processes (
     port_count INTEGER NOT NULL,
     doc JSONB NOT NULL,
     CONSTRAINT rooms_within_capacity CHECK (rooms_allocated >= 0 AND rooms_allocated <= rooms_per_process)
-);
+) WITH (fillfactor = 50);
 CREATE INDEX processes_app ON processes (app_id, created_at);
-CREATE INDEX processes_free ON processes (deployment_id, region, status) WHERE rooms_allocated < rooms_per_process;
+-- No index names rooms_allocated (not even in a predicate), and pages keep room to spare:
+-- taking and freeing a slot, the hottest update there is, stays a heap-only (HOT) update
+-- that leaves no index entries and no dead versions for the next one to wade through.
+CREATE INDEX processes_place ON processes (deployment_id, region, status);
 CREATE INDEX processes_node ON processes (node_id, status, port_count);
 CREATE TABLE rooms (
     room_id TEXT PRIMARY KEY,
