@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod migrate;
 mod ping;
 mod serve;
 
@@ -59,6 +60,17 @@ enum Command {
     Cleanup {
         #[arg(long, env = "LODGE_DATA_DIR", default_value = "./lodge-data")]
         data_dir: std::path::PathBuf,
+    },
+    /// Copy a stopped one-box Lodge's state (orgs, tokens, apps, builds, deployments,
+    /// processes, rooms, lobbies, legacy ids) from its embedded store into an empty PostgreSQL
+    /// database, then serve it with `lodge serve --store URL` on the same data dir.
+    Migrate {
+        /// The data dir of the Lodge to move (it must not be running).
+        #[arg(long, value_name = "DATA_DIR")]
+        from: std::path::PathBuf,
+        /// The PostgreSQL database to copy into; it must hold no Lodge data yet.
+        #[arg(long, value_name = "URL")]
+        to: String,
     },
     /// Measure a Lodge started for the purpose: room allocation, cold starts, the proxy against
     /// a direct socket and nginx, and scale. Prints the tables of BENCHMARKS.md.
@@ -126,6 +138,15 @@ fn main() -> std::process::ExitCode {
         Command::Logs(a) => client(g, async |c| cli::logs(c, a).await),
         Command::Tokens(cmd) => client(g, async |c| cli::tokens(c, cmd).await),
         Command::Orgs(cmd) => client(g, async |c| cli::orgs(c, cmd).await),
+        Command::Migrate { from, to } => {
+            match runtime().and_then(|rt| rt.block_on(migrate::run(&from, &to))) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         Command::Cleanup { data_dir } => {
             let done = runtime().and_then(|rt| rt.block_on(serve::cleanup(&data_dir)));
             match done {

@@ -212,6 +212,36 @@ fn init_tracing() {
     }
 }
 
+/// An exclusive lock on a data dir, held for as long as a `lodge serve` (or `lodge migrate`)
+/// uses it; released by the kernel when the process ends, however it ends. The descriptor is
+/// close-on-exec, so game servers (which outlive Lodge) never inherit it.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &Path) -> Result<Self, String> {
+        let path = data_dir.join("serve.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            return Err(format!(
+                "another lodge is using {} (it holds {}); stop it first",
+                data_dir.display(),
+                path.display()
+            ));
+        }
+        Ok(Self { _file: file })
+    }
+}
+
 fn is_postgres_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
@@ -257,6 +287,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir).map_err(|e| e.to_string())?;
+    let _data_dir_lock = DataDirLock::acquire(&data_dir)?;
     let store = open_store(&args.store, &data_dir).await?;
     let mut cfg = ControlConfig::new(data_dir.clone());
     cfg.admin_token = std::env::var("LODGE_ADMIN_TOKEN")

@@ -7,8 +7,10 @@ use async_trait::async_trait;
 use lodge_model::*;
 
 mod codec;
+mod copy;
 mod postgres;
 mod sqlite;
+pub use copy::{sqlite_into_postgres, CopyReport};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 

@@ -152,6 +152,7 @@ contract!(
     ending_a_process_races_placement_cleanly,
     ending_a_process_races_its_rooms_ending,
     churn_keeps_counts_exact,
+    documents_keep_any_text,
 );
 
 fn process(id: &str, cap: u32, allocated: u32) -> Process {
@@ -1053,4 +1054,186 @@ async fn ending_a_process_races_its_rooms_ending(b: &dyn Backend) {
             assert!(r.allocations[0].unscheduled_at.is_some());
         }
     }
+}
+
+async fn documents_keep_any_text(b: &dyn Backend) {
+    // What users send is kept as sent, NUL characters and lone surrogates' replacements too
+    // (PostgreSQL's jsonb would refuse a NUL; the schemathesis run found it).
+    let s = b.open().await;
+    let odd = "a\u{0}b\u{1f}\u{ffff}\u{10ffff}\"'\\";
+    let mut a = app("a1", "game");
+    a.auth_configuration = serde_json::json!({ odd: [odd, 1e300, null] });
+    a.service_config = Some(serde_json::json!({ "k": odd }));
+    s.insert_app(&a).await.unwrap();
+    assert_eq!(s.app("a1").await.unwrap().unwrap(), a);
+    let mut r = room("r1", "p1");
+    r.room_config = Some(odd.to_string());
+    let mut p = process("p1", 2, 1);
+    p.initial_room_config = Some(odd.to_string());
+    s.place_room(&r, PlaceTarget::New(Box::new(p), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.room("r1").await.unwrap().unwrap().room_config.as_deref(),
+        Some(odd)
+    );
+    assert_eq!(
+        s.process("p1")
+            .await
+            .unwrap()
+            .unwrap()
+            .initial_room_config
+            .as_deref(),
+        Some(odd)
+    );
+    let config = format!("{odd}{odd}");
+    assert!(s.update_room_config("r1", &config).await.unwrap());
+    assert_eq!(
+        s.room("r1").await.unwrap().unwrap().room_config.as_deref(),
+        Some(config.as_str())
+    );
+}
+
+/// A one-box Lodge's state, moved into PostgreSQL, reads back the same through the trait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_copies_a_one_box_store_into_postgres() {
+    let dir = TempDir::new("migrate");
+    let db = dir.0.join("lodge.db");
+    {
+        let s = SqliteStore::open(&db).unwrap();
+        s.put_org(&Org {
+            org_id: "o".into(),
+            name: "org".into(),
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+        let token = OrgToken {
+            org_token_id: "t1".into(),
+            org_id: "o".into(),
+            name: "ci".into(),
+            status: OrgTokenStatus::Active,
+            last_four_chars_of_key: "abcd".into(),
+            created_at: 1,
+            created_by: "x".into(),
+            scopes: None,
+        };
+        s.insert_token(&token, "hash").await.unwrap();
+        s.insert_app(&app("app", "game")).await.unwrap();
+        let mut gone = app("old", "gone");
+        gone.deleted_at = Some(3);
+        s.insert_app(&gone).await.unwrap();
+        s.update_app(&gone).await.unwrap();
+        s.insert_deployment(&deployment("d1", 1)).await.unwrap();
+        s.insert_deployment(&deployment("d2", 2)).await.unwrap();
+        s.reserve_lobby(&lobby("r1", "alice", 10, "CODE", Region::London), 0, 5)
+            .await
+            .unwrap();
+        s.place_room(
+            &room("r1", "p1"),
+            PlaceTarget::New(Box::new(process("p1", 4, 1)), None),
+        )
+        .await
+        .unwrap();
+        s.place_room(&room("r2", "p1"), PlaceTarget::Existing("p1".into()))
+            .await
+            .unwrap();
+        s.unallocate_room("r2", RoomStatus::Destroyed, 7)
+            .await
+            .unwrap();
+        s.legacy_number("app", "room", "r1").await.unwrap();
+        s.legacy_number("app", "room", "r2").await.unwrap();
+    }
+    let schema = PgSchema::new().await;
+    let report = lodge_store::sqlite_into_postgres(&db, &schema.url())
+        .await
+        .unwrap();
+    let rows: HashMap<&str, u64> = report.into_iter().collect();
+    assert_eq!(
+        (
+            rows["orgs"],
+            rows["apps"],
+            rows["processes"],
+            rows["rooms"],
+            rows["allocations"]
+        ),
+        (1, 2, 1, 2, 2)
+    );
+    let (a, b): (Arc<dyn Store>, Arc<dyn Store>) = (
+        Arc::new(SqliteStore::open(&db).unwrap()),
+        Arc::new(PostgresStore::connect(&schema.url()).await.unwrap()),
+    );
+    assert_eq!(a.orgs().await.unwrap(), b.orgs().await.unwrap());
+    assert_eq!(
+        a.token_by_hash("hash").await.unwrap(),
+        b.token_by_hash("hash").await.unwrap()
+    );
+    assert_eq!(a.apps("o").await.unwrap(), b.apps("o").await.unwrap());
+    assert_eq!(a.app("old").await.unwrap(), b.app("old").await.unwrap());
+    assert_eq!(
+        a.deployments("app").await.unwrap(),
+        b.deployments("app").await.unwrap()
+    );
+    assert_eq!(
+        format!("{:?}", a.processes(&ProcessQuery::default()).await.unwrap()),
+        format!("{:?}", b.processes(&ProcessQuery::default()).await.unwrap())
+    );
+    for r in ["r1", "r2"] {
+        assert_eq!(
+            format!("{:?}", a.room(r).await.unwrap()),
+            format!("{:?}", b.room(r).await.unwrap())
+        );
+    }
+    assert_eq!(
+        format!("{:?}", a.lobby("r1").await.unwrap()),
+        format!("{:?}", b.lobby("r1").await.unwrap())
+    );
+    assert_eq!(
+        a.legacy_entries("app", "room").await.unwrap(),
+        b.legacy_entries("app", "room").await.unwrap()
+    );
+    // The copy goes on where the original left off: the next legacy number, the free slot.
+    assert_eq!(b.legacy_number("app", "room", "r3").await.unwrap(), 3);
+    b.place_room(&room("r3", "p1"), PlaceTarget::Existing("p1".into()))
+        .await
+        .unwrap();
+    assert_eq!(b.process("p1").await.unwrap().unwrap().rooms_allocated, 2);
+    // A database that already holds anything is refused.
+    let again = lodge_store::sqlite_into_postgres(&db, &schema.url()).await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict(ref m)) if m.contains("not empty")),
+        "{again:?}"
+    );
+
+    // `lodge migrate` refuses a data dir a Lodge is serving from (it holds the lock).
+    let held = std::fs::File::create(dir.0.join("serve.lock")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let fresh = PgSchema::new().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lodge"))
+        .args(["migrate", "--from"])
+        .arg(&dir.0)
+        .args(["--to", &fresh.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another lodge is using"), "{err}");
+    drop(held);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lodge"))
+        .args(["migrate", "--from"])
+        .arg(&dir.0)
+        .args(["--to", &fresh.url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rooms        2"));
 }

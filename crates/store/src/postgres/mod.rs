@@ -137,6 +137,11 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// A pooled connection, for work beside the trait (copying a store in).
+    pub(crate) async fn pool_client(&self) -> Result<deadpool_postgres::Object> {
+        self.client().await
+    }
+
     async fn exec(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let c = self.client().await?;
         let stmt = c.prepare_cached(sql).await.map_err(pg)?;
@@ -194,20 +199,21 @@ async fn x<C: GenericClient>(c: &C, sql: &str, args: &[&(dyn ToSql + Sync)]) -> 
     c.execute(&stmt, args).await.map_err(pg)
 }
 
-const PROCESS_COLS: &str = "doc::text, status, rooms_allocated";
+const PROCESS_COLS: &str = "doc, status, rooms_allocated, last_busy_at";
 
 fn process_from(r: &Row) -> Result<Process> {
     let mut p: Process = from_json(r.get::<_, &str>(0))?;
     p.status = r.get::<_, &str>(1).parse().map_err(StoreError::Backend)?;
     p.rooms_allocated = uint(r.get(2));
+    p.last_busy_at = r.get(3);
     Ok(p)
 }
 
 async fn load_process<C: GenericClient>(c: &C, id: &str, lock: bool) -> Result<Option<Process>> {
     let sql = if lock {
-        "SELECT doc::text, status, rooms_allocated FROM processes WHERE process_id = $1 FOR UPDATE"
+        "SELECT doc, status, rooms_allocated, last_busy_at FROM processes WHERE process_id = $1 FOR UPDATE"
     } else {
-        "SELECT doc::text, status, rooms_allocated FROM processes WHERE process_id = $1"
+        "SELECT doc, status, rooms_allocated, last_busy_at FROM processes WHERE process_id = $1"
     };
     q(c, sql, &[&id])
         .await?
@@ -219,8 +225,8 @@ async fn load_process<C: GenericClient>(c: &C, id: &str, lock: bool) -> Result<O
 async fn write_process<C: GenericClient>(c: &C, p: &Process) -> Result<()> {
     x(
         c,
-        "UPDATE processes SET status = $2, rooms_allocated = $3, doc = $4::text::jsonb WHERE process_id = $1",
-        &[&p.process_id, &p.status.as_str(), &int(p.rooms_allocated), &to_json(p)?],
+        "UPDATE processes SET status = $2, rooms_allocated = $3, doc = $4, last_busy_at = $5 WHERE process_id = $1",
+        &[&p.process_id, &p.status.as_str(), &int(p.rooms_allocated), &to_json(p)?, &p.last_busy_at],
     )
     .await?;
     Ok(())
@@ -256,8 +262,8 @@ async fn insert_process_row<C: GenericClient>(
     }
     let stmt = c
         .prepare_cached(
-            "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, port_count, doc)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::text::jsonb)",
+            "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, port_count, doc, last_busy_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .await
         .map_err(pg)?;
@@ -275,6 +281,7 @@ async fn insert_process_row<C: GenericClient>(
             &p.created_at,
             &int(p.port_count),
             &to_json(p)?,
+            &p.last_busy_at,
         ],
     )
     .await
@@ -285,7 +292,7 @@ async fn insert_process_row<C: GenericClient>(
 async fn load_room<C: GenericClient>(c: &C, id: &str) -> Result<Option<Room>> {
     let rows = q(
         c,
-        "SELECT app_id, status, doc::text FROM rooms WHERE room_id = $1",
+        "SELECT app_id, status, doc FROM rooms WHERE room_id = $1",
         &[&id],
     )
     .await?;
@@ -364,7 +371,8 @@ fn arg_refs(args: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
-const LOBBY_SELECT: &str = "SELECT l.doc::text, r.doc->>'roomConfig', r.status FROM lobbies l JOIN rooms r ON r.room_id = l.room_id";
+const LOBBY_SELECT: &str =
+    "SELECT l.doc, r.doc, r.status FROM lobbies l JOIN rooms r ON r.room_id = l.room_id";
 
 async fn lobbies_where<C: GenericClient>(
     c: &C,
@@ -376,7 +384,7 @@ async fn lobbies_where<C: GenericClient>(
         .iter()
         .map(|r| {
             let mut lobby: Lobby = from_json(r.get::<_, &str>(0))?;
-            lobby.room_config = r.get(1);
+            lobby.room_config = from_json::<RoomDoc>(r.get::<_, &str>(1))?.room_config;
             Ok((
                 lobby,
                 r.get::<_, &str>(2).parse().map_err(StoreError::Backend)?,
@@ -389,7 +397,7 @@ async fn lobbies_where<C: GenericClient>(
 impl Store for PostgresStore {
     async fn put_org(&self, org: &Org) -> Result<()> {
         self.exec(
-            "INSERT INTO orgs (org_id, doc) VALUES ($1, $2::text::jsonb) ON CONFLICT (org_id) DO NOTHING",
+            "INSERT INTO orgs (org_id, doc) VALUES ($1, $2) ON CONFLICT (org_id) DO NOTHING",
             &[&org.org_id, &to_json(org)?],
         )
         .await?;
@@ -397,15 +405,14 @@ impl Store for PostgresStore {
     }
 
     async fn orgs(&self) -> Result<Vec<Org>> {
-        self.docs("SELECT doc::text FROM orgs ORDER BY seq", &[])
-            .await
+        self.docs("SELECT doc FROM orgs ORDER BY seq", &[]).await
     }
 
     async fn insert_token(&self, t: &OrgToken, secret_hash: &str) -> Result<()> {
         let c = self.client().await?;
         let stmt = c
             .prepare_cached(
-                "INSERT INTO tokens (org_token_id, org_id, name, active, secret_hash, doc) VALUES ($1, $2, $3, TRUE, $4, $5::text::jsonb)",
+                "INSERT INTO tokens (org_token_id, org_id, name, active, secret_hash, doc) VALUES ($1, $2, $3, TRUE, $4, $5)",
             )
             .await
             .map_err(pg)?;
@@ -426,7 +433,7 @@ impl Store for PostgresStore {
 
     async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>> {
         self.doc(
-            "SELECT doc::text FROM tokens WHERE secret_hash = $1",
+            "SELECT doc FROM tokens WHERE secret_hash = $1",
             &[&secret_hash],
         )
         .await
@@ -434,7 +441,7 @@ impl Store for PostgresStore {
 
     async fn tokens(&self, org_id: &str) -> Result<Vec<OrgToken>> {
         self.docs(
-            "SELECT doc::text FROM tokens WHERE org_id = $1 ORDER BY seq",
+            "SELECT doc FROM tokens WHERE org_id = $1 ORDER BY seq",
             &[&org_id],
         )
         .await
@@ -445,7 +452,7 @@ impl Store for PostgresStore {
         let tx = c.transaction().await.map_err(pg)?;
         let rows = q(
             &tx,
-            "SELECT doc::text FROM tokens WHERE org_id = $1 AND org_token_id = $2 FOR UPDATE",
+            "SELECT doc FROM tokens WHERE org_id = $1 AND org_token_id = $2 FOR UPDATE",
             &[&org_id, &token_id],
         )
         .await?;
@@ -456,7 +463,7 @@ impl Store for PostgresStore {
         t.status = OrgTokenStatus::Revoked;
         x(
             &tx,
-            "UPDATE tokens SET active = FALSE, doc = $2::text::jsonb WHERE org_token_id = $1",
+            "UPDATE tokens SET active = FALSE, doc = $2 WHERE org_token_id = $1",
             &[&token_id, &to_json(&t)?],
         )
         .await?;
@@ -468,7 +475,7 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let stmt = c
             .prepare_cached(
-                "INSERT INTO apps (app_id, org_id, app_name, deleted, doc) VALUES ($1, $2, $3, FALSE, $4::text::jsonb)",
+                "INSERT INTO apps (app_id, org_id, app_name, deleted, doc) VALUES ($1, $2, $3, FALSE, $4)",
             )
             .await
             .map_err(pg)?;
@@ -489,7 +496,7 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let stmt = c
             .prepare_cached(
-                "UPDATE apps SET app_name = $2, deleted = $3, doc = $4::text::jsonb WHERE app_id = $1",
+                "UPDATE apps SET app_name = $2, deleted = $3, doc = $4 WHERE app_id = $1",
             )
             .await
             .map_err(pg)?;
@@ -512,13 +519,13 @@ impl Store for PostgresStore {
     }
 
     async fn app(&self, app_id: &str) -> Result<Option<App>> {
-        self.doc("SELECT doc::text FROM apps WHERE app_id = $1", &[&app_id])
+        self.doc("SELECT doc FROM apps WHERE app_id = $1", &[&app_id])
             .await
     }
 
     async fn apps(&self, org_id: &str) -> Result<Vec<App>> {
         self.docs(
-            "SELECT doc::text FROM apps WHERE org_id = $1 AND NOT deleted ORDER BY seq",
+            "SELECT doc FROM apps WHERE org_id = $1 AND NOT deleted ORDER BY seq",
             &[&org_id],
         )
         .await
@@ -528,13 +535,19 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let stmt = c
             .prepare_cached(
-                "INSERT INTO builds (build_id, org_id, created_at, doc) VALUES ($1, $2, $3, $4::text::jsonb)",
+                "INSERT INTO builds (build_id, org_id, created_at, doc, status) VALUES ($1, $2, $3, $4, $5)",
             )
             .await
             .map_err(pg)?;
         c.execute(
             &stmt,
-            &[&b.build_id, &b.org_id, &b.created_at, &to_json(b)?],
+            &[
+                &b.build_id,
+                &b.org_id,
+                &b.created_at,
+                &to_json(b)?,
+                &b.status.as_str(),
+            ],
         )
         .await
         .map_err(|e| unique(e, || format!("build id '{}' is already taken", b.build_id)))?;
@@ -543,8 +556,8 @@ impl Store for PostgresStore {
 
     async fn update_build(&self, b: &Build) -> Result<()> {
         self.exec(
-            "UPDATE builds SET doc = $2::text::jsonb WHERE build_id = $1",
-            &[&b.build_id, &to_json(b)?],
+            "UPDATE builds SET doc = $2, status = $3 WHERE build_id = $1",
+            &[&b.build_id, &to_json(b)?, &b.status.as_str()],
         )
         .await?;
         Ok(())
@@ -553,24 +566,26 @@ impl Store for PostgresStore {
     async fn update_build_if(&self, b: &Build, expected: BuildStatus) -> Result<bool> {
         let n = self
             .exec(
-                "UPDATE builds SET doc = $2::text::jsonb WHERE build_id = $1 AND doc->>'status' = $3",
-                &[&b.build_id, &to_json(b)?, &expected.as_str()],
+                "UPDATE builds SET doc = $2, status = $4 WHERE build_id = $1 AND status = $3",
+                &[
+                    &b.build_id,
+                    &to_json(b)?,
+                    &expected.as_str(),
+                    &b.status.as_str(),
+                ],
             )
             .await?;
         Ok(n == 1)
     }
 
     async fn build(&self, build_id: &str) -> Result<Option<Build>> {
-        self.doc(
-            "SELECT doc::text FROM builds WHERE build_id = $1",
-            &[&build_id],
-        )
-        .await
+        self.doc("SELECT doc FROM builds WHERE build_id = $1", &[&build_id])
+            .await
     }
 
     async fn builds(&self, org_id: &str) -> Result<Vec<Build>> {
         self.docs(
-            "SELECT doc::text FROM builds WHERE org_id = $1 ORDER BY created_at DESC, seq DESC",
+            "SELECT doc FROM builds WHERE org_id = $1 ORDER BY created_at DESC, seq DESC",
             &[&org_id],
         )
         .await
@@ -580,7 +595,7 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let stmt = c
             .prepare_cached(
-                "INSERT INTO deployments (deployment_id, app_id, doc) VALUES ($1, $2, $3::text::jsonb)",
+                "INSERT INTO deployments (deployment_id, app_id, doc) VALUES ($1, $2, $3)",
             )
             .await
             .map_err(pg)?;
@@ -596,7 +611,7 @@ impl Store for PostgresStore {
 
     async fn latest_deployment(&self, app_id: &str) -> Result<Option<Deployment>> {
         self.doc(
-            "SELECT doc::text FROM deployments WHERE app_id = $1 ORDER BY seq DESC LIMIT 1",
+            "SELECT doc FROM deployments WHERE app_id = $1 ORDER BY seq DESC LIMIT 1",
             &[&app_id],
         )
         .await
@@ -604,7 +619,7 @@ impl Store for PostgresStore {
 
     async fn deployment(&self, id: &str) -> Result<Option<Deployment>> {
         self.doc(
-            "SELECT doc::text FROM deployments WHERE deployment_id = $1",
+            "SELECT doc FROM deployments WHERE deployment_id = $1",
             &[&id],
         )
         .await
@@ -612,7 +627,7 @@ impl Store for PostgresStore {
 
     async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
         self.docs(
-            "SELECT doc::text FROM deployments WHERE app_id = $1 ORDER BY seq DESC",
+            "SELECT doc FROM deployments WHERE app_id = $1 ORDER BY seq DESC",
             &[&app_id],
         )
         .await
@@ -620,7 +635,7 @@ impl Store for PostgresStore {
 
     async fn put_node(&self, n: &Node) -> Result<()> {
         self.exec(
-            "INSERT INTO nodes (node_id, doc) VALUES ($1, $2::text::jsonb) ON CONFLICT (node_id) DO UPDATE SET doc = excluded.doc",
+            "INSERT INTO nodes (node_id, doc) VALUES ($1, $2) ON CONFLICT (node_id) DO UPDATE SET doc = excluded.doc",
             &[&n.node_id, &to_json(n)?],
         )
         .await?;
@@ -628,7 +643,7 @@ impl Store for PostgresStore {
     }
 
     async fn nodes(&self) -> Result<Vec<Node>> {
-        self.docs("SELECT doc::text FROM nodes ORDER BY node_id", &[])
+        self.docs("SELECT doc FROM nodes ORDER BY node_id", &[])
             .await
     }
 
@@ -816,7 +831,7 @@ impl Store for PostgresStore {
         })?;
         let inserted = x(
             &tx,
-            "INSERT INTO rooms (room_id, app_id, status, process_id, doc) VALUES ($1, $2, $3, $4, $5::text::jsonb)
+            "INSERT INTO rooms (room_id, app_id, status, process_id, doc) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (room_id) DO NOTHING",
             &[&room.room_id, &room.app_id, &room.status.as_str(), &alloc.process_id, &doc],
         )
@@ -862,7 +877,7 @@ impl Store for PostgresStore {
             let n = x(
                 &tx,
                 "UPDATE processes SET rooms_allocated = rooms_allocated + 1,
-                        doc = jsonb_set(doc, '{lastBusyAt}', to_jsonb($2::int8))
+                        last_busy_at = $2
                  WHERE process_id = $1 AND rooms_allocated < rooms_per_process
                    AND status IN ('starting', 'running')",
                 &[pid, &alloc.scheduled_at],
@@ -920,7 +935,7 @@ impl Store for PostgresStore {
             x(
                 &tx,
                 "UPDATE processes SET rooms_allocated = GREATEST(rooms_allocated - 1, 0),
-                        doc = jsonb_set(doc, '{lastBusyAt}', to_jsonb($2::int8))
+                        last_busy_at = $2
                  WHERE process_id = $1",
                 &[pid, &at],
             )
@@ -931,13 +946,29 @@ impl Store for PostgresStore {
     }
 
     async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool> {
-        let n = self
-            .exec(
-                "UPDATE rooms SET doc = jsonb_set(doc, '{roomConfig}', to_jsonb($2::text)) WHERE room_id = $1 AND status != 'destroyed'",
-                &[&room_id, &config],
-            )
-            .await?;
-        Ok(n > 0)
+        // Documents are kept as JSON text, not jsonb (which refuses a NUL character, which a
+        // config may hold), so the change is made here, under the row's lock.
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let rows = q(
+            &tx,
+            "SELECT doc FROM rooms WHERE room_id = $1 AND status != 'destroyed' FOR UPDATE",
+            &[&room_id],
+        )
+        .await?;
+        let Some(row) = rows.first() else {
+            return Ok(false);
+        };
+        let mut d: RoomDoc = from_json(row.get::<_, &str>(0))?;
+        d.room_config = Some(config.to_string());
+        x(
+            &tx,
+            "UPDATE rooms SET doc = $2 WHERE room_id = $1",
+            &[&room_id, &to_json(&d)?],
+        )
+        .await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(true)
     }
 
     async fn reserve_lobby(
@@ -981,7 +1012,7 @@ impl Store for PostgresStore {
             x(
                 &tx,
                 "INSERT INTO lobbies (room_id, app_id, short_code, visibility, region, created_by, created_at, doc)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb) ON CONFLICT (room_id) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (room_id) DO NOTHING",
                 &[
                     &lobby.room_id,
                     &lobby.app_id,
@@ -1068,7 +1099,7 @@ impl Store for PostgresStore {
         lobby.state = Some(state.clone());
         x(
             &tx,
-            "UPDATE lobbies SET doc = $2::text::jsonb WHERE room_id = $1",
+            "UPDATE lobbies SET doc = $2 WHERE room_id = $1",
             &[&room_id, &to_json(&lobby)?],
         )
         .await?;

@@ -11,8 +11,11 @@ use crate::Result;
 /// An arbitrary constant: the advisory lock key under which migrations run.
 const MIGRATION_LOCK: i64 = 0x6c6f_6467_6501;
 
+/// Documents are JSON text, as in the embedded store: `jsonb` refuses a NUL character
+/// (`\u0000`), which users' configs may hold. What a query filters or updates on its own has
+/// a column of its own.
 pub(super) const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE orgs (seq BIGSERIAL NOT NULL, org_id TEXT PRIMARY KEY, doc JSONB NOT NULL);
+CREATE TABLE orgs (seq BIGSERIAL NOT NULL, org_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE tokens (
     seq BIGSERIAL NOT NULL,
     org_token_id TEXT PRIMARY KEY,
@@ -20,7 +23,7 @@ CREATE TABLE tokens (
     name TEXT NOT NULL,
     active BOOLEAN NOT NULL,
     secret_hash TEXT NOT NULL UNIQUE,
-    doc JSONB NOT NULL
+    doc TEXT NOT NULL
 );
 CREATE UNIQUE INDEX tokens_active_name ON tokens (org_id, name) WHERE active;
 CREATE TABLE apps (
@@ -29,7 +32,7 @@ CREATE TABLE apps (
     org_id TEXT NOT NULL,
     app_name TEXT NOT NULL,
     deleted BOOLEAN NOT NULL,
-    doc JSONB NOT NULL
+    doc TEXT NOT NULL
 );
 CREATE UNIQUE INDEX apps_live_name ON apps (org_id, app_name) WHERE NOT deleted;
 CREATE TABLE builds (
@@ -37,17 +40,18 @@ CREATE TABLE builds (
     build_id TEXT PRIMARY KEY,
     org_id TEXT NOT NULL,
     created_at BIGINT NOT NULL,
-    doc JSONB NOT NULL
+    status TEXT NOT NULL,
+    doc TEXT NOT NULL
 );
 CREATE INDEX builds_org ON builds (org_id, created_at);
 CREATE TABLE deployments (
     seq BIGSERIAL PRIMARY KEY,
     deployment_id TEXT NOT NULL UNIQUE,
     app_id TEXT NOT NULL,
-    doc JSONB NOT NULL
+    doc TEXT NOT NULL
 );
 CREATE INDEX deployments_app ON deployments (app_id, seq);
-CREATE TABLE nodes (node_id TEXT PRIMARY KEY, doc JSONB NOT NULL);
+CREATE TABLE nodes (node_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE processes (
     seq BIGSERIAL PRIMARY KEY,
     process_id TEXT NOT NULL UNIQUE,
@@ -60,7 +64,8 @@ CREATE TABLE processes (
     rooms_allocated INTEGER NOT NULL,
     created_at BIGINT NOT NULL,
     port_count INTEGER NOT NULL,
-    doc JSONB NOT NULL,
+    last_busy_at BIGINT NOT NULL,
+    doc TEXT NOT NULL,
     CONSTRAINT rooms_within_capacity CHECK (rooms_allocated >= 0 AND rooms_allocated <= rooms_per_process)
 ) WITH (fillfactor = 50);
 CREATE INDEX processes_app ON processes (app_id, created_at);
@@ -75,7 +80,7 @@ CREATE TABLE rooms (
     app_id TEXT NOT NULL,
     status TEXT NOT NULL,
     process_id TEXT,
-    doc JSONB NOT NULL
+    doc TEXT NOT NULL
 );
 CREATE INDEX rooms_process ON rooms (process_id);
 CREATE TABLE allocations (
@@ -98,7 +103,7 @@ CREATE TABLE lobbies (
     region TEXT NOT NULL,
     created_by TEXT NOT NULL,
     created_at BIGINT NOT NULL,
-    doc JSONB NOT NULL
+    doc TEXT NOT NULL
 );
 CREATE INDEX lobbies_short_code ON lobbies (app_id, short_code, created_at);
 CREATE INDEX lobbies_creator ON lobbies (app_id, created_by, created_at);

@@ -1,0 +1,34 @@
+//! `lodge migrate`: move a one-box Lodge's state from its embedded store into PostgreSQL, so a
+//! game that started on a laptop continues on the replicated setup without losing anything.
+
+use std::path::Path;
+
+use crate::serve::DataDirLock;
+
+pub async fn run(from: &Path, to: &str) -> Result<(), String> {
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        return Err(format!("--to {to}: expected a postgres:// URL"));
+    }
+    // A Lodge serving from the data dir would keep writing after the copy: refuse.
+    let _lock = DataDirLock::acquire(from)?;
+    let db = from.join("lodge.db");
+    if !db.is_file() {
+        return Err(format!(
+            "{} has no embedded store (lodge.db); is it a Lodge data dir?",
+            from.display()
+        ));
+    }
+    let report = lodge_store::sqlite_into_postgres(&db, to)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (table, n) in &report {
+        println!("{table:<12} {n}");
+    }
+    println!(
+        "copied into PostgreSQL. Builds and logs stay in {}: start with\n  lodge serve --data-dir {} --store {}",
+        from.display(),
+        from.display(),
+        to
+    );
+    Ok(())
+}
