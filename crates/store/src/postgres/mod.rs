@@ -29,7 +29,16 @@ pub struct PostgresStore {
     pool: Pool,
 }
 
+/// Raised by `lodge_place_room` (schema.rs).
+const NO_FREE_SLOT: &str = "LD001";
+const ROOM_ID_TAKEN: &str = "LD002";
+
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
+    match e.code().map(|c| c.code()) {
+        Some(NO_FREE_SLOT) => return StoreError::Conflict(pg_message(&e)),
+        Some(ROOM_ID_TAKEN) => return StoreError::Duplicate(pg_message(&e)),
+        _ => {}
+    }
     match e.code() {
         // Lost a race PostgreSQL detected (a deadlock, a serialization failure): retry.
         Some(c)
@@ -820,76 +829,34 @@ impl Store for PostgresStore {
             .allocations
             .last()
             .ok_or_else(|| StoreError::Backend("room to place has no allocation".into()))?;
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg)?;
-        if let PlaceTarget::New(p, max) = &target {
-            insert_process_row(&tx, p, *max).await?;
-        }
         let doc = to_json(&RoomDoc {
             room_config: room.room_config.clone(),
             created_at: room.created_at,
         })?;
-        let inserted = x(
-            &tx,
-            "INSERT INTO rooms (room_id, app_id, status, process_id, doc) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (room_id) DO NOTHING",
-            &[&room.room_id, &room.app_id, &room.status.as_str(), &alloc.process_id, &doc],
-        )
-        .await?;
-        let seq: i32 =
-            if inserted == 1 {
-                0
-            } else {
-                // Resume: allowed only for a room of the same app with no current slot.
-                let n = x(
-                &tx,
-                "UPDATE rooms SET status = $3, process_id = $4 WHERE room_id = $1 AND app_id = $2
-                 AND process_id IS NULL AND status = 'suspended'",
-                &[&room.room_id, &room.app_id, &room.status.as_str(), &alloc.process_id],
-            )
-            .await?;
-                if n == 0 {
-                    return Err(StoreError::Duplicate(format!(
-                        "room id '{}' is already taken",
-                        room.room_id
-                    )));
-                }
-                let count: i64 = q(
-                    &tx,
-                    "SELECT COUNT(*) FROM allocations WHERE room_id = $1",
-                    &[&room.room_id],
-                )
-                .await?[0]
-                    .get(0);
-                i32::try_from(count).unwrap_or(i32::MAX)
-            };
-        x(
-            &tx,
-            "INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
-             VALUES ($1, $2, $3, $4, NULL, $5)",
-            &[&alloc.room_allocation_id, &room.room_id, &alloc.process_id, &alloc.scheduled_at, &seq],
-        )
-        .await?;
-        // The slot last: every placement on this process queues on its row, so the row is
-        // held only for this update and the commit (and taken after the room, as freeing a
-        // room and ending a process take them). No slot: the room above is rolled back.
-        if let PlaceTarget::Existing(pid) = &target {
-            let n = x(
-                &tx,
-                "UPDATE processes SET rooms_allocated = rooms_allocated + 1,
-                        last_busy_at = $2
-                 WHERE process_id = $1 AND rooms_allocated < rooms_per_process
-                   AND status IN ('starting', 'running')",
-                &[pid, &alloc.scheduled_at],
-            )
-            .await?;
-            if n == 0 {
-                return Err(StoreError::Conflict(format!(
-                    "process {pid} has no free slot"
-                )));
+        let place = "SELECT lodge_place_room($1, $2, $3, $4, $5, $6, $7, $8)";
+        let claim = matches!(target, PlaceTarget::Existing(_));
+        let args: [&(dyn ToSql + Sync); 8] = [
+            &room.room_id,
+            &room.app_id,
+            &room.status.as_str(),
+            &alloc.process_id,
+            &doc,
+            &alloc.room_allocation_id,
+            &alloc.scheduled_at,
+            &claim,
+        ];
+        match &target {
+            // The hot path: one call, committed on its own.
+            PlaceTarget::Existing(_) => self.exec(place, &args).await.map(|_| ()),
+            // A new process (and the app's limit) first, in the same transaction.
+            PlaceTarget::New(p, max) => {
+                let mut c = self.client().await?;
+                let tx = c.transaction().await.map_err(pg)?;
+                insert_process_row(&tx, p, *max).await?;
+                x(&tx, place, &args).await?;
+                tx.commit().await.map_err(pg)
             }
         }
-        tx.commit().await.map_err(pg)
     }
 
     async fn unallocate_room(
@@ -898,51 +865,18 @@ impl Store for PostgresStore {
         status: RoomStatus,
         at: Millis,
     ) -> Result<Option<Room>> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg)?;
-        // The room first, its process last, as ending a process takes them; the process row
-        // (which every placement on it needs) is held only for its update and the commit.
-        let rows = q(
-            &tx,
-            "SELECT status, process_id FROM rooms WHERE room_id = $1 FOR UPDATE",
-            &[&room_id],
-        )
-        .await?;
-        let Some(row) = rows.first() else {
-            return Ok(None);
-        };
-        let current: String = row.get(0);
-        let pid: Option<String> = row.get(1);
-        if current == status.as_str() || current == RoomStatus::Destroyed.as_str() {
+        let freed: bool = self
+            .rows(
+                "SELECT lodge_free_room($1, $2, $3)",
+                &[&room_id, &status.as_str(), &at],
+            )
+            .await?[0]
+            .get(0);
+        if !freed {
             return Ok(None);
         }
-        if let Some(pid) = &pid {
-            x(
-                &tx,
-                "UPDATE allocations SET unscheduled_at = $3 WHERE room_id = $1 AND process_id = $2 AND unscheduled_at IS NULL",
-                &[&room_id, pid, &at],
-            )
-            .await?;
-        }
-        x(
-            &tx,
-            "UPDATE rooms SET status = $2, process_id = NULL WHERE room_id = $1",
-            &[&room_id, &status.as_str()],
-        )
-        .await?;
-        let room = load_room(&tx, room_id).await?;
-        if let Some(pid) = &pid {
-            x(
-                &tx,
-                "UPDATE processes SET rooms_allocated = GREATEST(rooms_allocated - 1, 0),
-                        last_busy_at = $2
-                 WHERE process_id = $1",
-                &[pid, &at],
-            )
-            .await?;
-        }
-        tx.commit().await.map_err(pg)?;
-        Ok(room)
+        let c = self.client().await?;
+        load_room(&c, room_id).await
     }
 
     async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool> {

@@ -116,6 +116,62 @@ CREATE TABLE legacy_ids (
     PRIMARY KEY (scope, kind, num),
     UNIQUE (scope, kind, id)
 );
+
+-- The two hottest writes, each one call: a room into a slot of its process (or resumed there),
+-- and a room out of it. One round trip, committed on its own, so a busy process's row is held
+-- only while the call runs and its commit is flushed. Rows are locked room first, then its
+-- process, as everywhere. A failed placement raises (LD001: no free slot, LD002: room id
+-- taken), which undoes the whole call.
+CREATE FUNCTION lodge_place_room(p_room TEXT, p_app TEXT, p_status TEXT, p_process TEXT,
+                                 p_doc TEXT, p_alloc TEXT, p_at BIGINT, p_claim BOOLEAN)
+RETURNS VOID LANGUAGE plpgsql AS $$
+DECLARE
+    n_seq INTEGER := 0;
+BEGIN
+    INSERT INTO rooms (room_id, app_id, status, process_id, doc)
+    VALUES (p_room, p_app, p_status, p_process, p_doc)
+    ON CONFLICT (room_id) DO NOTHING;
+    IF NOT FOUND THEN
+        UPDATE rooms SET status = p_status, process_id = p_process
+        WHERE room_id = p_room AND app_id = p_app AND process_id IS NULL AND status = 'suspended';
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'LD002', MESSAGE = format('room id ''%s'' is already taken', p_room);
+        END IF;
+        SELECT COUNT(*) INTO n_seq FROM allocations WHERE room_id = p_room;
+    END IF;
+    INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
+    VALUES (p_alloc, p_room, p_process, p_at, NULL, n_seq);
+    IF p_claim THEN
+        UPDATE processes SET rooms_allocated = rooms_allocated + 1, last_busy_at = p_at
+        WHERE process_id = p_process AND rooms_allocated < rooms_per_process
+          AND status IN ('starting', 'running');
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'LD001', MESSAGE = format('process %s has no free slot', p_process);
+        END IF;
+    END IF;
+END $$;
+
+CREATE FUNCTION lodge_free_room(p_room TEXT, p_status TEXT, p_at BIGINT)
+RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+DECLARE
+    cur TEXT;
+    pid TEXT;
+BEGIN
+    SELECT status, process_id INTO cur, pid FROM rooms WHERE room_id = p_room FOR UPDATE;
+    IF NOT FOUND OR cur = p_status OR cur = 'destroyed' THEN
+        RETURN FALSE;
+    END IF;
+    IF pid IS NOT NULL THEN
+        UPDATE allocations SET unscheduled_at = p_at
+        WHERE room_id = p_room AND process_id = pid AND unscheduled_at IS NULL;
+    END IF;
+    UPDATE rooms SET status = p_status, process_id = NULL WHERE room_id = p_room;
+    IF pid IS NOT NULL THEN
+        UPDATE processes SET rooms_allocated = GREATEST(rooms_allocated - 1, 0), last_busy_at = p_at
+        WHERE process_id = pid;
+    END IF;
+    RETURN TRUE;
+END $$;
 "#];
 
 /// Apply the migrations this database has not seen yet; returns the schema version.
