@@ -17,6 +17,7 @@ use tokio_postgres::{error::SqlState, NoTls, Row};
 use crate::codec::{from_json, to_json, RoomDoc};
 use crate::{EndedProcess, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
+mod batch;
 mod schema;
 
 /// Connections per replica.
@@ -27,6 +28,8 @@ const STATEMENT_TIMEOUT_MS: u32 = 10_000;
 
 pub struct PostgresStore {
     pool: Pool,
+    /// Placements into existing processes and freed rooms, committed in batches.
+    batch: batch::Batcher,
 }
 
 /// Raised by `lodge_place_room` (schema.rs).
@@ -73,7 +76,7 @@ fn unique(e: tokio_postgres::Error, msg: impl FnOnce() -> String) -> StoreError 
     }
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+pub(crate) fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => pg(e),
         other => StoreError::Backend(format!("postgres pool: {other}")),
@@ -126,7 +129,10 @@ impl PostgresStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
-        let store = Self { pool };
+        let store = Self {
+            batch: batch::Batcher::start(pool.clone()),
+            pool,
+        };
         let mut client = store.pool.get().await.map_err(|e| {
             let why = match e {
                 deadpool_postgres::PoolError::Backend(e) => pg_message(&e),
@@ -846,8 +852,20 @@ impl Store for PostgresStore {
             &claim,
         ];
         match &target {
-            // The hot path: one call, committed on its own.
-            PlaceTarget::Existing(_) => self.exec(place, &args).await.map(|_| ()),
+            // The hot path: with whatever else is waiting, one call and one commit.
+            PlaceTarget::Existing(_) => {
+                self.batch
+                    .place(batch::Place {
+                        room: room.room_id.clone(),
+                        app: room.app_id.clone(),
+                        status: room.status.as_str().to_string(),
+                        process: alloc.process_id.clone(),
+                        doc: doc.clone(),
+                        alloc: alloc.room_allocation_id.clone(),
+                        at: alloc.scheduled_at,
+                    })
+                    .await
+            }
             // A new process (and the app's limit) first, in the same transaction.
             PlaceTarget::New(p, max) => {
                 let mut c = self.client().await?;
@@ -865,13 +883,14 @@ impl Store for PostgresStore {
         status: RoomStatus,
         at: Millis,
     ) -> Result<Option<Room>> {
-        let freed: bool = self
-            .rows(
-                "SELECT lodge_free_room($1, $2, $3)",
-                &[&room_id, &status.as_str(), &at],
-            )
-            .await?[0]
-            .get(0);
+        let freed = self
+            .batch
+            .free(batch::Free {
+                room: room_id.to_string(),
+                status: status.as_str().to_string(),
+                at,
+            })
+            .await?;
         if !freed {
             return Ok(None);
         }

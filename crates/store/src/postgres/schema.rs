@@ -117,11 +117,9 @@ CREATE TABLE legacy_ids (
     UNIQUE (scope, kind, id)
 );
 
--- The two hottest writes, each one call: a room into a slot of its process (or resumed there),
--- and a room out of it. One round trip, committed on its own, so a busy process's row is held
--- only while the call runs and its commit is flushed. Rows are locked room first, then its
--- process, as everywhere. A failed placement raises (LD001: no free slot, LD002: room id
--- taken), which undoes the whole call.
+-- A room into a slot of a process (or resumed there), with the process's count moved when
+-- `p_claim`; used with a new process, in the transaction that inserts it. A failed placement
+-- raises (LD001: no free slot, LD002: room id taken), which undoes the call.
 CREATE FUNCTION lodge_place_room(p_room TEXT, p_app TEXT, p_status TEXT, p_process TEXT,
                                  p_doc TEXT, p_alloc TEXT, p_at BIGINT, p_claim BOOLEAN)
 RETURNS VOID LANGUAGE plpgsql AS $$
@@ -151,26 +149,103 @@ BEGIN
     END IF;
 END $$;
 
-CREATE FUNCTION lodge_free_room(p_room TEXT, p_status TEXT, p_at BIGINT)
-RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+-- Group commit: every placement into an existing process and every freed room a replica has
+-- waiting, in one call and one commit, so a busy process's row is locked, updated and flushed
+-- once per batch instead of once per room. Rooms to free are locked first (in id order), then
+-- every process involved (in id order). Frees come first, so their slots serve the
+-- placements after them; each process's count moves once, by the batch's total.
+CREATE FUNCTION lodge_batch(
+    f_room TEXT[], f_status TEXT[], f_at BIGINT[],
+    p_room TEXT[], p_app TEXT[], p_status TEXT[], p_process TEXT[], p_doc TEXT[], p_alloc TEXT[],
+    p_at BIGINT[],
+    OUT freed BOOLEAN[], OUT placed TEXT[])
+LANGUAGE plpgsql AS $$
 DECLARE
+    i INTEGER;
+    j INTEGER;
+    n_seq INTEGER;
     cur TEXT;
     pid TEXT;
+    free_slots INTEGER;
+    placeable BOOLEAN;
+    dec_pid TEXT[] := '{}';
+    dec_at BIGINT[] := '{}';
+    seen_pid TEXT[] := '{}';
+    seen_free INTEGER[] := '{}';
+    seen_n INTEGER[] := '{}';
+    seen_at BIGINT[] := '{}';
 BEGIN
-    SELECT status, process_id INTO cur, pid FROM rooms WHERE room_id = p_room FOR UPDATE;
-    IF NOT FOUND OR cur = p_status OR cur = 'destroyed' THEN
-        RETURN FALSE;
-    END IF;
-    IF pid IS NOT NULL THEN
-        UPDATE allocations SET unscheduled_at = p_at
-        WHERE room_id = p_room AND process_id = pid AND unscheduled_at IS NULL;
-    END IF;
-    UPDATE rooms SET status = p_status, process_id = NULL WHERE room_id = p_room;
-    IF pid IS NOT NULL THEN
-        UPDATE processes SET rooms_allocated = GREATEST(rooms_allocated - 1, 0), last_busy_at = p_at
-        WHERE process_id = pid;
-    END IF;
-    RETURN TRUE;
+    freed := '{}';
+    placed := '{}';
+    PERFORM 1 FROM rooms WHERE room_id = ANY(f_room) ORDER BY room_id FOR UPDATE;
+    PERFORM 1 FROM processes
+    WHERE process_id = ANY(p_process)
+       OR process_id IN (SELECT r.process_id FROM rooms r WHERE r.room_id = ANY(f_room))
+    ORDER BY process_id FOR UPDATE;
+
+    FOR i IN 1..COALESCE(array_length(f_room, 1), 0) LOOP
+        SELECT status, process_id INTO cur, pid FROM rooms WHERE room_id = f_room[i];
+        IF NOT FOUND OR cur = f_status[i] OR cur = 'destroyed' THEN
+            freed := freed || FALSE;
+            CONTINUE;
+        END IF;
+        IF pid IS NOT NULL THEN
+            UPDATE allocations SET unscheduled_at = f_at[i]
+            WHERE room_id = f_room[i] AND process_id = pid AND unscheduled_at IS NULL;
+            dec_pid := dec_pid || pid;
+            dec_at := dec_at || f_at[i];
+        END IF;
+        UPDATE rooms SET status = f_status[i], process_id = NULL WHERE room_id = f_room[i];
+        freed := freed || TRUE;
+    END LOOP;
+    UPDATE processes p SET rooms_allocated = GREATEST(p.rooms_allocated - d.n, 0), last_busy_at = d.at
+    FROM (SELECT u.pid, COUNT(*)::INTEGER AS n, MAX(u.at) AS at
+          FROM unnest(dec_pid, dec_at) AS u(pid, at) GROUP BY u.pid) d
+    WHERE p.process_id = d.pid;
+
+    FOR i IN 1..COALESCE(array_length(p_room, 1), 0) LOOP
+        j := array_position(seen_pid, p_process[i]);
+        IF j IS NULL THEN
+            SELECT rooms_per_process - rooms_allocated, status IN ('starting', 'running')
+            INTO free_slots, placeable FROM processes WHERE process_id = p_process[i];
+            IF NOT FOUND OR NOT placeable THEN
+                free_slots := 0;
+            END IF;
+            seen_pid := seen_pid || p_process[i];
+            seen_free := seen_free || free_slots;
+            seen_n := seen_n || 0;
+            seen_at := seen_at || p_at[i];
+            j := array_length(seen_pid, 1);
+        END IF;
+        IF seen_free[j] <= 0 THEN
+            placed := placed || 'full'::TEXT;
+            CONTINUE;
+        END IF;
+        INSERT INTO rooms (room_id, app_id, status, process_id, doc)
+        VALUES (p_room[i], p_app[i], p_status[i], p_process[i], p_doc[i])
+        ON CONFLICT (room_id) DO NOTHING;
+        IF FOUND THEN
+            n_seq := 0;
+        ELSE
+            UPDATE rooms SET status = p_status[i], process_id = p_process[i]
+            WHERE room_id = p_room[i] AND app_id = p_app[i] AND process_id IS NULL
+              AND status = 'suspended';
+            IF NOT FOUND THEN
+                placed := placed || 'taken'::TEXT;
+                CONTINUE;
+            END IF;
+            SELECT COUNT(*) INTO n_seq FROM allocations WHERE room_id = p_room[i];
+        END IF;
+        INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
+        VALUES (p_alloc[i], p_room[i], p_process[i], p_at[i], NULL, n_seq);
+        seen_free[j] := seen_free[j] - 1;
+        seen_n[j] := seen_n[j] + 1;
+        seen_at[j] := GREATEST(seen_at[j], p_at[i]);
+        placed := placed || 'ok'::TEXT;
+    END LOOP;
+    UPDATE processes p SET rooms_allocated = p.rooms_allocated + u.n, last_busy_at = u.at
+    FROM unnest(seen_pid, seen_n, seen_at) AS u(pid, n, at)
+    WHERE p.process_id = u.pid AND u.n > 0;
 END $$;
 "#];
 
