@@ -163,6 +163,19 @@ impl PostgresStore {
         c.execute(&stmt, args).await.map_err(pg)
     }
 
+    /// Run a write whose unique-violation is the caller's to name (`Duplicate(msg)`).
+    async fn exec_unique(
+        &self,
+        sql: &str,
+        args: &[&(dyn ToSql + Sync)],
+        msg: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let c = self.client().await?;
+        let stmt = c.prepare_cached(sql).await.map_err(pg)?;
+        c.execute(&stmt, args).await.map_err(|e| unique(e, msg))?;
+        Ok(())
+    }
+
     async fn rows(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let c = self.client().await?;
         let stmt = c.prepare_cached(sql).await.map_err(pg)?;
@@ -424,26 +437,12 @@ impl Store for PostgresStore {
     }
 
     async fn insert_token(&self, t: &OrgToken, secret_hash: &str) -> Result<()> {
-        let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "INSERT INTO tokens (org_token_id, org_id, name, active, secret_hash, doc) VALUES ($1, $2, $3, TRUE, $4, $5)",
-            )
-            .await
-            .map_err(pg)?;
-        c.execute(
-            &stmt,
-            &[
-                &t.org_token_id,
-                &t.org_id,
-                &t.name,
-                &secret_hash,
-                &to_json(t)?,
-            ],
+        self.exec_unique(
+            "INSERT INTO tokens (org_token_id, org_id, name, active, secret_hash, doc) VALUES ($1, $2, $3, TRUE, $4, $5)",
+            &[&t.org_token_id, &t.org_id, &t.name, &secret_hash, &to_json(t)?],
+            || format!("a token named '{}' already exists", t.name),
         )
         .await
-        .map_err(|e| unique(e, || format!("a token named '{}' already exists", t.name)))?;
-        Ok(())
     }
 
     async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<OrgToken>> {
@@ -487,50 +486,26 @@ impl Store for PostgresStore {
     }
 
     async fn insert_app(&self, app: &App) -> Result<()> {
-        let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "INSERT INTO apps (app_id, org_id, app_name, deleted, doc) VALUES ($1, $2, $3, FALSE, $4)",
-            )
-            .await
-            .map_err(pg)?;
-        c.execute(
-            &stmt,
+        self.exec_unique(
+            "INSERT INTO apps (app_id, org_id, app_name, deleted, doc) VALUES ($1, $2, $3, FALSE, $4)",
             &[&app.app_id, &app.org_id, &app.app_name, &to_json(app)?],
+            || format!("an application named '{}' already exists", app.app_name),
         )
         .await
-        .map_err(|e| {
-            unique(e, || {
-                format!("an application named '{}' already exists", app.app_name)
-            })
-        })?;
-        Ok(())
     }
 
     async fn update_app(&self, app: &App) -> Result<()> {
-        let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "UPDATE apps SET app_name = $2, deleted = $3, doc = $4 WHERE app_id = $1",
-            )
-            .await
-            .map_err(pg)?;
-        c.execute(
-            &stmt,
+        self.exec_unique(
+            "UPDATE apps SET app_name = $2, deleted = $3, doc = $4 WHERE app_id = $1",
             &[
                 &app.app_id,
                 &app.app_name,
                 &app.deleted_at.is_some(),
                 &to_json(app)?,
             ],
+            || format!("an application named '{}' already exists", app.app_name),
         )
         .await
-        .map_err(|e| {
-            unique(e, || {
-                format!("an application named '{}' already exists", app.app_name)
-            })
-        })?;
-        Ok(())
     }
 
     async fn app(&self, app_id: &str) -> Result<Option<App>> {
@@ -547,26 +522,12 @@ impl Store for PostgresStore {
     }
 
     async fn insert_build(&self, b: &Build) -> Result<()> {
-        let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "INSERT INTO builds (build_id, org_id, created_at, doc, status) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .await
-            .map_err(pg)?;
-        c.execute(
-            &stmt,
-            &[
-                &b.build_id,
-                &b.org_id,
-                &b.created_at,
-                &to_json(b)?,
-                &b.status.as_str(),
-            ],
+        self.exec_unique(
+            "INSERT INTO builds (build_id, org_id, created_at, doc, status) VALUES ($1, $2, $3, $4, $5)",
+            &[&b.build_id, &b.org_id, &b.created_at, &to_json(b)?, &b.status.as_str()],
+            || format!("build id '{}' is already taken", b.build_id),
         )
         .await
-        .map_err(|e| unique(e, || format!("build id '{}' is already taken", b.build_id)))?;
-        Ok(())
     }
 
     async fn update_build(&self, b: &Build) -> Result<()> {
@@ -607,21 +568,12 @@ impl Store for PostgresStore {
     }
 
     async fn insert_deployment(&self, d: &Deployment) -> Result<()> {
-        let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "INSERT INTO deployments (deployment_id, app_id, doc) VALUES ($1, $2, $3)",
-            )
-            .await
-            .map_err(pg)?;
-        c.execute(&stmt, &[&d.deployment_id, &d.app_id, &to_json(d)?])
-            .await
-            .map_err(|e| {
-                unique(e, || {
-                    format!("deployment {} already exists", d.deployment_id)
-                })
-            })?;
-        Ok(())
+        self.exec_unique(
+            "INSERT INTO deployments (deployment_id, app_id, doc) VALUES ($1, $2, $3)",
+            &[&d.deployment_id, &d.app_id, &to_json(d)?],
+            || format!("deployment {} already exists", d.deployment_id),
+        )
+        .await
     }
 
     async fn latest_deployment(&self, app_id: &str) -> Result<Option<Deployment>> {
