@@ -3,13 +3,10 @@
 //! happens. It is level-triggered: every pass compares the desired processes with what runs
 //! here, so a restart re-adopts live processes and reports the ones that died meanwhile.
 
-pub mod bundle;
-pub mod image;
 pub mod metrics;
 pub mod oci;
 pub mod shim;
 pub mod sys;
-pub mod tarsafe;
 pub mod users;
 
 use std::collections::{BTreeSet, HashMap};
@@ -23,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use lodge_model::spec::{AgentEvent, ExitInfo, ProcessSpec};
+use lodge_artifact::{bundle, image};
 use lodge_model::{Clock, ContainerPort, ExposedPort, SystemClock, TransportType};
 use lodge_proxy::{Counters, Protocol, Route};
 use serde::{Deserialize, Serialize};

@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use serde_json::{json, Value};
 
-use crate::image::ImageConfig;
+use lodge_artifact::image::ImageConfig;
 
 /// The capabilities a container keeps: the usual runtime defaults, nothing extra.
 const CAPABILITIES: &[&str] = &[

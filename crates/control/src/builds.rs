@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use lodge_agent::bundle;
+use lodge_artifact::bundle;
 use lodge_model::wire::{
     BuildV3, BuildsV3Page, CreateMultipartBuildParams, CreatedBuildV3WithMultipartUrls, UploadPart,
 };
@@ -494,7 +494,7 @@ impl Control {
             self.finish_native(&dir, &staging, bytes, say).await
         } else if staging.join("Dockerfile").is_file() {
             self.build_dockerfile(&build.build_id, &staging, say).await
-        } else if lodge_agent::image::is_image_layout(&staging) {
+        } else if lodge_artifact::image::is_image_layout(&staging) {
             say("the upload is an image archive; importing it".into()).await;
             self.import_image(&build.build_id, &staging, say).await
         } else {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use lodge_agent::image::{self, ImageConfig};
+use lodge_artifact::image::{self, ImageConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::Control;

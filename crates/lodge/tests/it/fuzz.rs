@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lodge_agent::bundle::{self, Limits, Manifest};
+use lodge_artifact::bundle::{self, Limits, Manifest};
 use serde_json::{json, Value};
 
 use crate::TempDir;
