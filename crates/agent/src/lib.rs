@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use lodge_model::spec::{AgentEvent, ExitInfo, ProcessSpec};
 use lodge_artifact::{bundle, image};
+use lodge_model::spec::{AgentEvent, ExitInfo, ProcessSpec};
 use lodge_model::{Clock, ContainerPort, ExposedPort, SystemClock, TransportType};
 use lodge_proxy::{Counters, Protocol, Route};
 use serde::{Deserialize, Serialize};
@@ -29,24 +29,7 @@ use tokio::sync::Notify;
 
 pub use shim::ExitFile;
 
-/// The agent's view of the control plane. In `lodge serve` it is a direct call; a remote node
-/// speaks the same two operations over the network.
-#[async_trait]
-pub trait ControlLink: Send + Sync + 'static {
-    /// Live processes assigned to this node (to run, keep running, or stop).
-    async fn desired(&self, node_id: &str) -> Result<Vec<ProcessSpec>, String>;
-    /// Just these processes, if live and on this node: what changed since the last look.
-    async fn specs(&self, node_id: &str, ids: &[String]) -> Result<Vec<ProcessSpec>, String> {
-        let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
-        Ok(self
-            .desired(node_id)
-            .await?
-            .into_iter()
-            .filter(|s| wanted.contains(s.process_id.as_str()))
-            .collect())
-    }
-    async fn report(&self, event: AgentEvent);
-}
+pub use lodge_model::node::{ControlLink, ProcessStats};
 
 /// How often the agent compares everything it runs with everything it should run; between
 /// full passes it looks only at the processes it was told about.
@@ -106,15 +89,6 @@ impl AgentConfig {
     pub fn cgroup_group(&self) -> String {
         format!("lodge-{}", self.instance)
     }
-}
-
-/// Live statistics of one process.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProcessStats {
-    pub active_connections: u64,
-    pub total_connections: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
 }
 
 /// What the agent keeps on disk about a process it started (`DIR/state.json`).
@@ -1485,4 +1459,42 @@ pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
         .await;
     sys::Cgroups::remove_group(&cfg_group);
     ended
+}
+
+#[async_trait]
+impl lodge_model::node::NodeLink for Agent {
+    fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    fn wake(&self, process_id: &str) {
+        self.wake_for(process_id);
+    }
+
+    fn stats(&self, process_id: &str) -> Option<ProcessStats> {
+        Agent::stats(self, process_id)
+    }
+
+    fn flows(&self) -> lodge_model::node::FlowTotals {
+        let f = &self.cfg.flows;
+        lodge_model::node::FlowTotals {
+            active: u64::try_from(f.active()).unwrap_or(u64::MAX),
+            max: u64::try_from(f.max_flows()).unwrap_or(u64::MAX),
+            refused: f.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn metrics(
+        &self,
+        process_id: &str,
+        start_s: i64,
+        end_s: i64,
+        step_s: i64,
+    ) -> Result<lodge_model::node::MetricSeries, String> {
+        let dir = self.cfg.process_dir(process_id);
+        let samples = tokio::task::spawn_blocking(move || metrics::read(&dir))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(metrics::series(&samples, start_s, end_s, step_s))
+    }
 }

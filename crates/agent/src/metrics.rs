@@ -53,25 +53,10 @@ pub fn read(dir: &Path) -> Vec<Sample> {
         .unwrap_or_default()
 }
 
-/// A point of a series: unix seconds and a value.
-pub type Point = (i64, f64);
+pub use lodge_model::node::{MetricSeries as Series, Point};
 
-/// Hathora's process metrics over `[start_s, end_s)` in buckets of `step_s` seconds. Buckets
-/// without samples are left out.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Series {
-    /// vCPU cores used (1.0 = one core busy).
-    pub cpu: Vec<Point>,
-    /// Resident memory in MB.
-    pub memory: Vec<Point>,
-    /// Bytes per second sent to players.
-    pub rate_egress: Vec<Point>,
-    /// Bytes sent to players since the process started, at the end of the bucket.
-    pub total_egress: Vec<Point>,
-    /// The most connections seen in the bucket.
-    pub active_connections: Vec<Point>,
-}
-
+/// Hathora's process metrics over `[start_s, end_s)` in buckets of `step_s` seconds, from the
+/// samples.
 pub fn series(samples: &[Sample], start_s: i64, end_s: i64, step_s: i64) -> Series {
     let mut out = Series::default();
     let step = step_s.max(1);

@@ -258,14 +258,12 @@ pub(crate) async fn metrics_text(State(s): State<AppState>) -> ApiResult<Respons
          # HELP lodge_player_flows_refused_total Flows refused at the node's or a source's cap.\n# TYPE lodge_player_flows_refused_total counter"
     );
     for agent in s.control.agents() {
-        let flows = &agent.config().flows;
-        let node = &agent.config().node_id;
+        let flows = agent.flows();
+        let node = agent.node_id();
         let _ = writeln!(
             out,
             "lodge_player_flows{{node=\"{node}\"}} {}\nlodge_player_flows_max{{node=\"{node}\"}} {}\nlodge_player_flows_refused_total{{node=\"{node}\"}} {}",
-            flows.active(),
-            flows.max_flows(),
-            flows.refused.load(Ordering::Relaxed)
+            flows.active, flows.max, flows.refused
         );
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())

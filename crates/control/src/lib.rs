@@ -21,14 +21,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use lodge_agent::Agent;
+use lodge_model::node::NodeLink;
 use lodge_model::{App, Clock, Org};
 use lodge_store::{Store, StoreError};
 
 pub use builds::{BuildLog, UploadTarget};
 pub use deployments::DeploymentFilter;
 pub use legacy::{ApplicationV1, CreatedLegacyBuild, LegacyUpload};
-pub use lodge_agent::metrics::Series as MetricSeries;
+pub use lodge_model::node::MetricSeries;
 pub use players::NewLobby;
 pub use rooms::{MetricsQuery, ProcessFilter};
 pub use tokens::Caller;
@@ -141,8 +141,8 @@ pub struct Control {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     cfg: ControlConfig,
-    /// Nodes whose agent runs in this process.
-    local_agents: RwLock<Vec<Arc<Agent>>>,
+    /// Nodes whose agent runs in this process, through the node boundary.
+    local_agents: RwLock<Vec<Arc<dyn NodeLink>>>,
     metrics: Metrics,
     jwks: jwt::JwksSource,
     /// The default org, once known (it never changes).
@@ -226,7 +226,8 @@ impl Control {
         }
     }
 
-    pub fn agents(&self) -> Vec<Arc<Agent>> {
+    /// The nodes this control plane reaches.
+    pub fn agents(&self) -> Vec<Arc<dyn NodeLink>> {
         self.local_agents
             .read()
             .unwrap_or_else(|p| p.into_inner())

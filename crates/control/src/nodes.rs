@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use lodge_agent::{Agent, ControlLink};
+use lodge_model::node::{ControlLink, NodeLink};
 use lodge_model::spec::{AgentEvent, ProcessSpec};
 use lodge_model::{Node, ProcessStatus};
 use lodge_scheduler::LiveProcess;
@@ -21,7 +21,7 @@ impl Control {
     }
 
     /// Register a node and the agent that runs in this process for it.
-    pub async fn register_local_node(&self, node: Node, agent: Arc<Agent>) -> Result<()> {
+    pub async fn register_local_node(&self, node: Node, agent: Arc<dyn NodeLink>) -> Result<()> {
         self.store.put_node(&node).await?;
         self.local_agents
             .write()
@@ -37,8 +37,8 @@ impl Control {
     /// Tell the node running (or to run) `process_id` to look at it now.
     pub(crate) fn wake_node(&self, node_id: &str, process_id: &str) {
         for a in self.agents() {
-            if a.config().node_id == node_id {
-                a.wake_for(process_id);
+            if a.node_id() == node_id {
+                a.wake(process_id);
             }
         }
     }

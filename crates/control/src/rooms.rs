@@ -613,7 +613,7 @@ impl Control {
         q: MetricsQuery,
     ) -> Result<crate::MetricSeries> {
         let app = self.app_of(caller, app_id).await?;
-        self.process_of(&app.app_id, process_id).await?;
+        let p = self.process_of(&app.app_id, process_id).await?;
         // Epoch seconds from 1970 to the year 5000: no arithmetic below can overflow.
         const LATEST: i64 = 95_617_584_000;
         for (name, v) in [("start", q.start), ("end", q.end)] {
@@ -637,12 +637,18 @@ impl Control {
                 "at most 10000 points per series; use a larger step".into(),
             ));
         }
-        let dir = self.cfg.data_dir.join("processes").join(process_id);
-        let samples = tokio::task::spawn_blocking(move || lodge_agent::metrics::read(&dir))
+        let node = self
+            .agents()
+            .into_iter()
+            .find(|a| a.node_id() == p.node_id)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "the metrics of process {process_id} are on node {}, which this control plane cannot reach",
+                    p.node_id
+                ))
+            })?;
+        node.metrics(process_id, q.start, q.end, q.step)
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        Ok(lodge_agent::metrics::series(
-            &samples, q.start, q.end, q.step,
-        ))
+            .map_err(Error::Internal)
     }
 }

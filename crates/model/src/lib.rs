@@ -6,6 +6,7 @@ pub mod entity;
 pub mod enums;
 pub mod id;
 pub mod legacy;
+pub mod node;
 pub mod source;
 pub mod spec;
 pub mod validate;

@@ -1,0 +1,83 @@
+//! The node boundary, typed once for both sides: what the control plane asks of a node
+//! ([`NodeLink`]) and what a node asks of the control plane ([`ControlLink`]). In `lodge serve`
+//! both are direct calls between the control plane and its embedded node; a remote node speaks
+//! the same operations over the network.
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+
+use crate::spec::{AgentEvent, ProcessSpec};
+
+/// The node's view of the control plane.
+#[async_trait]
+pub trait ControlLink: Send + Sync + 'static {
+    /// Live processes assigned to this node (to run, keep running, or stop).
+    async fn desired(&self, node_id: &str) -> Result<Vec<ProcessSpec>, String>;
+    /// Just these processes, if live and on this node: what changed since the last look.
+    async fn specs(&self, node_id: &str, ids: &[String]) -> Result<Vec<ProcessSpec>, String> {
+        let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        Ok(self
+            .desired(node_id)
+            .await?
+            .into_iter()
+            .filter(|s| wanted.contains(s.process_id.as_str()))
+            .collect())
+    }
+    async fn report(&self, event: AgentEvent);
+}
+
+/// The control plane's view of a node.
+#[async_trait]
+pub trait NodeLink: Send + Sync + 'static {
+    fn node_id(&self) -> &str;
+    /// Look at this process now (it was placed, or asked to stop), not at the next full pass.
+    fn wake(&self, process_id: &str);
+    /// Live counters of a process the node runs; `None` if it runs no such process.
+    fn stats(&self, process_id: &str) -> Option<ProcessStats>;
+    /// Players' flows on the node's public ports, against its cap.
+    fn flows(&self) -> FlowTotals;
+    /// A process's metrics over `[start_s, end_s)` in buckets of `step_s` seconds.
+    async fn metrics(
+        &self,
+        process_id: &str,
+        start_s: i64,
+        end_s: i64,
+        step_s: i64,
+    ) -> Result<MetricSeries, String>;
+}
+
+/// Live counters of one process's public ports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessStats {
+    pub active_connections: u64,
+    pub total_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// A node's players' flows (UDP sessions and TCP connections) and its cap on them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowTotals {
+    pub active: u64,
+    pub max: u64,
+    pub refused: u64,
+}
+
+/// A point of a series: unix seconds and a value.
+pub type Point = (i64, f64);
+
+/// Hathora's process metrics over a window. Buckets without samples are left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricSeries {
+    /// vCPU cores used (1.0 = one core busy).
+    pub cpu: Vec<Point>,
+    /// Resident memory in MB.
+    pub memory: Vec<Point>,
+    /// Bytes per second sent to players.
+    pub rate_egress: Vec<Point>,
+    /// Bytes sent to players since the process started, at the end of the bucket.
+    pub total_egress: Vec<Point>,
+    /// The most connections seen in the bucket.
+    pub active_connections: Vec<Point>,
+}
