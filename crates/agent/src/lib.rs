@@ -3,6 +3,7 @@
 //! happens. It is level-triggered: every pass compares the desired processes with what runs
 //! here, so a restart re-adopts live processes and reports the ones that died meanwhile.
 
+pub mod logs;
 pub mod metrics;
 pub mod oci;
 pub mod shim;
@@ -273,6 +274,10 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .push(process_id.to_string());
         self.wake.notify_one();
+    }
+
+    fn processes_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("processes")
     }
 
     pub fn log_path(&self, process_id: &str) -> PathBuf {
@@ -1484,6 +1489,43 @@ impl lodge_model::node::NodeLink for Agent {
         }
     }
 
+    async fn log_tail(&self, process_id: &str, lines: usize) -> Result<(Vec<u8>, u64), String> {
+        let dir = logs::process_dir(&self.processes_dir(), process_id)?;
+        logs::tail_lines(&dir.join(shim::LOG), lines)
+            .await
+            .map_err(|e| format!("reading the log of {process_id}: {e}"))
+    }
+
+    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> Result<Vec<u8>, String> {
+        let dir = logs::process_dir(&self.processes_dir(), process_id)?;
+        logs::read_at(&dir.join(shim::LOG), offset, max)
+            .await
+            .map_err(|e| format!("reading the log of {process_id}: {e}"))
+    }
+
+    async fn kept_processes(&self) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut entries = tokio::fs::read_dir(self.processes_dir())
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some(e) = entries.next_entry().await.map_err(|e| e.to_string())? {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+        Ok(out)
+    }
+
+    async fn forget_process(&self, process_id: &str) -> Result<(), String> {
+        if self.stats(process_id).is_some() {
+            return Err(format!("process {process_id} still runs here"));
+        }
+        let dir = logs::process_dir(&self.processes_dir(), process_id)?;
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("{}: {e}", dir.display())),
+        }
+    }
+
     async fn metrics(
         &self,
         process_id: &str,
@@ -1491,7 +1533,7 @@ impl lodge_model::node::NodeLink for Agent {
         end_s: i64,
         step_s: i64,
     ) -> Result<lodge_model::node::MetricSeries, String> {
-        let dir = self.cfg.process_dir(process_id);
+        let dir = logs::process_dir(&self.processes_dir(), process_id)?;
         let samples = tokio::task::spawn_blocking(move || metrics::read(&dir))
             .await
             .map_err(|e| e.to_string())?;

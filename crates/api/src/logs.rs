@@ -1,51 +1,25 @@
-//! LogsV1: tail, follow and download a process's log.
+//! LogsV1: tail, follow and download a process's log, read through the node that keeps it.
 
-use std::io::SeekFrom;
-use std::path::Path as FsPath;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use lodge_model::node::NodeLink;
 
-use crate::{invalid, ApiFailure, ApiResult, AppState, Dev, Path, QueryPairs};
+use crate::{invalid, ApiResult, AppState, Dev, Path, QueryPairs};
 
-/// Never read more than this from the end of a log to find the last lines.
-const TAIL_WINDOW: u64 = 8 << 20;
+/// How much of a log one read from the node asks for.
+const CHUNK: usize = 64 * 1024;
 
 fn octet_stream(body: axum::body::Body) -> Response {
     ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
 }
 
-/// The last `n` lines of the file, and the file length they end at.
-async fn tail_lines(path: &FsPath, n: usize) -> std::io::Result<(Vec<u8>, u64)> {
-    let mut f = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-        Err(e) => return Err(e),
-    };
-    let len = f.metadata().await?.len();
-    let start = len.saturating_sub(TAIL_WINDOW);
-    f.seek(SeekFrom::Start(start)).await?;
-    let mut buf = Vec::with_capacity((len - start) as usize);
-    f.read_to_end(&mut buf).await?;
-    let end = buf.len() as u64 + start;
-    // Count back n newlines (ignoring a final one).
-    let mut seen = 0;
-    let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
-    let mut cut = 0;
-    for (i, b) in body.iter().enumerate().rev() {
-        if *b == b'\n' {
-            seen += 1;
-            if seen == n {
-                cut = i + 1;
-                break;
-            }
-        }
-    }
-    Ok((buf[cut..].to_vec(), end))
+fn node_error(e: String) -> lodge_control::Error {
+    lodge_control::Error::Internal(e)
 }
 
 pub async fn tail(
@@ -63,10 +37,11 @@ pub async fn tail(
     if !(1..=5000).contains(&lines) {
         return Err(invalid(format!("tailLines must be 1 to 5000, got {lines}")));
     }
-    let (process, path) = s.control.process_log(&c, &app, &pid).await?;
-    let (initial, mut offset) = tail_lines(&path, lines as usize)
+    let (process, node) = s.control.process_log(&c, &app, &pid).await?;
+    let (initial, mut offset) = node
+        .log_tail(&pid, lines as usize)
         .await
-        .map_err(lodge_control::Error::from)?;
+        .map_err(node_error)?;
     if !follow || process.status.is_terminal() {
         return Ok(octet_stream(axum::body::Body::from(initial)));
     }
@@ -80,21 +55,15 @@ pub async fn tail(
             let ended =
                 !matches!(control.process_status(&pid).await, Ok(Some(st)) if !st.is_terminal());
             // Read whatever was appended since the last look.
-            if let Ok(mut f) = tokio::fs::File::open(&path).await {
-                let len = f.metadata().await.map(|m| m.len()).unwrap_or(offset);
-                if len > offset && f.seek(SeekFrom::Start(offset)).await.is_ok() {
-                    let mut chunk = Vec::with_capacity((len - offset) as usize);
-                    if (&mut f)
-                        .take(len - offset)
-                        .read_to_end(&mut chunk)
-                        .await
-                        .is_ok()
-                    {
+            loop {
+                match node.log_read(&pid, offset, CHUNK).await {
+                    Ok(chunk) if !chunk.is_empty() => {
                         offset += chunk.len() as u64;
                         if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                             return;
                         }
                     }
+                    _ => break,
                 }
             }
             if ended {
@@ -116,52 +85,46 @@ pub async fn download(
     Dev(c): Dev,
     Path((app, pid)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let (_, path) = s.control.process_log(&c, &app, &pid).await?;
-    match tokio::fs::File::open(&path).await {
-        Ok(f) => Ok(octet_stream(axum::body::Body::from_stream(
-            tokio_util_stream(f),
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(octet_stream(axum::body::Body::empty()))
-        }
-        Err(e) => Err(ApiFailure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            None,
-        )),
-    }
+    let (_, node) = s.control.process_log(&c, &app, &pid).await?;
+    // The first chunk is read before answering, so a node that cannot read the log is an error
+    // status, not a cut-off body.
+    let first = node.log_read(&pid, 0, CHUNK).await.map_err(node_error)?;
+    let offset = first.len() as u64;
+    Ok(octet_stream(axum::body::Body::from_stream(log_stream(
+        node, pid, first, offset,
+    ))))
 }
 
-/// A file as a stream of chunks.
-fn tokio_util_stream(
-    f: tokio::fs::File,
+/// Where a download stands: the chunk read before answering, then reads from an offset.
+enum Download {
+    First(Vec<u8>, u64),
+    At(u64),
+    Done,
+}
+
+/// `first`, then the rest of the log from `offset`, chunk by chunk.
+fn log_stream(
+    node: Arc<dyn NodeLink>,
+    pid: String,
+    first: Vec<u8>,
+    offset: u64,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    futures_util::stream::unfold(f, |mut f| async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), f))
+    futures_util::stream::unfold(Download::First(first, offset), move |state| {
+        let (node, pid) = (node.clone(), pid.clone());
+        async move {
+            match state {
+                Download::Done => None,
+                Download::First(chunk, _) if chunk.is_empty() => None,
+                Download::First(chunk, at) => Some((Ok(Bytes::from(chunk)), Download::At(at))),
+                Download::At(at) => match node.log_read(&pid, at, CHUNK).await {
+                    Ok(chunk) if chunk.is_empty() => None,
+                    Ok(chunk) => {
+                        let next = at + chunk.len() as u64;
+                        Some((Ok(Bytes::from(chunk)), Download::At(next)))
+                    }
+                    Err(e) => Some((Err(std::io::Error::other(e)), Download::Done)),
+                },
             }
-            Err(e) => Some((Err(e), f)),
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn tails_the_last_lines() {
-        let p = std::env::temp_dir().join(format!("lodge-tail-{}", std::process::id()));
-        tokio::fs::write(&p, "a\nb\nc\nd\n").await.unwrap();
-        assert_eq!(tail_lines(&p, 2).await.unwrap().0, b"c\nd\n");
-        assert_eq!(tail_lines(&p, 10).await.unwrap().0, b"a\nb\nc\nd\n");
-        tokio::fs::write(&p, "x\ny").await.unwrap();
-        assert_eq!(tail_lines(&p, 1).await.unwrap().0, b"y");
-        let _ = tokio::fs::remove_file(&p).await;
-        assert!(tail_lines(&p, 1).await.unwrap().0.is_empty());
-    }
 }

@@ -1,7 +1,9 @@
 //! Rooms and processes: the allocator and the process use-cases.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use lodge_model::node::NodeLink;
 use lodge_model::wire::{ConnectionInfoV2, CreateRoomParams, ProcessV3, RoomOut};
 use lodge_model::{
     id, validate, App, Deployment, Process, ProcessStatus, Region, Room, RoomAllocation, RoomStatus,
@@ -534,28 +536,36 @@ impl Control {
         Ok(())
     }
 
-    /// For log endpoints: the process (checked against the app) and its log file.
+    /// For log endpoints: the process (checked against the app) and the node that keeps its log.
     pub async fn process_log(
         &self,
         caller: &Caller,
         app_id: &str,
         process_id: &str,
-    ) -> Result<(Process, std::path::PathBuf)> {
+    ) -> Result<(Process, Arc<dyn NodeLink>)> {
         let app = self.app_of(caller, app_id).await?;
         let p = self.process_of(&app.app_id, process_id).await?;
-        let path = self
-            .cfg
-            .data_dir
-            .join("processes")
-            .join(process_id)
-            .join("log");
         if self.past_retention(&p) {
             return Err(Error::Gone(format!(
                 "the logs of process {process_id} are older than the {} h retention period",
                 self.cfg.retention.as_secs() / 3600
             )));
         }
-        Ok((p, path))
+        let node = self.node_of(&p, "logs")?;
+        Ok((p, node))
+    }
+
+    /// The node that runs (or ran) the process, for what only the node has.
+    fn node_of(&self, p: &Process, what: &str) -> Result<Arc<dyn NodeLink>> {
+        self.agents()
+            .into_iter()
+            .find(|a| a.node_id() == p.node_id)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "the {what} of process {} are on node {}, which this control plane cannot reach",
+                    p.process_id, p.node_id
+                ))
+            })
     }
 
     /// Whether an ended process's logs and metrics are past the retention period.
@@ -565,19 +575,18 @@ impl Control {
             .is_some_and(|t| self.now().saturating_sub(t) > keep)
     }
 
-    /// Delete the logs and metrics of processes that ended more than the retention period ago.
+    /// Have every node delete the logs and metrics of processes that ended more than the
+    /// retention period ago.
     pub async fn sweep_retention(&self) -> Result<usize> {
-        let dir = self.cfg.data_dir.join("processes");
-        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
-            return Ok(0);
-        };
         let mut removed = 0;
-        while let Ok(Some(e)) = entries.next_entry().await {
-            let id = e.file_name().to_string_lossy().into_owned();
-            if let Some(p) = self.store.process(&id).await? {
-                if p.status.is_terminal() && self.past_retention(&p) {
-                    tokio::fs::remove_dir_all(e.path()).await?;
-                    removed += 1;
+        for node in self.agents() {
+            let kept = node.kept_processes().await.map_err(Error::Internal)?;
+            for id in kept {
+                if let Some(p) = self.store.process(&id).await? {
+                    if p.status.is_terminal() && self.past_retention(&p) {
+                        node.forget_process(&id).await.map_err(Error::Internal)?;
+                        removed += 1;
+                    }
                 }
             }
         }
@@ -637,16 +646,7 @@ impl Control {
                 "at most 10000 points per series; use a larger step".into(),
             ));
         }
-        let node = self
-            .agents()
-            .into_iter()
-            .find(|a| a.node_id() == p.node_id)
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "the metrics of process {process_id} are on node {}, which this control plane cannot reach",
-                    p.node_id
-                ))
-            })?;
+        let node = self.node_of(&p, "metrics")?;
         node.metrics(process_id, q.start, q.end, q.step)
             .await
             .map_err(Error::Internal)

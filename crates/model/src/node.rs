@@ -37,6 +37,15 @@ pub trait NodeLink: Send + Sync + 'static {
     fn stats(&self, process_id: &str) -> Option<ProcessStats>;
     /// Players' flows on the node's public ports, against its cap.
     fn flows(&self) -> FlowTotals;
+    /// The last `lines` lines of a process's log, and the log's length they end at (where a
+    /// follower goes on reading). An absent log is empty.
+    async fn log_tail(&self, process_id: &str, lines: usize) -> Result<(Vec<u8>, u64), String>;
+    /// Up to `max` bytes of a process's log from `offset`; empty at its end.
+    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> Result<Vec<u8>, String>;
+    /// Processes whose log and metrics the node still keeps.
+    async fn kept_processes(&self) -> Result<Vec<String>, String>;
+    /// Delete what the node keeps of an ended process (its log and metrics).
+    async fn forget_process(&self, process_id: &str) -> Result<(), String>;
     /// A process's metrics over `[start_s, end_s)` in buckets of `step_s` seconds.
     async fn metrics(
         &self,

@@ -1,5 +1,5 @@
-//! The control plane without nodes: allocation under races, and the idle reaper on a clock the
-//! test moves.
+//! The control plane with a fake node at the node boundary (no processes run): allocation
+//! under races, the idle reaper on a clock the test moves, retention of what the node keeps.
 
 use std::sync::Arc;
 
@@ -9,6 +9,61 @@ use lodge_model::*;
 use lodge_store::{ProcessQuery, SqliteStore, Store};
 
 use crate::TempDir;
+
+/// A node that runs nothing and keeps process logs in a directory: the control plane's side of
+/// the node boundary, without an agent.
+struct FakeNode {
+    id: String,
+    processes: std::path::PathBuf,
+}
+
+#[async_trait::async_trait]
+impl lodge_model::node::NodeLink for FakeNode {
+    fn node_id(&self) -> &str {
+        &self.id
+    }
+    fn wake(&self, _: &str) {}
+    fn stats(&self, _: &str) -> Option<lodge_model::node::ProcessStats> {
+        None
+    }
+    fn flows(&self) -> lodge_model::node::FlowTotals {
+        Default::default()
+    }
+    async fn log_tail(&self, id: &str, lines: usize) -> Result<(Vec<u8>, u64), String> {
+        let dir = lodge_agent::logs::process_dir(&self.processes, id)?;
+        lodge_agent::logs::tail_lines(&dir.join("log"), lines)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn log_read(&self, id: &str, offset: u64, max: usize) -> Result<Vec<u8>, String> {
+        let dir = lodge_agent::logs::process_dir(&self.processes, id)?;
+        lodge_agent::logs::read_at(&dir.join("log"), offset, max)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn kept_processes(&self) -> Result<Vec<String>, String> {
+        Ok(std::fs::read_dir(&self.processes)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+    async fn forget_process(&self, id: &str) -> Result<(), String> {
+        let dir = lodge_agent::logs::process_dir(&self.processes, id)?;
+        std::fs::remove_dir_all(dir).map_err(|e| e.to_string())
+    }
+    async fn metrics(
+        &self,
+        _: &str,
+        _: i64,
+        _: i64,
+        _: i64,
+    ) -> Result<lodge_model::node::MetricSeries, String> {
+        Ok(Default::default())
+    }
+}
 
 struct Setup {
     control: Arc<Control>,
@@ -32,14 +87,21 @@ async fn setup(
         scopes: None,
         instance_admin: true,
     };
+    let node = FakeNode {
+        id: "n1".into(),
+        processes: dir.join("processes"),
+    };
     control
-        .put_node(&Node {
-            node_id: "n1".into(),
-            public_host: "127.0.0.1".into(),
-            regions: None,
-            started_at: 0,
-            port_capacity: None,
-        })
+        .register_local_node(
+            Node {
+                node_id: "n1".into(),
+                public_host: "127.0.0.1".into(),
+                regions: None,
+                started_at: 0,
+                port_capacity: None,
+            },
+            Arc::new(node),
+        )
         .await
         .unwrap();
     let app = control
