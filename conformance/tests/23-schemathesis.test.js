@@ -62,7 +62,10 @@ test('schemathesis finds no server error and no answer outside the OpenAPI docum
       '--max-examples', '10',
       '--seed', '23',
       '--request-timeout', '10',
-      '--workers', '2',
+      // One worker: with two, Debian's Python 3.11 sometimes fails inside schemathesis itself
+      // ("SystemError: AST constructor recursion depth mismatch", a CPython bug with threads
+      // compiling at once, fixed in 3.12), which is no finding about Lodge.
+      '--workers', '1',
       '--no-color',
     ];
     let out;

@@ -7,6 +7,7 @@ pub mod enums;
 pub mod id;
 pub mod legacy;
 pub mod node;
+pub mod protocol;
 pub mod source;
 pub mod spec;
 pub mod validate;
