@@ -656,16 +656,20 @@ mod tests {
         }
     }
 
+    fn hello(version: u32) -> NodeMsg {
+        NodeMsg::Hello {
+            version,
+            node_id: "n".into(),
+            desired_rev: 0,
+        }
+    }
+
     #[test]
     fn a_stale_session_is_fenced_off() {
         let mut cp = NodeState::default();
-        let hello = NodeMsg::Hello {
-            version: PROTOCOL_VERSION,
-            node_id: "n".into(),
-            desired_rev: 0,
-        };
-        cp.open(&hello).unwrap();
-        cp.open(&hello).unwrap();
+        let hi = hello(PROTOCOL_VERSION);
+        cp.open(&hi).unwrap();
+        cp.open(&hi).unwrap();
         let ev = vec![Numbered {
             seq: 1,
             event: AgentEvent::Running {
@@ -682,23 +686,13 @@ mod tests {
         assert_eq!((apply.len(), ack), (1, ControlMsg::Ack { seq: 1 }));
         let (apply, _) = cp.events(2, ev).unwrap();
         assert!(apply.is_empty(), "a duplicate is applied once");
-        let old = NodeMsg::Hello {
-            version: 99,
-            node_id: "n".into(),
-            desired_rev: 0,
-        };
-        assert_eq!(cp.open(&old), Err(Refused::Version(99)));
+        assert_eq!(cp.open(&hello(99)), Err(Refused::Version(99)));
     }
 
     #[test]
     fn events_apply_in_order_without_gaps() {
         let mut cp = NodeState::default();
-        let hello = NodeMsg::Hello {
-            version: PROTOCOL_VERSION,
-            node_id: "n".into(),
-            desired_rev: 0,
-        };
-        cp.open(&hello).unwrap();
+        cp.open(&hello(PROTOCOL_VERSION)).unwrap();
         let ev = |seq: u64| Numbered {
             seq,
             event: AgentEvent::Running {
