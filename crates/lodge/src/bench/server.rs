@@ -579,6 +579,15 @@ pub struct OciFixture {
     pub archive: Vec<u8>,
 }
 
+impl Drop for OciFixture {
+    /// The compiled server and its source live in a scratch dir of their own.
+    fn drop(&mut self) {
+        if let Some(dir) = self.binary.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// The static test server compiled with gcc, and a docker archive with it as `/gs`. `None`
 /// when gcc or a static libc is missing.
 pub async fn oci_fixture() -> Result<Option<OciFixture>> {
@@ -597,6 +606,7 @@ pub async fn oci_fixture() -> Result<Option<OciFixture>> {
         .await
         .is_ok_and(|s| s.success());
     if !ok {
+        let _ = std::fs::remove_dir_all(&dir);
         return Ok(None);
     }
     let gs = std::fs::read(&bin).map_err(|e| e.to_string())?;

@@ -443,7 +443,11 @@ async fn a_new_agent_readopts_live_processes() {
     let (dir, link, cfg) = (TempDir(n.dir.0.clone()), n.link.clone(), n.cfg.clone());
     // "Crash" the agent: end its runtime without stopping anything, keep the directory.
     n.crash();
-    std::mem::forget(std::mem::replace(&mut n.dir, TempDir::new("scratch")));
+    // The directory lives on in `dir`; the node forgets it (a TempDir of no directory).
+    std::mem::forget(std::mem::replace(
+        &mut n.dir,
+        TempDir(std::path::PathBuf::new()),
+    ));
     std::mem::forget(n);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let state: serde_json::Value = serde_json::from_str(
