@@ -100,11 +100,7 @@ const TABLES: &[Table] = &[
             ("created_at", "created_at", Int),
             ("port_count", "port_count", Int32),
             ("doc", "doc", Json),
-            (
-                "last_busy_at",
-                "COALESCE(json_extract(doc, '$.lastBusyAt'), 0)",
-                Int,
-            ),
+            ("last_busy_at", "last_busy_at", Int),
         ],
     },
     Table {

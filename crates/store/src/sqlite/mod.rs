@@ -226,16 +226,20 @@ fn doc<T: DeserializeOwned>(
     s.map(|s| from_json(&s)).transpose()
 }
 
-const PROCESS_COLS: &str = "doc, status, rooms_allocated";
+const PROCESS_COLS: &str = "doc, status, rooms_allocated, last_busy_at";
 
-fn read_process(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, u32)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+/// A process row: its document, and the columns that override what the document says.
+type ProcessRow = (String, String, u32, Millis);
+
+fn read_process(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
 }
 
-fn process_from((doc, status, allocated): (String, String, u32)) -> Result<Process> {
+fn process_from((doc, status, allocated, busy): ProcessRow) -> Result<Process> {
     let mut p: Process = from_json(&doc)?;
     p.status = status.parse().map_err(backend)?;
     p.rooms_allocated = allocated;
+    p.last_busy_at = busy;
     Ok(p)
 }
 
@@ -253,12 +257,13 @@ fn load_process(conn: &Connection, id: &str) -> Result<Option<Process>> {
 
 fn write_process(conn: &Connection, p: &Process) -> Result<()> {
     conn.run(
-        "UPDATE processes SET status = ?2, rooms_allocated = ?3, doc = ?4 WHERE process_id = ?1",
+        "UPDATE processes SET status = ?2, rooms_allocated = ?3, doc = ?4, last_busy_at = ?5 WHERE process_id = ?1",
         params![
             p.process_id,
             p.status.as_str(),
             p.rooms_allocated,
-            to_json(p)?
+            to_json(p)?,
+            p.last_busy_at
         ],
     )
     .map_err(backend)?;
@@ -283,8 +288,8 @@ fn insert_process_row(conn: &Connection, p: &Process, max_live_for_app: Option<u
         }
     }
     conn.run(
-        "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, doc, port_count)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO processes (process_id, app_id, deployment_id, node_id, region, status, rooms_per_process, rooms_allocated, created_at, doc, port_count, last_busy_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             p.process_id,
             p.app_id,
@@ -296,7 +301,8 @@ fn insert_process_row(conn: &Connection, p: &Process, max_live_for_app: Option<u
             p.rooms_allocated,
             p.created_at,
             to_json(p)?,
-            p.port_count
+            p.port_count,
+            p.last_busy_at
         ],
     )
     .map_err(|e| unique(e, || format!("process {} already exists", p.process_id)))?;
@@ -772,7 +778,7 @@ impl Store for SqliteStore {
         // read, change, then write only if the row is still as read (compare and swap on the
         // stored document), again from the top if it moved in between.
         for _ in 0..UPDATE_ATTEMPTS {
-            let Some((old_doc, old_status, allocated)) = self.read(|c| {
+            let Some((old_doc, old_status, allocated, busy)) = self.read(|c| {
                 c.one(
                     &format!("SELECT {PROCESS_COLS} FROM processes WHERE process_id = ?1"),
                     params![id],
@@ -784,18 +790,20 @@ impl Store for SqliteStore {
             else {
                 return Ok(None);
             };
-            let mut p = process_from((old_doc.clone(), old_status.clone(), allocated))?;
+            let mut p = process_from((old_doc.clone(), old_status.clone(), allocated, busy))?;
             if p.status.is_terminal() || !change(&mut p) {
                 return Ok(Some(p));
             }
             p.rooms_allocated = allocated;
             let (id, new_doc, new_status) = (id.to_owned(), to_json(&p)?, p.status.as_str());
+            let busy = p.last_busy_at;
             let swapped = self
                 .write(move |c| {
+                    // Busy time only moves forward, whoever moved it since the read.
                     c.run(
-                        "UPDATE processes SET status = ?2, doc = ?3
+                        "UPDATE processes SET status = ?2, doc = ?3, last_busy_at = MAX(last_busy_at, ?6)
                          WHERE process_id = ?1 AND doc = ?4 AND status = ?5",
-                        params![id, new_status, new_doc, old_doc, old_status],
+                        params![id, new_status, new_doc, old_doc, old_status, busy],
                     )
                     .map_err(backend)
                 })
@@ -886,7 +894,7 @@ impl Store for SqliteStore {
                     let n = c
                         .run(
                             "UPDATE processes SET rooms_allocated = rooms_allocated + 1,
-                                    doc = json_set(doc, '$.lastBusyAt', ?2)
+                                    last_busy_at = ?2
                              WHERE process_id = ?1 AND rooms_allocated < rooms_per_process
                                AND status IN ('starting', 'running')",
                             params![pid, alloc.scheduled_at],
@@ -948,19 +956,23 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let room_id = &room_id;
             let row: Option<(String, Option<String>)> = c
-                .one("SELECT status, process_id FROM rooms WHERE room_id = ?1", params![room_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .one(
+                    "SELECT status, process_id FROM rooms WHERE room_id = ?1",
+                    params![room_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()
                 .map_err(backend)?;
-            let Some((current, pid)) = row else { return Ok(None) };
+            let Some((current, pid)) = row else {
+                return Ok(None);
+            };
             if current == status.as_str() || current == RoomStatus::Destroyed.as_str() {
                 return Ok(None);
             }
             if let Some(pid) = &pid {
                 close_allocation(c, room_id, pid, at)?;
                 c.run(
-                    "UPDATE processes SET doc = json_set(doc, '$.lastBusyAt', ?2) WHERE process_id = ?1",
+                    "UPDATE processes SET last_busy_at = ?2 WHERE process_id = ?1",
                     params![pid, at],
                 )
                 .map_err(backend)?;
@@ -971,8 +983,9 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             let room = load_room(c, room_id)?;
-                        Ok(room)
-        }).await
+            Ok(room)
+        })
+        .await
     }
 
     async fn update_room_config(&self, room_id: &str, config: &str) -> Result<bool> {

@@ -95,4 +95,11 @@ UPDATE processes SET port_count = COALESCE(json_extract(doc, '$.portCount'), 1);
 CREATE INDEX processes_free ON processes (deployment_id, region, status) WHERE rooms_allocated < rooms_per_process;
 CREATE INDEX processes_node_ports ON processes (node_id, status, port_count);
 "#,
+    // When a process was last busy has a column of its own: placing and freeing rooms then
+    // leave the document alone, so `update_process`'s compare-and-swap on it only meets real
+    // concurrent changes, not every room placed on a busy process.
+    r#"
+ALTER TABLE processes ADD COLUMN last_busy_at INTEGER NOT NULL DEFAULT 0;
+UPDATE processes SET last_busy_at = COALESCE(json_extract(doc, '$.lastBusyAt'), 0);
+"#,
 ];
