@@ -19,7 +19,6 @@ enum Col {
     OptInt,
     Int32,
     Bool,
-    Json,
 }
 
 struct Table {
@@ -35,7 +34,7 @@ const TABLES: &[Table] = &[
     Table {
         name: "orgs",
         order: "rowid",
-        cols: &[("org_id", "org_id", Text), ("doc", "doc", Json)],
+        cols: &[("org_id", "org_id", Text), ("doc", "doc", Text)],
     },
     Table {
         name: "tokens",
@@ -46,7 +45,7 @@ const TABLES: &[Table] = &[
             ("name", "name", Text),
             ("active", "active", Bool),
             ("secret_hash", "secret_hash", Text),
-            ("doc", "doc", Json),
+            ("doc", "doc", Text),
         ],
     },
     Table {
@@ -57,7 +56,7 @@ const TABLES: &[Table] = &[
             ("org_id", "org_id", Text),
             ("app_name", "app_name", Text),
             ("deleted", "deleted", Bool),
-            ("doc", "doc", Json),
+            ("doc", "doc", Text),
         ],
     },
     Table {
@@ -68,7 +67,7 @@ const TABLES: &[Table] = &[
             ("org_id", "org_id", Text),
             ("created_at", "created_at", Int),
             ("status", "json_extract(doc, '$.status')", Text),
-            ("doc", "doc", Json),
+            ("doc", "doc", Text),
         ],
     },
     Table {
@@ -77,13 +76,13 @@ const TABLES: &[Table] = &[
         cols: &[
             ("deployment_id", "deployment_id", Text),
             ("app_id", "app_id", Text),
-            ("doc", "doc", Json),
+            ("doc", "doc", Text),
         ],
     },
     Table {
         name: "nodes",
         order: "rowid",
-        cols: &[("node_id", "node_id", Text), ("doc", "doc", Json)],
+        cols: &[("node_id", "node_id", Text), ("doc", "doc", Text)],
     },
     Table {
         name: "processes",
@@ -99,7 +98,7 @@ const TABLES: &[Table] = &[
             ("rooms_allocated", "rooms_allocated", Int32),
             ("created_at", "created_at", Int),
             ("port_count", "port_count", Int32),
-            ("doc", "doc", Json),
+            ("doc", "doc", Text),
             ("last_busy_at", "last_busy_at", Int),
         ],
     },
@@ -111,7 +110,7 @@ const TABLES: &[Table] = &[
             ("app_id", "app_id", Text),
             ("status", "status", Text),
             ("process_id", "process_id", OptText),
-            ("doc", "doc", Json),
+            ("doc", "doc", Text),
         ],
     },
     Table {
@@ -137,7 +136,7 @@ const TABLES: &[Table] = &[
             ("region", "region", Text),
             ("created_by", "created_by", Text),
             ("created_at", "created_at", Int),
-            ("doc", "doc", Json),
+            ("doc", "doc", Text),
         ],
     },
     Table {
@@ -163,7 +162,7 @@ fn bad(table: &str, col: &str, v: &SqlValue) -> StoreError {
 /// One SQLite value as the PostgreSQL parameter its column takes.
 fn convert(table: &str, col: &str, kind: Col, v: SqlValue) -> Result<Box<dyn ToSql + Sync + Send>> {
     Ok(match (kind, v) {
-        (Text | Json, SqlValue::Text(s)) => Box::new(s),
+        (Text, SqlValue::Text(s)) => Box::new(s),
         (OptText, SqlValue::Text(s)) => Box::new(Some(s)),
         (OptText, SqlValue::Null) => Box::new(None::<String>),
         (Int, SqlValue::Integer(i)) => Box::new(i),

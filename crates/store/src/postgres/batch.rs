@@ -40,6 +40,11 @@ pub(super) struct Batcher {
     tx: mpsc::Sender<Op>,
 }
 
+/// A placement whose room id another room holds.
+pub(super) fn taken(room: &str) -> StoreError {
+    StoreError::Duplicate(format!("room id '{room}' is already taken"))
+}
+
 fn stopped() -> StoreError {
     StoreError::Backend("the store's batch writer has stopped".into())
 }
@@ -101,10 +106,7 @@ async fn run(pool: Pool, mut rx: mpsc::Receiver<Op>) {
                             "process {} has no free slot",
                             p.process
                         ))),
-                        _ => Err(StoreError::Duplicate(format!(
-                            "room id '{}' is already taken",
-                            p.room
-                        ))),
+                        _ => Err(taken(&p.room)),
                     });
                 }
             }

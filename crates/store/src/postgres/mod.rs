@@ -32,16 +32,7 @@ pub struct PostgresStore {
     batch: batch::Batcher,
 }
 
-/// Raised by `lodge_place_room` (schema.rs).
-const NO_FREE_SLOT: &str = "LD001";
-const ROOM_ID_TAKEN: &str = "LD002";
-
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
-    match e.code().map(|c| c.code()) {
-        Some(NO_FREE_SLOT) => return StoreError::Conflict(pg_message(&e)),
-        Some(ROOM_ID_TAKEN) => return StoreError::Duplicate(pg_message(&e)),
-        _ => {}
-    }
     match e.code() {
         // Lost a race PostgreSQL detected (a deadlock, a serialization failure): retry.
         Some(c)
@@ -791,18 +782,6 @@ impl Store for PostgresStore {
             room_config: room.room_config.clone(),
             created_at: room.created_at,
         })?;
-        let place = "SELECT lodge_place_room($1, $2, $3, $4, $5, $6, $7, $8)";
-        let claim = matches!(target, PlaceTarget::Existing(_));
-        let args: [&(dyn ToSql + Sync); 8] = [
-            &room.room_id,
-            &room.app_id,
-            &room.status.as_str(),
-            &alloc.process_id,
-            &doc,
-            &alloc.room_allocation_id,
-            &alloc.scheduled_at,
-            &claim,
-        ];
         match &target {
             // The hot path: with whatever else is waiting, one call and one commit.
             PlaceTarget::Existing(_) => {
@@ -812,18 +791,36 @@ impl Store for PostgresStore {
                         app: room.app_id.clone(),
                         status: room.status.as_str().to_string(),
                         process: alloc.process_id.clone(),
-                        doc: doc.clone(),
+                        doc,
                         alloc: alloc.room_allocation_id.clone(),
                         at: alloc.scheduled_at,
                     })
                     .await
             }
-            // A new process (and the app's limit) first, in the same transaction.
+            // A new process (and the app's limit) first, in the same transaction, which is
+            // rolled back unless the room lands too.
             PlaceTarget::New(p, max) => {
                 let mut c = self.client().await?;
                 let tx = c.transaction().await.map_err(pg)?;
                 insert_process_row(&tx, p, *max).await?;
-                x(&tx, place, &args).await?;
+                let outcome: String = q(
+                    &tx,
+                    "SELECT lodge_place_room($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &room.room_id,
+                        &room.app_id,
+                        &room.status.as_str(),
+                        &alloc.process_id,
+                        &doc,
+                        &alloc.room_allocation_id,
+                        &alloc.scheduled_at,
+                    ],
+                )
+                .await?[0]
+                    .get(0);
+                if outcome != "ok" {
+                    return Err(batch::taken(&room.room_id));
+                }
                 tx.commit().await.map_err(pg)
             }
         }

@@ -117,12 +117,12 @@ CREATE TABLE legacy_ids (
     UNIQUE (scope, kind, id)
 );
 
--- A room into a slot of a process (or resumed there), with the process's count moved when
--- `p_claim`; used with a new process, in the transaction that inserts it. A failed placement
--- raises (LD001: no free slot, LD002: room id taken), which undoes the call.
+-- A room onto a process, or resumed there: the room row and its allocation, 'ok', or 'taken'
+-- (the id belongs to another room that is not suspended) with nothing written. The process's
+-- count is its caller's: the transaction inserting a new process, or `lodge_batch`.
 CREATE FUNCTION lodge_place_room(p_room TEXT, p_app TEXT, p_status TEXT, p_process TEXT,
-                                 p_doc TEXT, p_alloc TEXT, p_at BIGINT, p_claim BOOLEAN)
-RETURNS VOID LANGUAGE plpgsql AS $$
+                                 p_doc TEXT, p_alloc TEXT, p_at BIGINT)
+RETURNS TEXT LANGUAGE plpgsql AS $$
 DECLARE
     n_seq INTEGER := 0;
 BEGIN
@@ -133,20 +133,13 @@ BEGIN
         UPDATE rooms SET status = p_status, process_id = p_process
         WHERE room_id = p_room AND app_id = p_app AND process_id IS NULL AND status = 'suspended';
         IF NOT FOUND THEN
-            RAISE EXCEPTION USING ERRCODE = 'LD002', MESSAGE = format('room id ''%s'' is already taken', p_room);
+            RETURN 'taken';
         END IF;
         SELECT COUNT(*) INTO n_seq FROM allocations WHERE room_id = p_room;
     END IF;
     INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
     VALUES (p_alloc, p_room, p_process, p_at, NULL, n_seq);
-    IF p_claim THEN
-        UPDATE processes SET rooms_allocated = rooms_allocated + 1, last_busy_at = p_at
-        WHERE process_id = p_process AND rooms_allocated < rooms_per_process
-          AND status IN ('starting', 'running');
-        IF NOT FOUND THEN
-            RAISE EXCEPTION USING ERRCODE = 'LD001', MESSAGE = format('process %s has no free slot', p_process);
-        END IF;
-    END IF;
+    RETURN 'ok';
 END $$;
 
 -- Group commit: every placement into an existing process and every freed room a replica has
@@ -163,7 +156,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     i INTEGER;
     j INTEGER;
-    n_seq INTEGER;
+    outcome TEXT;
     cur TEXT;
     pid TEXT;
     free_slots INTEGER;
@@ -221,27 +214,15 @@ BEGIN
             placed := placed || 'full'::TEXT;
             CONTINUE;
         END IF;
-        INSERT INTO rooms (room_id, app_id, status, process_id, doc)
-        VALUES (p_room[i], p_app[i], p_status[i], p_process[i], p_doc[i])
-        ON CONFLICT (room_id) DO NOTHING;
-        IF FOUND THEN
-            n_seq := 0;
-        ELSE
-            UPDATE rooms SET status = p_status[i], process_id = p_process[i]
-            WHERE room_id = p_room[i] AND app_id = p_app[i] AND process_id IS NULL
-              AND status = 'suspended';
-            IF NOT FOUND THEN
-                placed := placed || 'taken'::TEXT;
-                CONTINUE;
-            END IF;
-            SELECT COUNT(*) INTO n_seq FROM allocations WHERE room_id = p_room[i];
+        outcome := lodge_place_room(p_room[i], p_app[i], p_status[i], p_process[i], p_doc[i],
+                                    p_alloc[i], p_at[i]);
+        placed := placed || outcome;
+        IF outcome <> 'ok' THEN
+            CONTINUE;
         END IF;
-        INSERT INTO allocations (room_allocation_id, room_id, process_id, scheduled_at, unscheduled_at, seq)
-        VALUES (p_alloc[i], p_room[i], p_process[i], p_at[i], NULL, n_seq);
         seen_free[j] := seen_free[j] - 1;
         seen_n[j] := seen_n[j] + 1;
         seen_at[j] := GREATEST(seen_at[j], p_at[i]);
-        placed := placed || 'ok'::TEXT;
     END LOOP;
     UPDATE processes p SET rooms_allocated = p.rooms_allocated + u.n, last_busy_at = u.at
     FROM unnest(seen_pid, seen_n, seen_at) AS u(pid, n, at)
