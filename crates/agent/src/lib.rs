@@ -3,6 +3,7 @@
 //! happens. It is level-triggered: every pass compares the desired processes with what runs
 //! here, so a restart re-adopts live processes and reports the ones that died meanwhile.
 
+pub mod client;
 pub mod logs;
 pub mod metrics;
 pub mod oci;
@@ -72,6 +73,9 @@ pub struct AgentConfig {
     pub game_users: bool,
     /// Caps on players' flows over all public ports of the node.
     pub flows: Arc<lodge_proxy::FlowLimits>,
+    /// Where builds come from when this node does not share the control plane's data dir (a
+    /// joined agent); `None` reads them from `data_dir`.
+    pub fetcher: Option<Arc<lodge_link::artifacts::Fetcher>>,
 }
 
 impl AgentConfig {
@@ -234,11 +238,13 @@ impl Agent {
                         agent.reconcile_some(&changed).await;
                     }
                     _ => {
-                        agent.reconcile().await;
+                        // Ready once a whole pass ran (what survived a restart is re-adopted).
+                        if agent.reconcile().await {
+                            agent.ready.store(true, Ordering::Release);
+                        }
                         last_full = Some(Instant::now());
                     }
                 }
-                agent.ready.store(true, Ordering::Release);
                 let wait = async {
                     let until_full = FULL_RECONCILE
                         .saturating_sub(last_full.map_or(FULL_RECONCILE, |t| t.elapsed()));
@@ -294,6 +300,26 @@ impl Agent {
         })
     }
 
+    /// Live counters of every process that runs here.
+    pub fn all_stats(&self) -> Vec<(String, ProcessStats)> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .keys()
+            .filter_map(|id| {
+                let r = running.get(id)?;
+                Some((
+                    id.clone(),
+                    ProcessStats {
+                        active_connections: r.counters.active(),
+                        total_connections: r.counters.total_connections.load(Ordering::Relaxed),
+                        bytes_in: r.counters.bytes_in.load(Ordering::Relaxed),
+                        bytes_out: r.counters.bytes_out.load(Ordering::Relaxed),
+                    },
+                ))
+            })
+            .collect()
+    }
+
     pub fn running_count(&self) -> usize {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -325,15 +351,17 @@ impl Agent {
         self.apply(&specs, false);
     }
 
-    async fn reconcile(self: &Arc<Self>) {
+    /// A full pass; false if the desired processes could not be read (nothing is stopped).
+    async fn reconcile(self: &Arc<Self>) -> bool {
         let desired = match self.link.desired(&self.cfg.node_id).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read desired processes");
-                return;
+                tracing::debug!(error = %e, "cannot read desired processes");
+                return false;
             }
         };
         self.apply(&desired, true);
+        true
     }
 
     /// Start what should run and is not running, stop what should stop; with `complete`,
@@ -870,6 +898,12 @@ impl Agent {
         let t0 = Instant::now();
         std::fs::create_dir_all(dir)?;
         let _ = std::fs::remove_file(dir.join(shim::EXIT));
+        if let Some(fetcher) = &self.cfg.fetcher {
+            fetcher
+                .ensure(&spec.build_id)
+                .await
+                .map_err(std::io::Error::other)?;
+        }
         let bundle = self.cfg.bundle_dir(&spec.build_id);
         let image_dir = self.cfg.image_dir(&spec.build_id);
         let image = if image_dir.join(image::CONFIG).is_file() {

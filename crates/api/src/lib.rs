@@ -6,6 +6,7 @@ mod legacy;
 mod lodge_routes;
 mod logs;
 mod multipart;
+mod nodes;
 mod players;
 #[cfg(test)]
 mod route_table;
@@ -303,6 +304,7 @@ pub fn router(state: AppState) -> axum::Router {
         .merge(players::routes())
         .merge(legacy::routes())
         .merge(lodge_routes::routes())
+        .merge(nodes::routes())
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiFailure(
                 StatusCode::NOT_FOUND,

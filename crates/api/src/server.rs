@@ -97,7 +97,10 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .max_buf_size(max_buf);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            // Upgrades carry node connections (`/lodge/v1/node/connect`).
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

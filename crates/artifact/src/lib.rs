@@ -5,4 +5,5 @@
 
 pub mod bundle;
 pub mod image;
+pub mod pack;
 pub mod tarsafe;

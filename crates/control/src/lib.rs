@@ -4,9 +4,11 @@
 //! share one database.
 
 mod apps;
+mod artifacts;
 mod builds;
 mod deployments;
 pub mod egress;
+pub mod fleet;
 mod images;
 pub mod jwt;
 mod legacy;
@@ -14,9 +16,12 @@ mod nodes;
 mod players;
 mod ratelimit;
 pub mod registry;
+pub mod remote;
 mod rooms;
+mod session;
 mod tokens;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -25,8 +30,10 @@ use lodge_model::node::NodeLink;
 use lodge_model::{App, Clock, Org};
 use lodge_store::{Store, StoreError};
 
+pub use artifacts::Artifact;
 pub use builds::{BuildLog, UploadTarget};
 pub use deployments::DeploymentFilter;
+pub use fleet::NodeView;
 pub use legacy::{ApplicationV1, CreatedLegacyBuild, LegacyUpload};
 pub use lodge_model::node::MetricSeries;
 pub use players::NewLobby;
@@ -110,6 +117,8 @@ pub struct ControlConfig {
     pub max_builds_per_org: u64,
     /// Bytes all builds of one org may take.
     pub max_org_build_bytes: u64,
+    /// A joined node silent this long is lost: its processes end (`--node-lost-after`).
+    pub node_lost_after: Duration,
 }
 
 impl ControlConfig {
@@ -133,6 +142,7 @@ impl ControlConfig {
             max_processes_per_app: 500,
             max_builds_per_org: 1000,
             max_org_build_bytes: 50 << 30,
+            node_lost_after: Duration::from_secs(300),
         }
     }
 }
@@ -141,8 +151,14 @@ pub struct Control {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     cfg: ControlConfig,
-    /// Nodes whose agent runs in this process, through the node boundary.
+    /// Nodes reached through a direct handle (tests' in-process nodes).
     local_agents: RwLock<Vec<Arc<dyn NodeLink>>>,
+    /// Nodes that speak the node protocol (joined agents, and the embedded node), by id.
+    remotes: RwLock<HashMap<String, Arc<remote::RemoteNode>>>,
+    /// One packing at a time per build.
+    artifact_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// When this control plane started (node-loss judgement counts from no earlier).
+    started_at: i64,
     metrics: Metrics,
     jwks: jwt::JwksSource,
     /// The default org, once known (it never changes).
@@ -164,12 +180,15 @@ pub struct Metrics {
 impl Control {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, cfg: ControlConfig) -> Arc<Self> {
         Arc::new(Self {
+            started_at: clock.now_ms(),
             store,
             clock,
             jwks: jwt::JwksSource::new(cfg.google_jwks.clone()),
             default_org: std::sync::OnceLock::new(),
             cfg,
             local_agents: RwLock::default(),
+            remotes: RwLock::default(),
+            artifact_locks: Default::default(),
             metrics: Metrics::default(),
             lobby_windows: ratelimit::Windows::default(),
         })
@@ -228,9 +247,18 @@ impl Control {
 
     /// The nodes this control plane reaches.
     pub fn agents(&self) -> Vec<Arc<dyn NodeLink>> {
-        self.local_agents
+        let mut all = self
+            .local_agents
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        all.extend(
+            self.remotes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|r| r.clone() as Arc<dyn NodeLink>),
+        );
+        all
     }
 }

@@ -1,10 +1,9 @@
 //! Nodes: the link agents use, their reports, and the reconcile loop (idle reaper).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use lodge_model::node::{ControlLink, NodeLink};
+use lodge_model::node::NodeLink;
 use lodge_model::spec::{AgentEvent, ProcessSpec};
 use lodge_model::{Node, ProcessStatus};
 use lodge_scheduler::LiveProcess;
@@ -12,15 +11,9 @@ use lodge_store::ProcessQuery;
 
 use crate::{Control, Result};
 
-/// The in-process link from an embedded agent to this control plane.
-pub struct LocalLink(Weak<Control>);
-
 impl Control {
-    pub fn local_link(self: &Arc<Self>) -> Arc<dyn ControlLink> {
-        Arc::new(LocalLink(Arc::downgrade(self)))
-    }
-
-    /// Register a node and the agent that runs in this process for it.
+    /// Register a node reached through a direct handle (tests' in-process nodes; the embedded
+    /// node of `lodge serve` speaks the node protocol, see [`Control::serve_node`]).
     pub async fn register_local_node(&self, node: Node, agent: Arc<dyn NodeLink>) -> Result<()> {
         self.store.put_node(&node).await?;
         self.local_agents
@@ -159,10 +152,7 @@ impl Control {
                     .end_process(&process_id, status, at, &exit.reason)
                     .await?
                 {
-                    self.metrics.processes_ended.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .rooms_destroyed
-                        .fetch_add(ended.destroyed_rooms.len() as u64, Ordering::Relaxed);
+                    self.note_ended(&process_id, ended.destroyed_rooms.len());
                     tracing::info!(
                         %process_id,
                         status = %status,
@@ -188,6 +178,13 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    pub(crate) fn note_ended(&self, _process_id: &str, rooms: usize) {
+        self.metrics.processes_ended.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .rooms_destroyed
+            .fetch_add(rooms as u64, Ordering::Relaxed);
     }
 
     /// One pass of the idle reaper: stop running processes of deployments with
@@ -242,49 +239,13 @@ impl Control {
                 if let Err(e) = control.sweep_retention().await {
                     tracing::warn!(error = %e, "retention sweep failed");
                 }
-            }
-        })
-    }
-}
-
-#[async_trait]
-impl ControlLink for LocalLink {
-    async fn desired(&self, node_id: &str) -> std::result::Result<Vec<ProcessSpec>, String> {
-        let control = self.0.upgrade().ok_or("control plane is gone")?;
-        control
-            .desired_for(node_id)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn specs(
-        &self,
-        node_id: &str,
-        ids: &[String],
-    ) -> std::result::Result<Vec<ProcessSpec>, String> {
-        let control = self.0.upgrade().ok_or("control plane is gone")?;
-        control
-            .specs_for(node_id, ids)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn report(&self, event: AgentEvent) {
-        let Some(control) = self.0.upgrade() else {
-            return;
-        };
-        // Reports are retried: losing one would leave a process in the wrong state.
-        for attempt in 0..20u32 {
-            match control.handle_event(event.clone()).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "cannot record a node report; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(
-                        100 * u64::from(attempt + 1),
-                    ))
-                    .await;
+                if let Err(e) = control.judge_lost_nodes(control.cfg.node_lost_after).await {
+                    tracing::warn!(error = %e, "node-loss judgement failed");
+                }
+                if let Err(e) = control.settle_drained().await {
+                    tracing::warn!(error = %e, "cannot settle drained nodes");
                 }
             }
-        }
+        })
     }
 }

@@ -85,6 +85,7 @@ impl Control {
             .nodes()
             .await?
             .into_iter()
+            .filter(|node| self.schedulable(node))
             .map(|node| {
                 let (live, ports) = usage
                     .iter()
@@ -580,11 +581,16 @@ impl Control {
     pub async fn sweep_retention(&self) -> Result<usize> {
         let mut removed = 0;
         for node in self.agents() {
-            let kept = node.kept_processes().await.map_err(Error::Internal)?;
+            // A node out of reach keeps its files until the next sweep that reaches it.
+            let Ok(kept) = node.kept_processes().await else {
+                continue;
+            };
             for id in kept {
                 if let Some(p) = self.store.process(&id).await? {
-                    if p.status.is_terminal() && self.past_retention(&p) {
-                        node.forget_process(&id).await.map_err(Error::Internal)?;
+                    if p.status.is_terminal()
+                        && self.past_retention(&p)
+                        && node.forget_process(&id).await.is_ok()
+                    {
                         removed += 1;
                     }
                 }

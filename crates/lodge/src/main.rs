@@ -1,9 +1,11 @@
 //! `lodge`: the single binary. `lodge serve` runs everything on one machine; the other
 //! subcommands are the developer CLI, which talks to any Lodge through the public API.
 
+mod agent;
 mod bench;
 mod cli;
 mod migrate;
+mod node;
 mod ping;
 mod serve;
 
@@ -30,6 +32,11 @@ struct Cli {
 enum Command {
     /// Run the API, control plane, an embedded node agent and proxy on this machine.
     Serve(serve::ServeArgs),
+    /// Run a node that joins a control plane (`lodge nodes join-token` gives the token).
+    Agent(agent::AgentArgs),
+    /// Nodes: list, inspect, drain; join tokens for new ones.
+    #[command(subcommand)]
+    Nodes(cli::nodes::NodesCmd),
     /// Pack, upload and build a game server, then create a deployment.
     Deploy(cli::DeployArgs),
     /// Applications.
@@ -120,7 +127,7 @@ fn main() -> std::process::ExitCode {
     let g = &cli.global;
     if !matches!(
         cli.command,
-        Command::Serve(_) | Command::Shim { .. } | Command::EchoServer { .. }
+        Command::Serve(_) | Command::Agent(_) | Command::Shim { .. } | Command::EchoServer { .. }
     ) {
         // A CLI piped into `head` ends quietly, like other Unix tools.
         // SAFETY: setting a signal disposition to its default has no preconditions.
@@ -138,6 +145,14 @@ fn main() -> std::process::ExitCode {
         Command::Logs(a) => client(g, async |c| cli::logs(c, a).await),
         Command::Tokens(cmd) => client(g, async |c| cli::tokens(c, cmd).await),
         Command::Orgs(cmd) => client(g, async |c| cli::orgs(c, cmd).await),
+        Command::Nodes(cmd) => client(g, async |c| cli::nodes::nodes(c, cmd).await),
+        Command::Agent(args) => match runtime().and_then(|rt| rt.block_on(agent::run(args))) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lodge agent: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Migrate { from, to } => {
             match runtime().and_then(|rt| rt.block_on(migrate::run(&from, &to))) {
                 Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,26 +1,17 @@
 //! `lodge serve`: configuration, wiring and lifecycle of the all-in-one server.
 
 use std::net::{IpAddr, SocketAddr};
+
+use crate::node::{instance_key, secs, NodeArgs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
-use lodge_agent::{Agent, AgentConfig, Isolation};
+use clap::Args;
 use lodge_control::{Control, ControlConfig};
 use lodge_model::{Node, Region, SystemClock};
 use lodge_store::{PostgresStore, SqliteStore, Store};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum IsolationArg {
-    /// `netns` when running as root on Linux, else `none`.
-    Auto,
-    /// Own network namespace and cgroup per process (root).
-    Netns,
-    /// Shared host network; processes bind `$PORT`.
-    None,
-}
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -30,60 +21,24 @@ pub struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "LODGE_API_ADDR", default_value = "127.0.0.1:5634")]
     pub api_addr: SocketAddr,
-    /// Host name or address players connect to (the `host` of every exposed port).
-    #[arg(long, env = "LODGE_PUBLIC_HOST", default_value = "127.0.0.1")]
-    pub public_host: String,
-    /// Range of public proxy ports, `LOW-HIGH`.
-    #[arg(long, env = "LODGE_PORT_RANGE", default_value = "30000-31999", value_parser = parse_range)]
-    pub port_range: (u16, u16),
     /// Regions this node serves: `all` or a comma-separated list such as `London,Frankfurt`.
     #[arg(long, env = "LODGE_REGIONS", default_value = "all")]
     pub regions: String,
     /// `sqlite` (in the data dir) or a `postgres://` URL.
     #[arg(long, env = "LODGE_STORE", default_value = "sqlite")]
     pub store: String,
-    /// UDP port of the ping (latency) echo service.
-    #[arg(long, env = "LODGE_PING_PORT", default_value_t = 10000)]
-    pub ping_port: u16,
-    /// Process isolation.
-    #[arg(long, env = "LODGE_ISOLATION", value_enum, default_value_t = IsolationArg::Auto)]
-    pub isolation: IsolationArg,
-    /// Seconds a new process has to bind its default port.
-    #[arg(long, env = "LODGE_BIND_TIMEOUT", default_value_t = 100.0)]
-    pub bind_timeout: f64,
     /// Seconds without rooms and connections before a process with idle timeout is stopped.
     #[arg(long, env = "LODGE_IDLE_TIMEOUT", default_value_t = 300.0)]
     pub idle_timeout: f64,
-    /// Seconds between SIGTERM and SIGKILL when stopping a process.
-    #[arg(long, env = "LODGE_STOP_GRACE", default_value_t = 10.0)]
-    pub stop_grace: f64,
-    /// Address the public proxy ports bind on.
-    #[arg(long, env = "LODGE_PROXY_BIND", default_value = "0.0.0.0")]
-    pub proxy_bind: IpAddr,
-    /// Seconds between samples of each process's CPU, memory, egress and connections.
-    #[arg(long, env = "LODGE_METRICS_INTERVAL", default_value_t = 10.0)]
-    pub metrics_interval: f64,
-    /// OCI runtime for container-image builds: `auto` (crun, else runc), `crun`, `runc` or a path.
-    #[arg(long, env = "LODGE_OCI_RUNTIME", default_value = "auto")]
-    pub oci_runtime: String,
     /// The daemonless image builder for builds with a Dockerfile (buildah's command line).
     #[arg(long, env = "LODGE_IMAGE_BUILDER", default_value = "buildah")]
     pub image_builder: String,
     /// Hours the logs and metrics of ended processes are kept (LogsV1 answers 410 after).
     #[arg(long, env = "LODGE_RETENTION_HOURS", default_value_t = 72.0)]
     pub retention_hours: f64,
-    /// Benchmarks only: pretend to run game servers (nothing is started; rooms go active at
-    /// once), to measure the control plane with very many processes.
-    #[arg(long, hide = true)]
-    pub fake_processes: bool,
     /// Lobbies one player may create per app per hour (429 with Retry-After beyond).
     #[arg(long, env = "LODGE_LOBBY_RATE_LIMIT", default_value_t = 10)]
     pub lobby_rate_limit: u32,
-    /// Players' flows (UDP sessions plus TCP connections) one source address may hold on this
-    /// node at once, over all public ports. The node's total is sized to the descriptor limit,
-    /// less a reserve for the API.
-    #[arg(long, env = "LODGE_FLOWS_PER_SOURCE", default_value_t = 64)]
-    pub flows_per_source: usize,
     /// Private, loopback or link-local registries that registry builds may pull from, as
     /// `host` or `host:port`, comma-separated (public registries need no entry).
     #[arg(long, env = "LODGE_REGISTRY_ALLOW", value_delimiter = ',')]
@@ -114,45 +69,15 @@ pub struct ServeArgs {
     /// Google's signing keys for LoginGoogle: a JWKS URL, or a file holding a JWKS document.
     #[arg(long, env = "LODGE_GOOGLE_JWKS", default_value = lodge_control::jwt::GOOGLE_JWKS)]
     pub google_jwks: String,
-}
-
-/// Descriptors kept for the API, the store, logs and the agent, whatever players do.
-const FD_RESERVE: u64 = 2048;
-
-/// Raise the soft descriptor limit to the hard one; returns the limit in force.
-pub(crate) fn raise_nofile() -> u64 {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
-            return 1024;
-        }
-        if l.rlim_cur < l.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: l.rlim_max,
-                rlim_max: l.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                l = raised;
-            }
-        }
-    }
-    l.rlim_cur
-}
-
-fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or("expected LOW-HIGH, for example 30000-31999")?;
-    let lo: u16 = a.trim().parse().map_err(|_| format!("bad port '{a}'"))?;
-    let hi: u16 = b.trim().parse().map_err(|_| format!("bad port '{b}'"))?;
-    if lo == 0 || hi < lo {
-        return Err(format!("invalid port range {s}"));
-    }
-    Ok((lo, hi))
+    /// Run a control plane only: no node in this process (rooms go to joined `lodge agent`s).
+    #[arg(long, env = "LODGE_NO_LOCAL_NODE")]
+    pub no_local_node: bool,
+    /// How long a joined node may be silent before it is lost: its processes end (with
+    /// `summaryExitReason` saying so) and their rooms are destroyed. `90s`, `5m`, `1h`.
+    #[arg(long, env = "LODGE_NODE_LOST_AFTER", default_value = "5m", value_parser = crate::cli::nodes::parse_duration)]
+    pub node_lost_after: Duration,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 fn parse_regions(s: &str) -> Result<Option<Vec<Region>>, String> {
@@ -165,25 +90,11 @@ fn parse_regions(s: &str) -> Result<Option<Vec<Region>>, String> {
         .map(Some)
 }
 
-fn secs(s: f64, name: &str) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| format!("--{name} must be a non-negative number of seconds"))
-}
-
 /// `lodge cleanup`: end what a stopped Lodge left running for this data dir.
 pub async fn cleanup(data_dir: &Path) -> Result<usize, String> {
     let dir =
         std::fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
     Ok(lodge_agent::cleanup(&dir, &instance_key(&dir)).await)
-}
-
-/// A short stable key for this data dir: names of the bridge and cgroups derive from it.
-fn instance_key(dir: &Path) -> String {
-    let s = dir.to_string_lossy();
-    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("{:06x}", h & 0xff_ffff)
 }
 
 fn node_id(dir: &Path) -> std::io::Result<String> {
@@ -196,7 +107,7 @@ fn node_id(dir: &Path) -> std::io::Result<String> {
     Ok(id)
 }
 
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LODGE_LOG_FORMAT").is_ok_and(|v| v == "json");
@@ -268,25 +179,13 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             args.store
         ));
     }
+    let n = &args.node;
     // Settings that can refuse to start are checked before anything is written.
-    let isolation = match args.isolation {
-        IsolationArg::Netns => Isolation::Netns,
-        IsolationArg::None => Isolation::None,
-        IsolationArg::Auto
-            if lodge_agent::sys::is_root() && Path::new("/proc/self/ns/net").exists() =>
-        {
-            Isolation::Netns
-        }
-        IsolationArg::Auto => Isolation::None,
-    };
-    let oci_runtime = if isolation == Isolation::Netns {
-        lodge_agent::oci::detect(&args.oci_runtime)?
-    } else {
-        None
-    };
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
-    let data_dir = std::fs::canonicalize(&args.data_dir).map_err(|e| e.to_string())?;
+    let isolation = n.isolation();
+    if !args.no_local_node && isolation == lodge_agent::Isolation::Netns {
+        lodge_agent::oci::detect(&n.oci_runtime)?;
+    }
+    let data_dir = crate::node::prepare_data_dir(&args.data_dir)?;
     let _data_dir_lock = DataDirLock::acquire(&data_dir)?;
     let store = open_store(&args.store, &data_dir).await?;
     let mut cfg = ControlConfig::new(data_dir.clone());
@@ -304,6 +203,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     cfg.image_builder = args.image_builder.clone();
     cfg.retention = secs(args.retention_hours * 3600.0, "retention-hours")?;
     cfg.egress = lodge_control::egress::EgressPolicy::new(args.registry_allow.clone());
+    cfg.node_lost_after = args.node_lost_after;
     let control = Control::new(store, Arc::new(SystemClock), cfg);
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
     control
@@ -326,85 +226,34 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         );
     }
 
-    match &oci_runtime {
-        Some(r) => {
-            tracing::info!(runtime = %r.display(), "container images run with this OCI runtime")
-        }
-        None => tracing::info!(
-            "container images cannot run here (they need root, netns isolation and crun or runc)"
-        ),
-    }
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.api_addr))?;
     let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let node = Node {
-        node_id: node_id(&data_dir).map_err(|e| e.to_string())?,
-        public_host: args.public_host.clone(),
-        regions: regions.clone(),
-        started_at: control.now(),
-        // Ports other programs hold are not capacity (checked before re-adoption opens ours).
-        port_capacity: (!args.fake_processes).then(|| {
-            let free = lodge_agent::sys::bindable_ports(args.proxy_bind, args.port_range);
-            let span = u32::from(args.port_range.1 - args.port_range.0) + 1;
-            if free < span {
-                tracing::warn!(
-                    free,
-                    span,
-                    "some ports of --port-range are held by other programs; they are not offered"
-                );
-            }
-            free
-        }),
-    };
-    let agent_cfg = AgentConfig {
-        node_id: node.node_id.clone(),
-        data_dir: data_dir.clone(),
-        public_host: args.public_host.clone(),
-        proxy_ip: args.proxy_bind,
-        port_range: args.port_range,
-        isolation,
-        bind_timeout: secs(args.bind_timeout, "bind-timeout")?,
-        stop_grace: secs(args.stop_grace, "stop-grace")?,
-        api_addr,
-        exe: std::env::current_exe().map_err(|e| e.to_string())?,
-        instance: instance_key(&data_dir),
-        metrics_interval: secs(args.metrics_interval, "metrics-interval")?,
-        oci_runtime,
-        fake_processes: args.fake_processes,
-        game_users: lodge_agent::sys::is_root() && !args.fake_processes,
-        flows: Arc::new(lodge_proxy::FlowLimits::for_descriptors(
-            raise_nofile(),
-            FD_RESERVE,
-            args.flows_per_source,
-        )),
-    };
-    control.put_node(&node).await.map_err(|e| e.to_string())?;
-    let agent = Agent::start(agent_cfg, control.local_link())
-        .await
-        .map_err(|e| format!("cannot start the node agent ({isolation:?} isolation): {e}"))?;
-    control
-        .register_local_node(node, agent.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    let _reconciler = control.spawn_reconciler();
-    let _ping = crate::ping::spawn(args.ping_port).await;
-
     let ready = Arc::new(AtomicBool::new(false));
-    {
-        let (ready, agent) = (ready.clone(), agent.clone());
+    let agent = if args.no_local_node {
+        ready.store(true, Ordering::Release);
+        tracing::info!("no local node: rooms go to joined agents (lodge nodes join-token)");
+        None
+    } else {
+        let agent = start_local_node(&control, &args, &data_dir, api_addr, regions.clone()).await?;
+        let (ready, waiting) = (ready.clone(), agent.clone());
         tokio::spawn(async move {
-            while !agent.ready() {
+            while !waiting.ready() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             ready.store(true, Ordering::Release);
         });
-    }
+        Some(agent)
+    };
+    let _reconciler = control.spawn_reconciler();
+    let _ping = crate::ping::spawn(n.ping_port).await;
+
     let state = lodge_api::AppState {
         control: control.clone(),
         ready,
-        public_host: args.public_host.clone(),
-        ping_port: args.ping_port,
+        public_host: n.public_host.clone(),
+        ping_port: n.ping_port,
         regions: regions.unwrap_or_else(|| Region::ALL.to_vec()),
     };
     if let Some(addr) = args.metrics_addr {
@@ -419,7 +268,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         org_id = %org.org_id,
         data_dir = %data_dir.display(),
         isolation = ?isolation,
-        ports = %format!("{}-{}", args.port_range.0, args.port_range.1),
+        local_node = !args.no_local_node,
+        ports = %format!("{}-{}", n.port_range.0, n.port_range.1),
         "Lodge is serving"
     );
     lodge_api::server::serve(
@@ -433,20 +283,76 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         Duration::from_secs(5),
     )
     .await;
-    if agent.running_count() == 0 {
-        // Nothing runs here: leave no bridge or cgroups behind.
-        agent.teardown_node().await;
-        tracing::info!("shut down");
-    } else {
-        tracing::info!(
+    match agent {
+        Some(agent) if agent.running_count() == 0 => {
+            // Nothing runs here: leave no bridge or cgroups behind.
+            agent.teardown_node().await;
+            tracing::info!("shut down");
+        }
+        Some(agent) => tracing::info!(
             processes = agent.running_count(),
             "shutting down; game-server processes keep running and are re-adopted on the next start"
-        );
+        ),
+        None => tracing::info!("shut down"),
     }
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// The node embedded in `lodge serve`: an agent in this process that speaks the node protocol
+/// to this control plane over an in-process pipe, exactly as a joined agent does over TCP.
+async fn start_local_node(
+    control: &Arc<Control>,
+    args: &ServeArgs,
+    data_dir: &Path,
+    api_addr: SocketAddr,
+    regions: Option<Vec<Region>>,
+) -> Result<Arc<lodge_agent::Agent>, String> {
+    let n = &args.node;
+    let cfg = n.agent_config(
+        &node_id(data_dir).map_err(|e| e.to_string())?,
+        data_dir,
+        api_addr,
+        None,
+    )?;
+    match &cfg.oci_runtime {
+        Some(r) => {
+            tracing::info!(runtime = %r.display(), "container images run with this OCI runtime")
+        }
+        None => tracing::info!(
+            "container images cannot run here (they need root, netns isolation and crun or runc)"
+        ),
+    }
+    let mut node = Node::local(
+        cfg.node_id.clone(),
+        n.public_host.clone(),
+        regions,
+        control.now(),
+    );
+    // Ports other programs hold are not capacity (checked before re-adoption opens ours).
+    node.port_capacity = n.port_capacity();
+    if let Ok(Some(old)) = control.store().node(&node.node_id).await {
+        // Keep the protocol's numbering and the operator's drain across restarts.
+        node.epoch = old.epoch;
+        node.last_event_seq = old.last_event_seq;
+        node.incarnation = old.incarnation;
+        node.status = old.status;
+        node.stopped_at = old.stopped_at;
+    }
+    control.put_node(&node).await.map_err(|e| e.to_string())?;
+    let (ctl, node_id) = (control.clone(), node.node_id.clone());
+    let dial = move || {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let (ctl, node_id) = (ctl.clone(), node_id.clone());
+        tokio::spawn(async move {
+            let _ = ctl.serve_node(&node_id, far).await;
+        });
+        async move { Ok::<_, lodge_link::dial::DialError>(near) }
+    };
+    let (agent, _client) = crate::node::start_agent(cfg, None, dial).await?;
+    Ok(agent)
+}
+
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).ok();
     let mut int = signal(SignalKind::interrupt()).ok();

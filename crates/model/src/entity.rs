@@ -202,12 +202,100 @@ pub struct Node {
     /// Public proxy ports it has; `None` is unlimited.
     #[serde(default)]
     pub port_capacity: Option<u32>,
+    /// The fleet it belongs to; `None` is its org's default fleet.
+    #[serde(default)]
+    pub fleet_id: Option<String>,
+    #[serde(default)]
+    pub status: NodeStatus,
+    /// Cores and memory it offers to processes (0: not reported).
+    #[serde(default)]
+    pub cpu: f64,
+    #[serde(default)]
+    pub memory_mb: f64,
+    #[serde(default)]
+    pub stopped_at: Option<Millis>,
+    /// A joined agent (not the node embedded in `lodge serve`).
+    #[serde(default)]
+    pub remote: bool,
+    /// SHA-256 of the node's credential (joined agents only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_hash: Option<String>,
+    /// When the control plane last heard from it (written on connect and disconnect).
+    #[serde(default)]
+    pub last_seen_at: Option<Millis>,
+    /// The node protocol's session state: the newest epoch and the last applied event, per
+    /// incarnation of the agent.
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub last_event_seq: u64,
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl Node {
     pub fn serves(&self, region: Region) -> bool {
         self.regions.as_ref().is_none_or(|r| r.contains(&region))
     }
+
+    /// The node embedded in `lodge serve`.
+    pub fn local(
+        node_id: String,
+        public_host: String,
+        regions: Option<Vec<Region>>,
+        at: Millis,
+    ) -> Self {
+        Self {
+            node_id,
+            public_host,
+            regions,
+            started_at: at,
+            port_capacity: None,
+            fleet_id: None,
+            status: NodeStatus::Running,
+            cpu: 0.0,
+            memory_mb: 0.0,
+            stopped_at: None,
+            remote: false,
+            credential_hash: None,
+            last_seen_at: None,
+            epoch: 0,
+            last_event_seq: 0,
+            incarnation: 0,
+        }
+    }
+}
+
+/// What Hathora's NodesV1 calls a node's status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    #[default]
+    Running,
+    /// Takes no new processes; becomes `stopped` when its last process ends.
+    Draining,
+    Stopped,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Running => "running",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Stopped => "stopped",
+        }
+    }
+}
+
+/// A join token, as stored (its secret only hashed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinToken {
+    pub token_id: String,
+    pub region: Region,
+    pub fleet_id: Option<String>,
+    pub created_at: Millis,
+    pub expires_at: Millis,
 }
 
 /// A lobby: the player-facing wrapper of exactly one room (same id).

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use crate::spec::{AgentEvent, ProcessSpec};
 
@@ -57,7 +58,7 @@ pub trait NodeLink: Send + Sync + 'static {
 }
 
 /// Live counters of one process's public ports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessStats {
     pub active_connections: u64,
     pub total_connections: u64,
@@ -66,7 +67,7 @@ pub struct ProcessStats {
 }
 
 /// A node's players' flows (UDP sessions and TCP connections) and its cap on them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowTotals {
     pub active: u64,
     pub max: u64,
@@ -77,7 +78,7 @@ pub struct FlowTotals {
 pub type Point = (i64, f64);
 
 /// Hathora's process metrics over a window. Buckets without samples are left out.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetricSeries {
     /// vCPU cores used (1.0 = one core busy).
     pub cpu: Vec<Point>,

@@ -22,6 +22,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
+use crate::enums::Region;
+use crate::node::{FlowTotals, MetricSeries, ProcessStats};
 use crate::spec::{AgentEvent, ProcessSpec};
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -45,6 +47,13 @@ pub enum NodeMsg {
         node_id: String,
         /// The desired-state revision the node holds (0: none).
         desired_rev: u64,
+        /// Chosen at random when the agent starts: event numbers count within one
+        /// incarnation, so a restarted agent's numbers start again at 1.
+        #[serde(default)]
+        incarnation: u64,
+        /// What the node offers (sent by agents; the control plane updates its record).
+        #[serde(default)]
+        info: Option<NodeInfo>,
     },
     Events {
         events: Vec<Numbered>,
@@ -56,8 +65,102 @@ pub enum NodeMsg {
     },
     /// The node missed a change: send the whole set.
     Resync,
+    /// Live counters of its processes and its flows (sent every second or so; not numbered,
+    /// the newest replaces the older).
+    Stats {
+        processes: Vec<(String, ProcessStats)>,
+        flows: FlowTotals,
+    },
+    /// The answer to a [`ControlMsg::Call`] with the same id.
+    Reply {
+        id: u64,
+        reply: Result<NodeReply, String>,
+    },
     Ping,
     Pong,
+}
+
+/// What a joined node tells the control plane about itself on every connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    pub public_host: String,
+    pub region: Region,
+    pub cpu: f64,
+    pub memory_mb: f64,
+    pub port_capacity: Option<u32>,
+    /// The agent's version (`lodge --version`).
+    pub agent_version: String,
+}
+
+/// A question the control plane asks a node about what only the node has (logs, metrics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum NodeCall {
+    #[serde(rename_all = "camelCase")]
+    LogTail {
+        process_id: String,
+        lines: usize,
+    },
+    #[serde(rename_all = "camelCase")]
+    LogRead {
+        process_id: String,
+        offset: u64,
+        max: usize,
+    },
+    KeptProcesses,
+    #[serde(rename_all = "camelCase")]
+    ForgetProcess {
+        process_id: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Metrics {
+        process_id: String,
+        start_s: i64,
+        end_s: i64,
+        step_s: i64,
+    },
+}
+
+/// A node's answer to a [`NodeCall`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum NodeReply {
+    /// Log bytes (base64 in the frame).
+    Log {
+        #[serde(with = "b64")]
+        bytes: Vec<u8>,
+        end: u64,
+    },
+    Processes {
+        ids: Vec<String>,
+    },
+    Done,
+    Metrics {
+        series: MetricSeries,
+    },
+}
+
+/// The most log bytes one call reads (followers and downloads read in steps).
+pub const MAX_LOG_READ: usize = 256 << 10;
+
+/// The longest frame either side accepts (a log tail of 8 MiB, in base64, fits).
+pub const MAX_FRAME: usize = 16 << 20;
+
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Control plane → node.
@@ -83,6 +186,16 @@ pub enum ControlMsg {
     Ack {
         seq: u64,
     },
+    /// Ask the node something; it answers with a [`NodeMsg::Reply`] of the same id.
+    Call {
+        id: u64,
+        call: NodeCall,
+    },
+    /// The session is refused or closed (a newer one exists, a wrong version); the node logs
+    /// why and reconnects after its backoff.
+    Refused {
+        message: String,
+    },
     Ping,
     Pong,
 }
@@ -102,14 +215,26 @@ pub struct NodeSession {
     desired_rev: u64,
     /// The current connection's epoch, once welcomed.
     epoch: Option<u64>,
+    incarnation: u64,
 }
 
 impl NodeSession {
     pub fn new() -> Self {
+        Self::with_incarnation(0)
+    }
+
+    /// A session of an agent that started with this (random) incarnation number.
+    pub fn with_incarnation(incarnation: u64) -> Self {
         Self {
             next_seq: 1,
+            incarnation,
             ..Default::default()
         }
+    }
+
+    /// Whether a desired set arrived from the control plane since this agent started.
+    pub fn has_desired(&self) -> bool {
+        self.desired_rev > 0
     }
 
     /// Queue an event. Activity replaces the same process's activity that was never sent, in
@@ -131,12 +256,14 @@ impl NodeSession {
     }
 
     /// A new connection: forget the old session, say hello.
-    pub fn connect(&mut self, node_id: &str) -> NodeMsg {
+    pub fn connect(&mut self, node_id: &str, info: Option<NodeInfo>) -> NodeMsg {
         self.epoch = None;
         NodeMsg::Hello {
             version: PROTOCOL_VERSION,
             node_id: node_id.to_string(),
             desired_rev: self.desired_rev,
+            incarnation: self.incarnation,
+            info,
         }
     }
 
@@ -153,6 +280,28 @@ impl NodeSession {
         Some(NodeMsg::Events {
             events: self.outbox.iter().cloned().collect(),
         })
+    }
+
+    /// Events not yet handed to the current connection (numbered above `after`), at most
+    /// `max`, and the highest number among them; `None` before the welcome or with nothing
+    /// new. [`NodeSession::receive`] of a welcome hands over every unacknowledged event.
+    pub fn outgoing_after(&mut self, after: u64, max: usize) -> Option<(NodeMsg, u64)> {
+        self.epoch?;
+        let events: Vec<Numbered> = self
+            .outbox
+            .iter()
+            .filter(|n| n.seq > after)
+            .take(max)
+            .cloned()
+            .collect();
+        let last = events.last()?.seq;
+        self.sent_upto = self.sent_upto.max(last);
+        Some((NodeMsg::Events { events }, last))
+    }
+
+    /// The highest event number queued so far.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
     }
 
     /// Whether the current connection has been welcomed (a session is open).
@@ -217,7 +366,9 @@ impl NodeSession {
                 vec![NodeMsg::DesiredAck { rev }]
             }
             ControlMsg::Ping => vec![NodeMsg::Pong],
-            ControlMsg::Pong => Vec::new(),
+            // Calls need the node's I/O and refusals close the connection: the transport
+            // handles both.
+            ControlMsg::Pong | ControlMsg::Call { .. } | ControlMsg::Refused { .. } => Vec::new(),
         }
     }
 
@@ -248,14 +399,26 @@ pub struct NodeState {
     pub epoch: u64,
     /// The highest event number applied.
     pub last_event_seq: u64,
+    /// The agent incarnation those numbers belong to.
+    pub incarnation: u64,
 }
 
 impl NodeState {
     /// A node said hello: open a session with a larger epoch.
     pub fn open(&mut self, hello: &NodeMsg) -> Result<ControlMsg, Refused> {
-        if let NodeMsg::Hello { version, .. } = hello {
+        if let NodeMsg::Hello {
+            version,
+            incarnation,
+            ..
+        } = hello
+        {
             if *version != PROTOCOL_VERSION {
                 return Err(Refused::Version(*version));
+            }
+            if *incarnation != self.incarnation {
+                // A restarted agent numbers its events from 1 again.
+                self.incarnation = *incarnation;
+                self.last_event_seq = 0;
             }
         }
         self.epoch += 1;
@@ -494,7 +657,7 @@ mod tests {
             for step in 0..400 {
                 let quiet = step >= 300;
                 if !connected {
-                    let hello = node.connect("n1");
+                    let hello = node.connect("n1", None);
                     let welcome = cp.open(&hello).unwrap();
                     if let ControlMsg::Welcome { epoch, .. } = welcome {
                         node_epoch = epoch;
@@ -586,7 +749,11 @@ mod tests {
                             epoch: m.epoch,
                             msg: desired.full(),
                         }),
-                        NodeMsg::DesiredAck { .. } | NodeMsg::Ping | NodeMsg::Pong => {}
+                        NodeMsg::DesiredAck { .. }
+                        | NodeMsg::Ping
+                        | NodeMsg::Pong
+                        | NodeMsg::Stats { .. }
+                        | NodeMsg::Reply { .. } => {}
                         NodeMsg::Hello { .. } => unreachable!("hello is handled on connect"),
                     }
                 }
@@ -661,7 +828,43 @@ mod tests {
             version,
             node_id: "n".into(),
             desired_rev: 0,
+            incarnation: 0,
+            info: None,
         }
+    }
+
+    #[test]
+    fn a_restarted_agent_numbers_its_events_again() {
+        let mut cp = NodeState::default();
+        cp.open(&hello(PROTOCOL_VERSION)).unwrap();
+        let ev = |seq| Numbered {
+            seq,
+            event: AgentEvent::Running {
+                process_id: "p".into(),
+                at: 0,
+            },
+        };
+        let (apply, _) = cp.events(1, vec![ev(1), ev(2)]).unwrap();
+        assert_eq!(apply.len(), 2);
+        // The same incarnation reconnecting: numbers go on.
+        cp.open(&hello(PROTOCOL_VERSION)).unwrap();
+        assert_eq!(cp.events(2, vec![ev(2)]).unwrap().0.len(), 0);
+        // A new incarnation starts again at 1, and its events are applied.
+        let mut node = NodeSession::with_incarnation(7);
+        let welcome = cp.open(&node.connect("n", None)).unwrap();
+        assert_eq!(
+            welcome,
+            ControlMsg::Welcome {
+                epoch: 3,
+                last_event_seq: 0
+            }
+        );
+        assert!(node.receive(welcome).is_empty());
+        node.push(ev(0).event);
+        let Some(NodeMsg::Events { events }) = node.outgoing() else {
+            panic!("the event is sent");
+        };
+        assert_eq!(cp.events(3, events).unwrap().0.len(), 1);
     }
 
     #[test]

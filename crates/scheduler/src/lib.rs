@@ -133,11 +133,8 @@ mod tests {
         NodeLoad {
             ports_in_use: 0,
             node: Node {
-                node_id: id.into(),
-                public_host: "h".into(),
-                regions,
-                started_at: 0,
                 port_capacity: Some(100),
+                ..Node::local(id.into(), "h".into(), regions, 0)
             },
             live_processes: live,
         }

@@ -85,6 +85,15 @@ const TABLES: &[Table] = &[
         cols: &[("node_id", "node_id", Text), ("doc", "doc", Text)],
     },
     Table {
+        name: "join_tokens",
+        order: "rowid",
+        cols: &[
+            ("token_id", "token_id", Text),
+            ("secret_hash", "secret_hash", Text),
+            ("doc", "doc", Text),
+        ],
+    },
+    Table {
         name: "processes",
         order: "seq",
         cols: &[

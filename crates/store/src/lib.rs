@@ -109,6 +109,10 @@ pub trait Store: Send + Sync + 'static {
     async fn deployments(&self, app_id: &str) -> Result<Vec<Deployment>>;
 
     async fn put_node(&self, node: &Node) -> Result<()>;
+    async fn node(&self, node_id: &str) -> Result<Option<Node>>;
+    /// Store a join token under the hash of its secret.
+    async fn insert_join_token(&self, token: &JoinToken, secret_hash: &str) -> Result<()>;
+    async fn join_token_by_hash(&self, secret_hash: &str) -> Result<Option<JoinToken>>;
     async fn nodes(&self) -> Result<Vec<Node>>;
     /// Per node: live processes and the public ports they hold.
     async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>>;

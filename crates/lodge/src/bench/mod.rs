@@ -118,7 +118,7 @@ fn ratio(a: f64, b: f64) -> String {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     // Many sockets (1,000 UDP clients): raise the soft descriptor limit to the hard one.
-    crate::serve::raise_nofile();
+    crate::node::raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod deploy;
+pub mod nodes;
 pub mod pack;
 mod table;
 

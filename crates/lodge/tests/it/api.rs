@@ -21,13 +21,7 @@ async fn serve_with(dir: &std::path::Path, limits: lodge_api::server::ServeLimit
     cfg.admin_token = Some("admin".into());
     let control = Control::new(store, Arc::new(SystemClock), cfg);
     control
-        .put_node(&Node {
-            node_id: "n".into(),
-            public_host: "127.0.0.1".into(),
-            regions: None,
-            started_at: 0,
-            port_capacity: None,
-        })
+        .put_node(&Node::local("n".into(), "127.0.0.1".into(), None, 0))
         .await
         .unwrap();
     let state = lodge_api::AppState {

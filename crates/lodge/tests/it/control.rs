@@ -93,13 +93,7 @@ async fn setup(
     };
     control
         .register_local_node(
-            Node {
-                node_id: "n1".into(),
-                public_host: "127.0.0.1".into(),
-                regions: None,
-                started_at: 0,
-                port_capacity: None,
-            },
+            Node::local("n1".into(), "127.0.0.1".into(), None, 0),
             Arc::new(node),
         )
         .await

@@ -543,11 +543,8 @@ async fn tokens_builds_and_deployments(b: &dyn Backend) {
 async fn process_queries_filter_and_order(b: &dyn Backend) {
     let s = b.open().await;
     let node = |id: &str| Node {
-        node_id: id.into(),
-        public_host: format!("{id}.example"),
-        regions: None,
-        started_at: 1,
         port_capacity: Some(10),
+        ..Node::local(id.into(), format!("{id}.example"), None, 1)
     };
     s.put_node(&node("n2")).await.unwrap();
     s.put_node(&node("n1")).await.unwrap();

@@ -605,6 +605,28 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn node(&self, node_id: &str) -> Result<Option<Node>> {
+        self.doc("SELECT doc FROM nodes WHERE node_id = $1", &[&node_id])
+            .await
+    }
+
+    async fn insert_join_token(&self, t: &JoinToken, secret_hash: &str) -> Result<()> {
+        self.exec(
+            "INSERT INTO join_tokens (token_id, secret_hash, doc) VALUES ($1, $2, $3)",
+            &[&t.token_id, &secret_hash, &to_json(t)?],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn join_token_by_hash(&self, secret_hash: &str) -> Result<Option<JoinToken>> {
+        self.doc(
+            "SELECT doc FROM join_tokens WHERE secret_hash = $1",
+            &[&secret_hash],
+        )
+        .await
+    }
+
     async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>> {
         Ok(self
             .rows(

@@ -14,7 +14,8 @@ const MIGRATION_LOCK: i64 = 0x6c6f_6467_6501;
 /// Documents are JSON text, as in the embedded store: `jsonb` refuses a NUL character
 /// (`\u0000`), which users' configs may hold. What a query filters or updates on its own has
 /// a column of its own.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE orgs (seq BIGSERIAL NOT NULL, org_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE tokens (
     seq BIGSERIAL NOT NULL,
@@ -228,7 +229,11 @@ BEGIN
     FROM unnest(seen_pid, seen_n, seen_at) AS u(pid, n, at)
     WHERE p.process_id = u.pid AND u.n > 0;
 END $$;
-"#];
+"#,
+    r#"
+CREATE TABLE join_tokens (token_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
+"#,
+];
 
 /// Apply the migrations this database has not seen yet; returns the schema version.
 pub(super) async fn migrate(client: &mut Client) -> Result<usize> {

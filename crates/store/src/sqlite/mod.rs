@@ -710,6 +710,39 @@ impl Store for SqliteStore {
         self.read(|c| docs(c, "SELECT doc FROM nodes ORDER BY node_id", []))
     }
 
+    async fn node(&self, node_id: &str) -> Result<Option<Node>> {
+        self.read(|c| {
+            doc(
+                c,
+                "SELECT doc FROM nodes WHERE node_id = ?1",
+                params![node_id],
+            )
+        })
+    }
+
+    async fn insert_join_token(&self, t: &JoinToken, secret_hash: &str) -> Result<()> {
+        let (t, secret_hash) = (t.to_owned(), secret_hash.to_owned());
+        self.write(move |c| {
+            c.run(
+                "INSERT INTO join_tokens (token_id, secret_hash, doc) VALUES (?1, ?2, ?3)",
+                params![t.token_id, secret_hash, to_json(&t)?],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn join_token_by_hash(&self, secret_hash: &str) -> Result<Option<JoinToken>> {
+        self.read(|c| {
+            doc(
+                c,
+                "SELECT doc FROM join_tokens WHERE secret_hash = ?1",
+                params![secret_hash],
+            )
+        })
+    }
+
     async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>> {
         self.read(|c| {
             let mut stmt = c

@@ -102,4 +102,7 @@ CREATE INDEX processes_node_ports ON processes (node_id, status, port_count);
 ALTER TABLE processes ADD COLUMN last_busy_at INTEGER NOT NULL DEFAULT 0;
 UPDATE processes SET last_busy_at = COALESCE(json_extract(doc, '$.lastBusyAt'), 0);
 "#,
+    r#"
+CREATE TABLE join_tokens (token_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
+"#,
 ];

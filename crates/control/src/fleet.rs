@@ -1,0 +1,333 @@
+//! The fleet of nodes: join tokens and node credentials, which nodes may take new work, drain,
+//! and the judgement that a silent node is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lodge_model::protocol::NodeInfo;
+use lodge_model::{JoinToken, Node, NodeStatus, ProcessStatus, Region};
+use lodge_store::ProcessQuery;
+
+use crate::remote::RemoteNode;
+use crate::tokens::{hash_secret, strip_bearer};
+use crate::{Caller, Control, Error, Result};
+
+/// A node not heard from for this long takes no new work.
+pub const UNSCHEDULABLE_AFTER: Duration = Duration::from_secs(10);
+/// The longest a join token may live.
+pub const MAX_JOIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A node as operators and the API see it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub node: Node,
+    /// Heard from within [`UNSCHEDULABLE_AFTER`] (the embedded node always is).
+    pub reachable: bool,
+    pub connected: bool,
+    pub last_heard: Option<i64>,
+    pub live_processes: u32,
+    pub ports_in_use: u32,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Control {
+    fn require_instance_admin(caller: &Caller) -> Result<()> {
+        if caller.instance_admin {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized(
+                "nodes are managed with an admin token of the instance's first org".into(),
+            ))
+        }
+    }
+
+    /// The handle on a protocol-speaking node, made on first use.
+    pub(crate) fn remote_node(&self, node_id: &str) -> Arc<RemoteNode> {
+        let mut remotes = self.remotes.write().unwrap_or_else(|p| p.into_inner());
+        remotes
+            .entry(node_id.to_string())
+            .or_insert_with(|| Arc::new(RemoteNode::new(node_id, self.now())))
+            .clone()
+    }
+
+    fn remote_if_known(&self, node_id: &str) -> Option<Arc<RemoteNode>> {
+        self.remotes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node_id)
+            .cloned()
+    }
+
+    /// A join token for nodes of `region` (and `fleet`), valid for `ttl`; the secret is
+    /// returned once and only its hash is kept. Reusable until it expires, so one token can
+    /// bring up a fleet.
+    pub async fn create_join_token(
+        &self,
+        caller: &Caller,
+        region: Region,
+        fleet_id: Option<String>,
+        ttl: Duration,
+    ) -> Result<(String, JoinToken)> {
+        Self::require_instance_admin(caller)?;
+        if ttl.is_zero() || ttl > MAX_JOIN_TTL {
+            return Err(Error::Invalid(format!(
+                "ttl must be between 1 second and {} days",
+                MAX_JOIN_TTL.as_secs() / 86400
+            )));
+        }
+        let secret = format!(
+            "lodge_join_{}{}",
+            lodge_model::id::secret_hex(),
+            lodge_model::id::secret_hex()
+        );
+        let now = self.now();
+        let token = JoinToken {
+            token_id: format!("join-{}", lodge_model::id::secret_hex()),
+            region,
+            fleet_id,
+            created_at: now,
+            expires_at: now.saturating_add(ms(ttl)),
+        };
+        self.store
+            .insert_join_token(&token, &hash_secret(&secret))
+            .await?;
+        tracing::info!(token_id = %token.token_id, region = %region, "join token created");
+        Ok((secret, token))
+    }
+
+    /// A node presents a join token: it becomes a node of the token's region with a credential
+    /// of its own (returned once; only its hash is kept).
+    pub async fn join_node(
+        &self,
+        join_token: &str,
+        info: &NodeInfo,
+        fleet_id: Option<&str>,
+    ) -> Result<(String, String)> {
+        let token = self
+            .store
+            .join_token_by_hash(&hash_secret(join_token.trim()))
+            .await?
+            .ok_or_else(|| Error::Unauthorized("unknown join token".into()))?;
+        if token.expires_at <= self.now() {
+            return Err(Error::Unauthorized(format!(
+                "the join token expired at {}",
+                lodge_model::clock::rfc3339(token.expires_at)
+            )));
+        }
+        if info.region != token.region {
+            return Err(Error::Unauthorized(format!(
+                "the join token is for region {}, not {}",
+                token.region, info.region
+            )));
+        }
+        if let (Some(want), Some(have)) = (fleet_id, token.fleet_id.as_deref()) {
+            if want != have {
+                return Err(Error::Unauthorized(format!(
+                    "the join token is for fleet {have}, not {want}"
+                )));
+            }
+        }
+        if info.public_host.trim().is_empty() || info.public_host.len() > 253 {
+            return Err(Error::Invalid(
+                "publicHost must be a host name or address".into(),
+            ));
+        }
+        let credential = format!(
+            "lodge_node_{}{}",
+            lodge_model::id::secret_hex(),
+            lodge_model::id::secret_hex()
+        );
+        let now = self.now();
+        let mut node = Node::local(
+            format!("node-{}", lodge_model::id::secret_hex()),
+            info.public_host.clone(),
+            Some(vec![info.region]),
+            now,
+        );
+        node.remote = true;
+        node.fleet_id = token.fleet_id.clone().or(fleet_id.map(str::to_string));
+        node.cpu = info.cpu;
+        node.memory_mb = info.memory_mb;
+        node.port_capacity = info.port_capacity;
+        node.credential_hash = Some(hash_secret(&credential));
+        self.store.put_node(&node).await?;
+        tracing::info!(node_id = %node.node_id, region = %info.region, host = %info.public_host, "node joined");
+        Ok((node.node_id, credential))
+    }
+
+    /// The node an `Authorization` header's credential belongs to.
+    pub async fn authenticate_node(&self, header: Option<&str>) -> Result<Node> {
+        let secret = header
+            .map(strip_bearer)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::Unauthorized("a node credential is required".into()))?;
+        let hash = hash_secret(secret);
+        self.store
+            .nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.credential_hash.as_deref() == Some(hash.as_str()))
+            .ok_or_else(|| Error::Unauthorized("unknown node credential".into()))
+    }
+
+    /// Whether a node may take new processes now.
+    pub(crate) fn schedulable(&self, node: &Node) -> bool {
+        if node.status != NodeStatus::Running {
+            return false;
+        }
+        match self.remote_if_known(&node.node_id) {
+            Some(r) => self.now() - r.last_heard() < ms(UNSCHEDULABLE_AFTER),
+            // A joined node this control plane never heard from since it started.
+            None if node.remote => false,
+            // The embedded node (or a test's in-process one).
+            None => self.agents().iter().any(|a| a.node_id() == node.node_id),
+        }
+    }
+
+    pub async fn list_nodes(&self, caller: &Caller) -> Result<Vec<NodeView>> {
+        Self::require_instance_admin(caller)?;
+        let usage = self.store.node_usage().await?;
+        let mut out = Vec::new();
+        for node in self.store.nodes().await? {
+            let (live, ports) = usage
+                .iter()
+                .find(|(id, ..)| *id == node.node_id)
+                .map_or((0, 0), |(_, l, p)| (*l, *p));
+            let remote = self.remote_if_known(&node.node_id);
+            out.push(NodeView {
+                reachable: self.schedulable(&node) || {
+                    node.status != NodeStatus::Running
+                        && remote
+                            .as_ref()
+                            .is_some_and(|r| self.now() - r.last_heard() < ms(UNSCHEDULABLE_AFTER))
+                },
+                connected: remote.as_ref().is_some_and(|r| r.connected()) || !node.remote,
+                last_heard: remote.map(|r| r.last_heard()).or(node.last_seen_at),
+                live_processes: live,
+                ports_in_use: ports,
+                node,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn node_view(&self, caller: &Caller, node_id: &str) -> Result<NodeView> {
+        self.list_nodes(caller)
+            .await?
+            .into_iter()
+            .find(|v| v.node.node_id == node_id)
+            .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))
+    }
+
+    /// Drain (no new processes; `stopped` once its last process ends) or undrain a node.
+    pub async fn set_draining(
+        &self,
+        caller: &Caller,
+        node_id: &str,
+        drain: bool,
+    ) -> Result<NodeView> {
+        Self::require_instance_admin(caller)?;
+        let mut node = self
+            .store
+            .node(node_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))?;
+        node.status = if drain {
+            NodeStatus::Draining
+        } else {
+            NodeStatus::Running
+        };
+        node.stopped_at = None;
+        self.store.put_node(&node).await?;
+        tracing::info!(%node_id, status = node.status.as_str(), "node status changed");
+        self.settle_drained().await?;
+        self.node_view(caller, node_id).await
+    }
+
+    /// Draining nodes without live processes are `stopped`.
+    pub(crate) async fn settle_drained(&self) -> Result<()> {
+        let usage = self.store.node_usage().await?;
+        for mut node in self.store.nodes().await? {
+            let live = usage.iter().any(|(id, l, _)| *id == node.node_id && *l > 0);
+            if node.status == NodeStatus::Draining && !live {
+                node.status = NodeStatus::Stopped;
+                node.stopped_at = Some(self.now());
+                self.store.put_node(&node).await?;
+                tracing::info!(node_id = %node.node_id, "drained node stopped");
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of the node-loss judgement: a joined node silent for `lost_after` is lost, its
+    /// processes end (their rooms with them). If most of a fleet of three or more went silent,
+    /// the fault is likelier on this side: nothing is declared lost.
+    pub async fn judge_lost_nodes(&self, lost_after: Duration) -> Result<Vec<String>> {
+        let now = self.now();
+        let remote: Vec<Node> = self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.remote && n.status != NodeStatus::Stopped)
+            .collect();
+        let silent_for = |n: &Node| {
+            // Since this control plane started, a node had the whole period to reconnect.
+            let heard = self
+                .remote_if_known(&n.node_id)
+                .map_or(self.started_at, |r| r.last_heard().max(self.started_at));
+            now - heard
+        };
+        let lost: Vec<&Node> = remote
+            .iter()
+            .filter(|n| silent_for(n) >= ms(lost_after))
+            .collect();
+        if lost.is_empty() {
+            return Ok(Vec::new());
+        }
+        let silent = remote
+            .iter()
+            .filter(|n| silent_for(n) >= ms(UNSCHEDULABLE_AFTER))
+            .count();
+        if remote.len() >= 3 && silent * 2 > remote.len() {
+            tracing::warn!(
+                silent,
+                nodes = remote.len(),
+                "most nodes are silent at once; declaring none lost (a fault on the control plane's side is likelier)"
+            );
+            return Ok(Vec::new());
+        }
+        let mut ended = Vec::new();
+        for node in lost {
+            let q = ProcessQuery {
+                node_id: Some(node.node_id.clone()),
+                statuses: ProcessStatus::LIVE.to_vec(),
+                ..Default::default()
+            };
+            let procs = self.store.processes(&q).await?;
+            if procs.is_empty() {
+                continue;
+            }
+            let reason = format!(
+                "node lost: node {} was not heard from for {} s",
+                node.node_id,
+                lost_after.as_secs()
+            );
+            for p in procs {
+                if let Some(e) = self
+                    .store
+                    .end_process(&p.process_id, ProcessStatus::Failed, now, &reason)
+                    .await?
+                {
+                    self.note_ended(&p.process_id, e.destroyed_rooms.len());
+                    ended.push(p.process_id);
+                }
+            }
+            tracing::warn!(node_id = %node.node_id, processes = ended.len(), "node lost; its processes are ended");
+        }
+        Ok(ended)
+    }
+}
