@@ -22,12 +22,12 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/lodge/v1/nodes", get(list))
         .route("/lodge/v1/nodes/join-tokens", post(create_join_token))
-        .route("/lodge/v1/nodes/{node_id}", get(info))
-        .route("/lodge/v1/nodes/{node_id}/drain", post(drain))
-        .route("/lodge/v1/nodes/{node_id}/undrain", post(undrain))
+        .route("/lodge/v1/nodes/{nodeId}", get(info))
+        .route("/lodge/v1/nodes/{nodeId}/drain", post(drain))
+        .route("/lodge/v1/nodes/{nodeId}/undrain", post(undrain))
         .route("/lodge/v1/node/join", post(join))
         .route("/lodge/v1/node/connect", get(connect))
-        .route("/lodge/v1/node/builds/{build_id}/artifact", get(artifact))
+        .route("/lodge/v1/node/builds/{buildId}/artifact", get(artifact))
 }
 
 pub(crate) fn node_json(v: &NodeView) -> serde_json::Value {

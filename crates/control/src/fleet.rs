@@ -178,12 +178,19 @@ impl Control {
         if node.status != NodeStatus::Running {
             return false;
         }
-        match self.remote_if_known(&node.node_id) {
-            Some(r) => self.now() - r.last_heard() < ms(UNSCHEDULABLE_AFTER),
-            // A joined node this control plane never heard from since it started.
-            None if node.remote => false,
-            // The embedded node (or a test's in-process one).
-            None => self.agents().iter().any(|a| a.node_id() == node.node_id),
+        self.heard_recently(node)
+    }
+
+    /// Heard from within [`UNSCHEDULABLE_AFTER`]: by this replica, or (as the store says) by
+    /// the replica that holds the node's session.
+    fn heard_recently(&self, node: &Node) -> bool {
+        let window = ms(UNSCHEDULABLE_AFTER);
+        let now = self.now();
+        let here = self.remote_if_known(&node.node_id).map(|r| r.last_heard());
+        match here.max(node.last_seen_at) {
+            Some(heard) => now - heard < window,
+            // A node reached only through a direct handle (tests' in-process nodes).
+            None => !node.remote,
         }
     }
 
@@ -198,14 +205,9 @@ impl Control {
                 .map_or((0, 0), |(_, l, p)| (*l, *p));
             let remote = self.remote_if_known(&node.node_id);
             out.push(NodeView {
-                reachable: self.schedulable(&node) || {
-                    node.status != NodeStatus::Running
-                        && remote
-                            .as_ref()
-                            .is_some_and(|r| self.now() - r.last_heard() < ms(UNSCHEDULABLE_AFTER))
-                },
+                reachable: self.heard_recently(&node),
                 connected: remote.as_ref().is_some_and(|r| r.connected()) || !node.remote,
-                last_heard: remote.map(|r| r.last_heard()).or(node.last_seen_at),
+                last_heard: remote.map(|r| r.last_heard()).max(node.last_seen_at),
                 live_processes: live,
                 ports_in_use: ports,
                 node,
@@ -230,19 +232,20 @@ impl Control {
         drain: bool,
     ) -> Result<NodeView> {
         Self::require_instance_admin(caller)?;
-        let mut node = self
-            .store
-            .node(node_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))?;
-        node.status = if drain {
+        let status = if drain {
             NodeStatus::Draining
         } else {
             NodeStatus::Running
         };
-        node.stopped_at = None;
-        self.store.put_node(&node).await?;
-        tracing::info!(%node_id, status = node.status.as_str(), "node status changed");
+        self.store
+            .update_node(node_id, &|node| {
+                node.status = status;
+                node.stopped_at = None;
+                true
+            })
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))?;
+        tracing::info!(%node_id, status = status.as_str(), "node status changed");
         self.settle_drained().await?;
         self.node_view(caller, node_id).await
     }
@@ -250,13 +253,24 @@ impl Control {
     /// Draining nodes without live processes are `stopped`.
     pub(crate) async fn settle_drained(&self) -> Result<()> {
         let usage = self.store.node_usage().await?;
-        for mut node in self.store.nodes().await? {
+        let now = self.now();
+        for node in self.store.nodes().await? {
             let live = usage.iter().any(|(id, l, _)| *id == node.node_id && *l > 0);
             if node.status == NodeStatus::Draining && !live {
-                node.status = NodeStatus::Stopped;
-                node.stopped_at = Some(self.now());
-                self.store.put_node(&node).await?;
-                tracing::info!(node_id = %node.node_id, "drained node stopped");
+                let stopped = self
+                    .store
+                    .update_node(&node.node_id, &|n| {
+                        if n.status != NodeStatus::Draining {
+                            return false;
+                        }
+                        n.status = NodeStatus::Stopped;
+                        n.stopped_at = Some(now);
+                        true
+                    })
+                    .await?;
+                if stopped.is_some_and(|n| n.stopped_at == Some(now)) {
+                    tracing::info!(node_id = %node.node_id, "drained node stopped");
+                }
             }
         }
         Ok(())
@@ -276,9 +290,8 @@ impl Control {
             .collect();
         let silent_for = |n: &Node| {
             // Since this control plane started, a node had the whole period to reconnect.
-            let heard = self
-                .remote_if_known(&n.node_id)
-                .map_or(self.started_at, |r| r.last_heard().max(self.started_at));
+            let here = self.remote_if_known(&n.node_id).map(|r| r.last_heard());
+            let heard = here.max(n.last_seen_at).unwrap_or(0).max(self.started_at);
             now - heard
         };
         let lost: Vec<&Node> = remote

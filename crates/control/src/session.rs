@@ -21,6 +21,8 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 /// How often the whole desired set is compared with what the node was sent: the safety net
 /// under the wake-ups (a change made by another replica, a wake-up lost to a disconnect).
 const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// How often the store learns that a node is alive (what other replicas judge it by).
+const TOUCH_EVERY: Duration = Duration::from_secs(3);
 /// How long a node has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -148,7 +150,7 @@ impl Control {
         // so the numbering survives a restart of the control plane.
         let (welcome, epoch) = {
             let mut proto = remote.proto.lock().await;
-            let mut node = self
+            let node = self
                 .store
                 .node(node_id)
                 .await?
@@ -172,18 +174,23 @@ impl Control {
                     return Err(Error::BadRequest(message));
                 }
             };
-            node.epoch = proto.epoch;
-            node.last_event_seq = proto.last_event_seq;
-            node.incarnation = proto.incarnation;
-            node.last_seen_at = Some(self.now());
-            if let Some(info) = info {
-                node.public_host = info.public_host.clone();
-                node.regions = Some(vec![info.region]);
-                node.cpu = info.cpu;
-                node.memory_mb = info.memory_mb;
-                node.port_capacity = info.port_capacity;
-            }
-            self.store.put_node(&node).await?;
+            let (state, now) = (proto.clone(), self.now());
+            self.store
+                .update_node(node_id, &|node| {
+                    node.epoch = state.epoch;
+                    node.last_event_seq = state.last_event_seq;
+                    node.incarnation = state.incarnation;
+                    node.last_seen_at = Some(now);
+                    if let Some(info) = info {
+                        node.public_host = info.public_host.clone();
+                        node.regions = Some(vec![info.region]);
+                        node.cpu = info.cpu;
+                        node.memory_mb = info.memory_mb;
+                        node.port_capacity = info.port_capacity;
+                    }
+                    true
+                })
+                .await?;
             (welcome, proto.epoch)
         };
         let mut inbox = remote.attach(epoch, self.now());
@@ -192,10 +199,7 @@ impl Control {
             .run_session(&remote, epoch, welcome, &mut reader, &mut w, &mut inbox)
             .await;
         remote.detach(epoch);
-        if let Ok(Some(mut node)) = self.store.node(node_id).await {
-            node.last_seen_at = Some(remote.last_heard());
-            let _ = self.store.put_node(&node).await;
-        }
+        self.touch_node(node_id, remote.last_heard()).await;
         match &result {
             Ok(()) => tracing::info!(%node_id, epoch, "node session ended"),
             Err(e) => tracing::warn!(%node_id, epoch, error = %e, "node session ended"),
@@ -224,6 +228,7 @@ impl Control {
         let mut liveness = Liveness::new(self.now(), ms(PING_EVERY), ms(DEAD_AFTER));
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_resync = tokio::time::Instant::now();
+        let mut last_touch = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 msg = reader.next::<NodeMsg>() => {
@@ -296,6 +301,11 @@ impl Control {
                     if liveness.ping_due(now) {
                         write_frame(w, &ControlMsg::Ping).await.map_err(io)?;
                     }
+                    if last_touch.elapsed() >= TOUCH_EVERY {
+                        // Every replica judges liveness from the store.
+                        last_touch = tokio::time::Instant::now();
+                        self.touch_node(&node_id, remote.last_heard()).await;
+                    }
                     if last_resync.elapsed() >= RESYNC_EVERY {
                         last_resync = tokio::time::Instant::now();
                         let desired = self.desired_for(&node_id).await?;
@@ -309,15 +319,30 @@ impl Control {
     }
 
     async fn save_event_seq(&self, node_id: &str, seq: u64) {
-        match self.store.node(node_id).await {
-            Ok(Some(mut node)) if node.last_event_seq != seq => {
+        let saved = self
+            .store
+            .update_node(node_id, &|node| {
+                let moved = node.last_event_seq != seq;
                 node.last_event_seq = seq;
-                if let Err(e) = self.store.put_node(&node).await {
-                    tracing::warn!(%node_id, error = %e, "cannot record the node's last event");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(%node_id, error = %e, "cannot record the node's last event"),
+                moved
+            })
+            .await;
+        if let Err(e) = saved {
+            tracing::warn!(%node_id, error = %e, "cannot record the node's last event");
+        }
+    }
+
+    async fn touch_node(&self, node_id: &str, heard: i64) {
+        let saved = self
+            .store
+            .update_node(node_id, &|node| {
+                let moved = node.last_seen_at < Some(heard);
+                node.last_seen_at = node.last_seen_at.max(Some(heard));
+                moved
+            })
+            .await;
+        if let Err(e) = saved {
+            tracing::warn!(%node_id, error = %e, "cannot record when the node was heard from");
         }
     }
 

@@ -110,6 +110,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_node(&self, node: &Node) -> Result<()>;
     async fn node(&self, node_id: &str) -> Result<Option<Node>>;
+    /// Read-modify-write of one node, atomically (`change` returns false to leave it be).
+    /// Returns the node as stored afterwards; `None` if unknown.
+    async fn update_node(
+        &self,
+        node_id: &str,
+        change: &(dyn for<'n> Fn(&'n mut Node) -> bool + Send + Sync),
+    ) -> Result<Option<Node>>;
     /// Store a join token under the hash of its secret.
     async fn insert_join_token(&self, token: &JoinToken, secret_hash: &str) -> Result<()>;
     async fn join_token_by_hash(&self, secret_hash: &str) -> Result<Option<JoinToken>>;

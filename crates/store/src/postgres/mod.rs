@@ -610,6 +610,34 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn update_node(
+        &self,
+        node_id: &str,
+        change: &(dyn for<'n> Fn(&'n mut Node) -> bool + Send + Sync),
+    ) -> Result<Option<Node>> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let row = tx
+            .query_opt(
+                "SELECT doc FROM nodes WHERE node_id = $1 FOR UPDATE",
+                &[&node_id],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else { return Ok(None) };
+        let mut n: Node = crate::codec::from_json(&row.get::<_, String>(0))?;
+        if change(&mut n) {
+            tx.execute(
+                "UPDATE nodes SET doc = $2 WHERE node_id = $1",
+                &[&node_id, &to_json(&n)?],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+        }
+        Ok(Some(n))
+    }
+
     async fn insert_join_token(&self, t: &JoinToken, secret_hash: &str) -> Result<()> {
         self.exec(
             "INSERT INTO join_tokens (token_id, secret_hash, doc) VALUES ($1, $2, $3)",

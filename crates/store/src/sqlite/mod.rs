@@ -720,6 +720,46 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn update_node(
+        &self,
+        node_id: &str,
+        change: &(dyn for<'n> Fn(&'n mut Node) -> bool + Send + Sync),
+    ) -> Result<Option<Node>> {
+        // Compare and swap on the stored document, as update_process does.
+        for _ in 0..UPDATE_ATTEMPTS {
+            let old: Option<String> = self.read(|c| {
+                c.one(
+                    "SELECT doc FROM nodes WHERE node_id = ?1",
+                    params![node_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)
+            })?;
+            let Some(old) = old else { return Ok(None) };
+            let mut n: Node = crate::codec::from_json(&old)?;
+            if !change(&mut n) {
+                return Ok(Some(n));
+            }
+            let (id, new) = (node_id.to_owned(), to_json(&n)?);
+            let swapped = self
+                .write(move |c| {
+                    c.run(
+                        "UPDATE nodes SET doc = ?2 WHERE node_id = ?1 AND doc = ?3",
+                        params![id, new, old],
+                    )
+                    .map_err(backend)
+                })
+                .await?;
+            if swapped == 1 {
+                return Ok(Some(n));
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "node {node_id} kept changing; try again"
+        )))
+    }
+
     async fn insert_join_token(&self, t: &JoinToken, secret_hash: &str) -> Result<()> {
         let (t, secret_hash) = (t.to_owned(), secret_hash.to_owned());
         self.write(move |c| {
