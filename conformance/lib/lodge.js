@@ -147,8 +147,9 @@ function pickPortRange(avoid) {
 // The server
 
 export class Lodge {
-  constructor({ args = [], env = {}, isolation = 'none' } = {}) {
+  constructor({ args = [], env = {}, isolation = 'none', apiHost = '127.0.0.1' } = {}) {
     this.extraArgs = args;
+    this.apiHost = apiHost;
     this.isolation = isolation;
     this.extraEnv = env;
     this.adminToken = `lodge-test-${crypto.randomBytes(16).toString('hex')}`;
@@ -159,7 +160,7 @@ export class Lodge {
   }
 
   get url() {
-    return `http://127.0.0.1:${this.apiPort}`;
+    return `http://${this.apiHost}:${this.apiPort}`;
   }
 
   get logFile() {
@@ -191,7 +192,7 @@ export class Lodge {
     const args = [
       'serve',
       '--data-dir', this.dataDir,
-      '--api-addr', `127.0.0.1:${this.apiPort}`,
+      '--api-addr', `${this.apiHost}:${this.apiPort}`,
       '--port-range', `${this.portRange.start}-${this.portRange.end}`,
       '--ping-port', String(this.pingPort),
       '--isolation', this.isolation,

@@ -92,7 +92,7 @@ impl NodeClient {
         F: Future<Output = Result<S, DialError>>,
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             if self.agent.get().is_some() && self.agent().is_none() {
                 return; // the agent is gone

@@ -169,6 +169,8 @@ pub struct Agent {
     /// Processes the control plane said changed since the last pass.
     changed: Mutex<Vec<String>>,
     ready: AtomicBool,
+    /// Whether processes left from before this start and no longer wanted were looked for.
+    orphans_checked: AtomicBool,
     api_forward: Mutex<Option<Route>>,
 }
 
@@ -202,6 +204,7 @@ impl Agent {
             wake: Notify::new(),
             changed: Mutex::default(),
             ready: AtomicBool::new(false),
+            orphans_checked: AtomicBool::new(false),
             api_forward: Mutex::new(None),
         });
         if let Some(net) = &agent.network {
@@ -361,7 +364,55 @@ impl Agent {
             }
         };
         self.apply(&desired, true);
+        if !self.orphans_checked.swap(true, Ordering::AcqRel) {
+            let wanted: BTreeSet<String> = desired.iter().map(|s| s.process_id.clone()).collect();
+            let agent = self.clone();
+            tokio::spawn(async move { agent.end_orphans(&wanted).await });
+        }
         true
+    }
+
+    /// Game servers still running from before this start that the control plane no longer
+    /// wants (it ended them while the node was away): its word wins, they stop, gracefully.
+    /// Only after a restart can a process run here without being supervised, so one look at
+    /// the first whole desired set is enough.
+    async fn end_orphans(self: &Arc<Self>, wanted: &BTreeSet<String>) {
+        let Ok(entries) = std::fs::read_dir(self.processes_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let supervised = self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id);
+            if wanted.contains(&id) || supervised {
+                continue;
+            }
+            let dir = e.path();
+            let Ok(bytes) = std::fs::read(dir.join("state.json")) else {
+                continue;
+            };
+            let Ok(mut state) = serde_json::from_slice::<LocalState>(&bytes) else {
+                continue;
+            };
+            recover_pids(&dir, &mut state);
+            if !sys::alive(state.shim_pid, state.shim_start) {
+                continue;
+            }
+            tracing::info!(process_id = %id, "the control plane ended this process while the node was away; stopping it");
+            append_log(
+                &dir,
+                "lodge: the control plane ended this process while its node was away; stopping it",
+            );
+            terminate(&state, libc::SIGTERM).await;
+            let deadline = Instant::now() + self.cfg.stop_grace;
+            while Instant::now() < deadline && sys::alive(state.shim_pid, state.shim_start) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            end_process_dir(&dir, &self.cfg.cgroup_group()).await;
+        }
     }
 
     /// Start what should run and is not running, stop what should stop; with `complete`,
@@ -1427,6 +1478,55 @@ fn free_local_port(taken: &[u16]) -> std::io::Result<u16> {
     Err(std::io::Error::other("no free local port"))
 }
 
+/// Kill what a process directory's state names (its game, shim, container) and remove its
+/// cgroups and namespace; its log stays. Returns whether its shim was still alive.
+async fn end_process_dir(dir: &Path, cfg_group: &str) -> bool {
+    let Ok(bytes) = std::fs::read(dir.join("state.json")) else {
+        return false;
+    };
+    let Ok(mut state) = serde_json::from_slice::<LocalState>(&bytes) else {
+        return false;
+    };
+    recover_pids(dir, &mut state);
+    let mut was_alive = false;
+    if let Some(oci) = &state.oci {
+        oci::runtime(&oci.runtime, &oci.root, &["kill", &oci.id, "KILL"]).await;
+        oci::runtime(&oci.runtime, &oci.root, &["delete", "--force", &oci.id]).await;
+    }
+    if sys::alive(state.shim_pid, state.shim_start) {
+        was_alive = true;
+    }
+    if state.game_pid > 1 {
+        sys::signal_group(state.game_pid, libc::SIGKILL);
+        sys::signal(state.game_pid, libc::SIGKILL);
+    }
+    if state.shim_pid > 1 && sys::alive(state.shim_pid, state.shim_start) {
+        sys::signal(state.shim_pid, libc::SIGKILL);
+    }
+    let cgroups = sys::Cgroups {
+        dirs: state.cgroups.clone(),
+    };
+    tokio::task::spawn_blocking(move || cgroups.destroy())
+        .await
+        .ok();
+    if let Some(ns) = &state.netns {
+        let _ = tokio::process::Command::new("ip")
+            .args(["link", "del", &ns.veth])
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        let _ = tokio::process::Command::new("ip")
+            .args(["netns", "del", &ns.name])
+            .stderr(Stdio::null())
+            .status()
+            .await;
+    }
+    if let Some(id) = dir.file_name() {
+        sys::Cgroups::remove_everywhere(cfg_group, &id.to_string_lossy());
+    }
+    was_alive
+}
+
 /// End everything a Lodge left on this machine for `data_dir` (its node state there): every
 /// game server still running (containers through their runtime), their network namespaces and
 /// cgroups, the bridge and the cgroup parents. For a stopped Lodge only: an operator's
@@ -1439,47 +1539,9 @@ pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
         return 0;
     };
     for e in entries.flatten() {
-        let Ok(bytes) = std::fs::read(e.path().join("state.json")) else {
-            continue;
-        };
-        let Ok(mut state) = serde_json::from_slice::<LocalState>(&bytes) else {
-            continue;
-        };
-        recover_pids(&e.path(), &mut state);
-        if let Some(oci) = &state.oci {
-            oci::runtime(&oci.runtime, &oci.root, &["kill", &oci.id, "KILL"]).await;
-            oci::runtime(&oci.runtime, &oci.root, &["delete", "--force", &oci.id]).await;
-        }
-        if sys::alive(state.shim_pid, state.shim_start) {
+        if end_process_dir(&e.path(), &cfg_group).await {
             ended += 1;
         }
-        if state.game_pid > 1 {
-            sys::signal_group(state.game_pid, libc::SIGKILL);
-            sys::signal(state.game_pid, libc::SIGKILL);
-        }
-        if state.shim_pid > 1 && sys::alive(state.shim_pid, state.shim_start) {
-            sys::signal(state.shim_pid, libc::SIGKILL);
-        }
-        let cgroups = sys::Cgroups {
-            dirs: state.cgroups.clone(),
-        };
-        tokio::task::spawn_blocking(move || cgroups.destroy())
-            .await
-            .ok();
-        if let Some(ns) = &state.netns {
-            let _ = tokio::process::Command::new("ip")
-                .args(["link", "del", &ns.veth])
-                .stderr(Stdio::null())
-                .status()
-                .await;
-            let _ = tokio::process::Command::new("ip")
-                .args(["netns", "del", &ns.name])
-                .stderr(Stdio::null())
-                .status()
-                .await;
-        }
-        let id = e.file_name().to_string_lossy().into_owned();
-        sys::Cgroups::remove_everywhere(&cfg_group, &id);
     }
     // Shims that no state file names (a crash before it was written): end them and their games.
     for (shim_pid, _, games) in sys::shims_under(&data_dir.join("processes")) {

@@ -15,7 +15,10 @@ use crate::{Caller, Control, Error, Result};
 
 fn placement_error(e: PlacementError) -> Error {
     match e {
-        PlacementError::NoNode(r) => Error::BadRequest(format!("no node serves region {r}")),
+        PlacementError::NoNode(r) => Error::BadRequest(format!(
+            "no node serves region {r} now (nodes that are draining, stopped or silent for 10 s \
+             take no new processes; `lodge nodes list` shows them)"
+        )),
         PlacementError::NoCapacity(r) => Error::NoCapacity(format!(
             "no capacity in {r}: every node serving it has used all of its public ports; \
              destroy rooms, stop processes, or add nodes or ports"

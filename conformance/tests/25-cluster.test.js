@@ -1,0 +1,402 @@
+// A fleet on one machine: the real `lodge` as a control plane with no node of its own, and
+// three `lodge agent`s, each in a network namespace of its own with its own address (a
+// "host") on a bridge this test creates, in two regions. Through the official SDK: rooms in
+// each region answer UDP at their own node's address, a remote process's log is read, a node
+// is drained. Then faults: an agent killed with -9 (unschedulable within 10 s, its processes
+// ended after --node-lost-after, and stopped on its return), a partition shorter than that
+// (nothing stopped), and the control plane killed and restarted while a client keeps
+// exchanging packets with a room (none lost, every node back).
+
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import dgram from 'node:dgram';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import {
+  LODGE_BIN,
+  Lodge,
+  sleep,
+  waitFor,
+  waitActive,
+  waitProcessStatus,
+  udpRequest,
+  streamText,
+  expectHttpError,
+} from '../lib/lodge.js';
+
+const root = process.getuid?.() === 0;
+const LOST_AFTER_S = 20;
+
+const ip = (...args) => execFileSync('ip', args, { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+const tryIp = (...args) => {
+  try {
+    ip(...args);
+  } catch {
+    // already gone
+  }
+};
+
+/** A /24 on 10.213.N.0 that no route of this machine uses. */
+function freeSubnet() {
+  const routes = ip('-4', 'route', 'show');
+  for (let i = 0; i < 50; i++) {
+    const n = crypto.randomInt(1, 255);
+    if (!routes.includes(`10.213.${n}.`)) return `10.213.${n}`;
+  }
+  throw new Error('no free 10.213.N.0/24');
+}
+
+/** The bridge and the namespaces ("hosts"), removed in `after`, also after a failure. */
+class Net {
+  constructor() {
+    this.id = crypto.randomBytes(2).toString('hex');
+    this.subnet = freeSubnet();
+    this.bridge = `lcbr${this.id}`;
+    this.hosts = [];
+    ip('link', 'add', this.bridge, 'type', 'bridge');
+    ip('addr', 'add', `${this.gateway}/24`, 'dev', this.bridge);
+    ip('link', 'set', this.bridge, 'up');
+  }
+
+  get gateway() {
+    return `${this.subnet}.1`;
+  }
+
+  addHost(i) {
+    const ns = `lch${this.id}${i}`;
+    const outer = `lcv${this.id}${i}`;
+    const inner = `lcp${this.id}${i}`;
+    const addr = `${this.subnet}.${10 + i}`;
+    ip('netns', 'add', ns);
+    this.hosts.push({ ns, outer, addr });
+    ip('link', 'add', outer, 'type', 'veth', 'peer', 'name', inner);
+    ip('link', 'set', inner, 'netns', ns);
+    ip('link', 'set', outer, 'master', this.bridge, 'up');
+    ip('-n', ns, 'addr', 'add', `${addr}/24`, 'dev', inner);
+    ip('-n', ns, 'link', 'set', inner, 'up');
+    ip('-n', ns, 'link', 'set', 'lo', 'up');
+    ip('-n', ns, 'route', 'add', 'default', 'via', this.gateway);
+    return { ns, outer, addr };
+  }
+
+  /** Cut (or restore) one host's cable. */
+  setLink(host, up) {
+    ip('link', 'set', host.outer, up ? 'up' : 'down');
+  }
+
+  teardown() {
+    for (const h of this.hosts) {
+      // Whatever still runs in the namespace (game servers outlive agents by design).
+      let pids = '';
+      try {
+        pids = ip('netns', 'pids', h.ns).trim();
+      } catch {
+        // no such namespace
+      }
+      for (const pid of pids.split('\n').filter(Boolean)) {
+        try {
+          process.kill(Number(pid), 'SIGKILL');
+        } catch {
+          // gone
+        }
+      }
+      tryIp('link', 'del', h.outer);
+      tryIp('netns', 'del', h.ns);
+    }
+    tryIp('link', 'del', this.bridge);
+  }
+}
+
+/** One `lodge agent` in a namespace. */
+class Agent {
+  constructor(tmp, host, region, controlUrl) {
+    this.host = host;
+    this.region = region;
+    this.controlUrl = controlUrl;
+    this.dataDir = path.join(tmp, `agent-${host.ns}`);
+    this.logFile = path.join(tmp, `agent-${host.ns}.log`);
+    this.child = null;
+  }
+
+  start(joinToken) {
+    const args = [
+      'netns', 'exec', this.host.ns, LODGE_BIN, 'agent',
+      '--control-plane', this.controlUrl,
+      '--region', this.region,
+      '--public-host', this.host.addr,
+      '--data-dir', this.dataDir,
+      '--port-range', '31000-31099',
+      '--ping-port', '10000',
+      '--isolation', 'none',
+      '--stop-grace', '2',
+    ];
+    if (joinToken) args.push('--join-token', joinToken);
+    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('LODGE_')));
+    const log = fs.openSync(this.logFile, 'a');
+    this.child = spawn('ip', args, { env: { ...env, NO_COLOR: '1' }, stdio: ['ignore', log, log] });
+    fs.closeSync(log);
+    this.exited = new Promise((resolve) => this.child.once('exit', resolve));
+  }
+
+  async kill9() {
+    if (!this.child) return;
+    this.child.kill('SIGKILL');
+    await this.exited;
+    this.child = null;
+  }
+
+  async stop() {
+    if (!this.child) return;
+    this.child.kill('SIGTERM');
+    await Promise.race([this.exited, sleep(10_000)]);
+    this.child?.kill('SIGKILL');
+    this.child = null;
+  }
+
+  cleanup() {
+    try {
+      execFileSync('ip', ['netns', 'exec', this.host.ns, LODGE_BIN, 'cleanup', '--data-dir', this.dataDir], {
+        stdio: 'ignore',
+      });
+    } catch {
+      // nothing to clean
+    }
+  }
+
+  /** The game server's pid the agent recorded for a process. */
+  gamePid(processId) {
+    try {
+      const state = JSON.parse(fs.readFileSync(path.join(this.dataDir, 'processes', processId, 'state.json'), 'utf8'));
+      return state.gamePid;
+    } catch {
+      return null;
+    }
+  }
+}
+
+const alive = (pid) => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+let net;
+let lodge;
+const agents = [];
+let tmp;
+after(async () => {
+  for (const a of agents) await a.kill9().catch(() => {});
+  for (const a of agents) a.cleanup();
+  const failed = lodge?.failed;
+  if (lodge) await lodge.teardown();
+  if (failed && tmp) {
+    for (const a of agents) {
+      try {
+        console.error(`---- ${a.logFile} ----\n${fs.readFileSync(a.logFile, 'utf8')}`);
+      } catch {
+        // no log
+      }
+    }
+  }
+  net?.teardown();
+  if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
+});
+
+async function api(method, p, body) {
+  const res = await fetch(`${lodge.url}${p}`, {
+    method,
+    headers: { authorization: `Bearer ${lodge.adminToken}`, 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal: AbortSignal.timeout(5000),
+  });
+  const json = await res.json();
+  if (!res.ok) throw Object.assign(new Error(`${method} ${p}: ${res.status} ${json.message}`), { status: res.status });
+  return json;
+}
+
+const nodes = async () => (await api('GET', '/lodge/v1/nodes')).nodes;
+const nodeAt = async (addr) => (await nodes()).find((n) => n.host === addr);
+
+/** Sends a numbered datagram every `everyMs` for as long as it runs; counts the echoes. */
+function udpStream(host, port, everyMs = 20) {
+  const socket = dgram.createSocket('udp4');
+  const seen = new Set();
+  let sent = 0;
+  socket.on('message', (m) => seen.add(m.toString()));
+  const timer = setInterval(() => {
+    sent += 1;
+    socket.send(Buffer.from(`seq-${sent}`), port, host);
+  }, everyMs);
+  return {
+    async stop() {
+      clearInterval(timer);
+      await sleep(500);
+      socket.close();
+      return { sent, received: seen.size };
+    },
+  };
+}
+
+test('a fleet of three agents in two regions, and its faults', { skip: !root && 'needs root (network namespaces)', timeout: 300_000 }, async (t) => {
+  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'lodge-cluster-'));
+  net = new Net();
+  const hosts = [0, 1, 2].map((i) => net.addHost(i));
+  lodge = new Lodge({
+    apiHost: net.gateway,
+    args: ['--no-local-node', '--node-lost-after', `${LOST_AFTER_S}s`],
+  });
+  await lodge.start();
+  const join = async (region) =>
+    (await api('POST', '/lodge/v1/nodes/join-tokens', { region, ttlSeconds: 600 })).token;
+  const regions = ['Frankfurt', 'Frankfurt', 'Tokyo'];
+  for (let i = 0; i < 3; i++) {
+    const a = new Agent(tmp, hosts[i], regions[i], lodge.url);
+    agents.push(a);
+    a.start(await join(regions[i]));
+  }
+  await waitFor(async () => (await nodes()).filter((n) => n.reachable).length === 3, {
+    timeoutMs: 20_000,
+    what: 'three nodes joined',
+  });
+
+  // A bad join token: one line, non-zero exit.
+  const bad = (() => {
+    try {
+      execFileSync('ip', ['netns', 'exec', hosts[0].ns, LODGE_BIN, 'agent', '--control-plane', lodge.url,
+        '--region', 'Frankfurt', '--join-token', 'lodge_join_nope', '--data-dir', path.join(tmp, 'bad')],
+      { stdio: ['ignore', 'pipe', 'pipe'] });
+      return null;
+    } catch (err) {
+      return err;
+    }
+  })();
+  assert.ok(bad && bad.status !== 0, 'a bad join token fails');
+  assert.match(bad.stderr.toString(), /join token/);
+
+  const { sdk, appId } = await lodge.echoApp({ roomsPerProcess: 1 });
+  const frankfurt = new Set([hosts[0].addr, hosts[1].addr]);
+
+  await t.test('rooms land in their region and answer at their node', async () => {
+    const rooms = [];
+    for (const region of ['Frankfurt', 'Frankfurt', 'Tokyo']) {
+      const room = await sdk.roomsV2.createRoom({ region }, appId);
+      const info = await waitActive(sdk, appId, room.roomId, 30_000);
+      rooms.push({ ...room, region, info });
+    }
+    for (const r of rooms) {
+      const { host, port } = r.info.exposedPort;
+      if (r.region === 'Tokyo') assert.equal(host, hosts[2].addr, 'Tokyo room on the Tokyo node');
+      else assert.ok(frankfurt.has(host), `Frankfurt room on a Frankfurt node, not ${host}`);
+      assert.equal(await udpRequest(host, port, 'hello'), 'hello');
+    }
+    await expectHttpError(sdk.roomsV2.createRoom({ region: 'London' }, appId), 400);
+
+    const text = await streamText(await sdk.logsV1.getLogsForProcess(rooms[2].processId, appId, false, 100));
+    assert.match(text, /listening/, "a remote process's log is read through its node");
+    for (const r of rooms) await sdk.roomsV2.destroyRoom(r.roomId, appId);
+  });
+
+  await t.test('a drained node takes no new processes and stops when empty', async () => {
+    const tokyo = await nodeAt(hosts[2].addr);
+    const room = await sdk.roomsV2.createRoom({ region: 'Tokyo' }, appId);
+    await waitActive(sdk, appId, room.roomId, 30_000);
+    const drained = await api('POST', `/lodge/v1/nodes/${tokyo.nodeId}/drain`);
+    assert.equal(drained.status, 'draining');
+    await expectHttpError(sdk.roomsV2.createRoom({ region: 'Tokyo' }, appId), 400);
+    assert.equal((await sdk.roomsV2.getRoomInfo(room.roomId, appId)).status, 'active', 'its room is kept');
+    await sdk.processesV3.stopProcess(room.processId, appId);
+    await waitFor(async () => (await nodeAt(hosts[2].addr)).status === 'stopped', {
+      timeoutMs: 20_000,
+      what: 'the drained node stopped',
+    });
+    assert.equal((await api('POST', `/lodge/v1/nodes/${tokyo.nodeId}/undrain`)).status, 'running');
+  });
+
+  await t.test('a partition shorter than --node-lost-after stops nothing', async () => {
+    const room = await sdk.roomsV2.createRoom({ region: 'Frankfurt' }, appId);
+    const info = await waitActive(sdk, appId, room.roomId, 30_000);
+    const host = hosts.find((h) => h.addr === info.exposedPort.host);
+    net.setLink(host, false);
+    try {
+      await waitFor(async () => (await nodeAt(host.addr)).reachable === false, {
+        timeoutMs: 15_000,
+        what: 'the cut-off node unreachable',
+      });
+    } finally {
+      net.setLink(host, true);
+    }
+    await waitFor(async () => (await nodeAt(host.addr)).reachable === true, {
+      timeoutMs: 20_000,
+      what: 'the node back',
+    });
+    assert.equal((await sdk.roomsV2.getRoomInfo(room.roomId, appId)).status, 'active');
+    assert.equal((await sdk.processesV3.getProcess(room.processId, appId)).status, 'running');
+    assert.equal(await udpRequest(info.exposedPort.host, info.exposedPort.port, 'still'), 'still');
+    await sdk.roomsV2.destroyRoom(room.roomId, appId);
+  });
+
+  await t.test('the control plane killed and restarted: no packet lost, every node back', async () => {
+    const room = await sdk.roomsV2.createRoom({ region: 'Tokyo' }, appId);
+    const info = await waitActive(sdk, appId, room.roomId, 30_000);
+    const stream = udpStream(info.exposedPort.host, info.exposedPort.port);
+    await sleep(500);
+    await lodge.kill9();
+    await sleep(3000);
+    await lodge.start();
+    await waitFor(async () => (await nodes()).filter((n) => n.connected && n.reachable).length === 3, {
+      timeoutMs: 20_000,
+      what: 'every node re-attached',
+    });
+    await sleep(500);
+    const { sent, received } = await stream.stop();
+    assert.ok(sent > 100, `sent ${sent}`);
+    assert.equal(received, sent, 'every datagram was answered');
+    assert.equal((await sdk.roomsV2.getRoomInfo(room.roomId, appId)).status, 'active');
+    await sdk.roomsV2.destroyRoom(room.roomId, appId);
+  });
+
+  await t.test('an agent killed with -9: unschedulable, then lost; on return its processes stop', async () => {
+    const room = await sdk.roomsV2.createRoom({ region: 'Frankfurt' }, appId);
+    const info = await waitActive(sdk, appId, room.roomId, 30_000);
+    const victim = agents.find((a) => a.host.addr === info.exposedPort.host);
+    const pid = victim.gamePid(room.processId);
+    assert.ok(pid && alive(pid), 'the game server runs');
+    const killedAt = Date.now();
+    await victim.kill9();
+    await waitFor(async () => (await nodeAt(victim.host.addr)).reachable === false, {
+      timeoutMs: 15_000,
+      what: 'the killed node unschedulable',
+    });
+    const unschedulableMs = Date.now() - killedAt;
+    assert.ok(alive(pid), 'its game server outlives its agent');
+    // New Frankfurt rooms go to the other Frankfurt node.
+    const other = await sdk.roomsV2.createRoom({ region: 'Frankfurt' }, appId);
+    const otherInfo = await waitActive(sdk, appId, other.roomId, 30_000);
+    assert.notEqual(otherInfo.exposedPort.host, victim.host.addr);
+    assert.equal((await sdk.roomsV2.getRoomInfo(room.roomId, appId)).status, 'active', 'not lost yet');
+
+    const p = await waitProcessStatus(sdk, appId, room.processId, ['failed', 'stopped'], (LOST_AFTER_S + 15) * 1000);
+    assert.match(p.summaryExitReason ?? '', /node lost/i);
+    assert.equal((await sdk.roomsV2.getRoomInfo(room.roomId, appId)).status, 'destroyed');
+    assert.ok(Date.now() - killedAt >= LOST_AFTER_S * 1000, 'not before --node-lost-after');
+
+    // It comes back: the control plane's word wins, and the game server it kept is stopped.
+    victim.start();
+    await waitFor(async () => (await nodeAt(victim.host.addr)).reachable === true, {
+      timeoutMs: 20_000,
+      what: 'the node back',
+    });
+    await waitFor(async () => !alive(pid), { timeoutMs: 15_000, what: 'the ended process stopped on its node' });
+    console.log(`cluster: killed node unschedulable after ${unschedulableMs} ms`);
+    await sdk.roomsV2.destroyRoom(other.roomId, appId);
+  });
+
+  for (const a of agents) await a.stop();
+});
