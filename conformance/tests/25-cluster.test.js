@@ -283,6 +283,28 @@ test('a fleet of three agents in two regions, and its faults', { skip: !root && 
   const { sdk, appId } = await lodge.echoApp({ roomsPerProcess: 1 });
   const frankfurt = new Set([hosts[0].addr, hosts[1].addr]);
 
+  await t.test('FleetsV2, NodesV1 and DiscoveryV2 show the nodes', async () => {
+    const orgId = await lodge.orgId();
+    const { orgs } = await sdk.organizationsV1.getOrgs();
+    const fleetId = orgs[0].defaultFleetId;
+    assert.ok(fleetId, 'the org has a default fleet');
+    const { fleets } = await sdk.fleetsV2.getFleets(orgId);
+    assert.ok(fleets.some((f) => f.fleetId === fleetId));
+    const all = await sdk.nodesV1.listProvisionedNodes(fleetId, orgId);
+    assert.deepEqual(all.map((n) => n.host).sort(), hosts.map((h) => h.addr).sort());
+    const fra = await sdk.nodesV1.listProvisionedNodes(fleetId, orgId, 'Frankfurt');
+    assert.deepEqual(new Set(fra.map((n) => n.host)), frankfurt);
+    const one = await sdk.nodesV1.getNode(fra[0].nodeId);
+    assert.equal(one.region, 'Frankfurt');
+    assert.equal(one.status, 'running');
+    assert.ok(one.cpu > 0 && one.memoryMb > 0, 'cpu and memory reported');
+    const ping = await sdk.discoveryV2.getPingServiceEndpoints();
+    assert.deepEqual(ping.map((p) => p.region).sort(), ['Frankfurt', 'Tokyo']);
+    const tokyo = ping.find((p) => p.region === 'Tokyo');
+    assert.deepEqual([tokyo.host, tokyo.port], [hosts[2].addr, 10000]);
+    assert.equal(await udpRequest(tokyo.host, tokyo.port, 'ping?'), 'ping?', "the region's ping port answers");
+  });
+
   await t.test('rooms land in their region and answer at their node', async () => {
     const rooms = [];
     for (const region of ['Frankfurt', 'Frankfurt', 'Tokyo']) {

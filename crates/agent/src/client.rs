@@ -151,6 +151,12 @@ impl NodeClient {
                             Vec::new()
                         }
                         ControlMsg::Refused { message } => return Err(format!("refused: {message}")),
+                        ControlMsg::Prefetch { build_id } => {
+                            if let Some(agent) = self.agent() {
+                                tokio::spawn(async move { agent.prefetch(&build_id).await });
+                            }
+                            Vec::new()
+                        }
                         desired @ ControlMsg::Desired { .. } => self.take_desired(desired),
                         welcome @ ControlMsg::Welcome { .. } => {
                             let out = self.lock().receive(welcome);

@@ -143,6 +143,7 @@ struct NsState {
 }
 
 struct Running {
+    build_id: String,
     counters: Arc<Counters>,
     stop: Arc<Notify>,
     stop_requested: Arc<AtomicBool>,
@@ -303,6 +304,30 @@ impl Agent {
         })
     }
 
+    /// Fetch a build ahead of its first process (a deployment of it was created).
+    pub async fn prefetch(&self, build_id: &str) {
+        let Some(fetcher) = &self.cfg.fetcher else {
+            return;
+        };
+        match fetcher.ensure(build_id).await {
+            Ok(_) => {
+                tracing::info!(%build_id, "build fetched ahead of its first process");
+                fetcher.evict(&self.builds_in_use());
+            }
+            Err(e) => tracing::warn!(%build_id, error = %e, "cannot fetch the build ahead"),
+        }
+    }
+
+    /// Builds of processes that run here (never evicted from the build cache).
+    fn builds_in_use(&self) -> BTreeSet<String> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|r| r.build_id.clone())
+            .collect()
+    }
+
     /// Live counters of every process that runs here.
     pub fn all_stats(&self) -> Vec<(String, ProcessStats)> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -440,6 +465,7 @@ impl Agent {
         }
         for spec in to_start {
             let handle = Running {
+                build_id: spec.build_id.clone(),
                 counters: Arc::default(),
                 stop: Arc::new(Notify::new()),
                 stop_requested: Arc::new(AtomicBool::new(spec.stop)),
@@ -654,6 +680,16 @@ impl Agent {
     /// A pretend process: booted and running at once on made-up ports, ends when stopped.
     async fn supervise_fake(self: &Arc<Self>, spec: ProcessSpec, stop: Arc<Notify>) {
         let id = spec.process_id.clone();
+        // Pretend processes still fetch their build: artifact transport is real.
+        if let (Some(fetcher), false) = (&self.cfg.fetcher, spec.stop) {
+            if let Err(e) = fetcher.ensure(&spec.build_id).await {
+                let exit = ExitInfo {
+                    code: None,
+                    reason: format!("could not start: {e}"),
+                };
+                return self.report_exit(&id, exit, true).await;
+            }
+        }
         let (lo, hi) = self.cfg.port_range;
         let span = u32::from(hi - lo) + 1;
         let seed = id
@@ -954,6 +990,9 @@ impl Agent {
                 .ensure(&spec.build_id)
                 .await
                 .map_err(std::io::Error::other)?;
+            let mut keep = self.builds_in_use();
+            keep.insert(spec.build_id.clone());
+            fetcher.evict(&keep);
         }
         let bundle = self.cfg.bundle_dir(&spec.build_id);
         let image_dir = self.cfg.image_dir(&spec.build_id);

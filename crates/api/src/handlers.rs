@@ -186,6 +186,16 @@ pub(crate) async fn metrics_text(State(s): State<AppState>) -> ApiResult<Respons
             "Room placements retried after losing a race for a slot.",
             &m.placement_retries,
         ),
+        (
+            "lodge_artifact_downloads_total",
+            "Build artifacts served to joined nodes (whole or resumed).",
+            &m.artifact_downloads,
+        ),
+        (
+            "lodge_artifact_bytes_total",
+            "Bytes of build artifacts served to joined nodes.",
+            &m.artifact_bytes,
+        ),
     ];
     for (name, help, c) in counters {
         let _ = writeln!(
@@ -269,13 +279,16 @@ pub(crate) async fn metrics_text(State(s): State<AppState>) -> ApiResult<Respons
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
-async fn ping_endpoints(State(s): State<AppState>) -> Json<serde_json::Value> {
+/// One entry per region that has a live node, on one of its nodes.
+async fn ping_endpoints(State(s): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
     let list: Vec<_> = s
-        .regions
-        .iter()
-        .map(|r| json!({"region": r, "host": s.public_host, "port": s.ping_port}))
+        .control
+        .ping_endpoints()
+        .await?
+        .into_iter()
+        .map(|(r, host, port)| json!({"region": r, "host": host, "port": port.unwrap_or(s.ping_port)}))
         .collect();
-    Json(json!(list))
+    Ok(Json(json!(list)))
 }
 
 // --- orgs and tokens -------------------------------------------------------------------------

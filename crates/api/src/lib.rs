@@ -1,6 +1,7 @@
 //! The HTTP surface: Hathora's API, wire-exact, plus health, metrics and Lodge's upload URLs.
 //! Handlers are thin: parse, authenticate, call the control plane, shape the answer.
 
+mod fleets;
 mod handlers;
 mod legacy;
 mod lodge_routes;
@@ -23,16 +24,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lodge_control::{Caller, Control, Error};
 use lodge_model::wire::ApiError;
-use lodge_model::Region;
 
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
     pub control: Arc<Control>,
     pub ready: Arc<AtomicBool>,
-    pub public_host: String,
+    /// The ping port of nodes that did not say theirs.
     pub ping_port: u16,
-    pub regions: Vec<Region>,
 }
 
 /// An error as the SDKs expect it: a status and `{"message"}`.
@@ -305,6 +304,7 @@ pub fn router(state: AppState) -> axum::Router {
         .merge(legacy::routes())
         .merge(lodge_routes::routes())
         .merge(nodes::routes())
+        .merge(fleets::routes())
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiFailure(
                 StatusCode::NOT_FOUND,
@@ -337,6 +337,7 @@ pub(crate) fn is_ready(state: &AppState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lodge_model::Region;
 
     #[test]
     fn query_parsing() {

@@ -231,6 +231,11 @@ async fn artifact(
         .await
         .map_err(|e| lodge_control::Error::Internal(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let control = s.control.clone();
+    control
+        .metrics()
+        .artifact_downloads
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 256 << 10];
         loop {
@@ -244,6 +249,10 @@ async fn artifact(
                     {
                         return;
                     }
+                    control
+                        .metrics()
+                        .artifact_bytes
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;

@@ -18,6 +18,7 @@ pub(crate) fn required(method: &Method, path: &str) -> Option<String> {
         // The one developer endpoint among lobbies: SetLobbyState.
         ("lobby", Some("v2"), Some("setState")) => "processes",
         ("orgs", ..) => "orgs",
+        ("fleets" | "nodes", ..) => "fleets",
         ("tokens", ..) => "tokens",
         _ => return None,
     };

@@ -16,20 +16,11 @@ pub struct Artifact {
 }
 
 impl Control {
-    /// The artifact of `build_id` for `node`, packed on first request. Only builds a live
-    /// process of the node's runs are served: a credential reaches no other org's builds.
+    /// The artifact of `build_id` for `node`, packed on first request. Nodes are the
+    /// operator's and run every org's processes, so a node credential reaches every build that
+    /// can run (succeeded, not deleted).
     pub async fn build_artifact(&self, node: &Node, build_id: &str) -> Result<Artifact> {
-        let wanted = self
-            .desired_for(&node.node_id)
-            .await?
-            .iter()
-            .any(|s| s.build_id == build_id);
-        if !wanted {
-            return Err(Error::NotFound(format!(
-                "no process of node {} runs build {build_id}",
-                node.node_id
-            )));
-        }
+        tracing::debug!(node_id = %node.node_id, %build_id, "artifact requested");
         match self.store.build(build_id).await? {
             Some(b) if b.status == BuildStatus::Succeeded && b.deleted_at.is_none() => {}
             _ => return Err(Error::NotFound(format!("Build not found: {build_id}"))),

@@ -12,6 +12,10 @@ use crate::remote::RemoteNode;
 use crate::tokens::{hash_secret, strip_bearer};
 use crate::{Caller, Control, Error, Result};
 
+/// The fleet of nodes that joined without naming one. Nodes are the operator's and serve every
+/// org of the instance, so every org sees the same default fleet.
+pub const DEFAULT_FLEET: &str = "fleet-default";
+
 /// A node not heard from for this long takes no new work.
 pub const UNSCHEDULABLE_AFTER: Duration = Duration::from_secs(10);
 /// The longest a join token may live.
@@ -152,6 +156,7 @@ impl Control {
         node.cpu = info.cpu;
         node.memory_mb = info.memory_mb;
         node.port_capacity = info.port_capacity;
+        node.ping_port = info.ping_port;
         node.credential_hash = Some(hash_secret(&credential));
         self.store.put_node(&node).await?;
         tracing::info!(node_id = %node.node_id, region = %info.region, host = %info.public_host, "node joined");
@@ -171,6 +176,87 @@ impl Control {
             .into_iter()
             .find(|n| n.credential_hash.as_deref() == Some(hash.as_str()))
             .ok_or_else(|| Error::Unauthorized("unknown node credential".into()))
+    }
+
+    /// Fleets as Hathora's FleetsV2 lists them: the default fleet and every fleet a node
+    /// joined.
+    pub async fn fleet_ids(&self, caller: &Caller, org_id: Option<&str>) -> Result<Vec<String>> {
+        caller.require("fleets:read")?;
+        self.org_of(caller, org_id)?;
+        let mut ids: Vec<String> = self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter_map(|n| n.fleet_id)
+            .filter(|f| f != DEFAULT_FLEET)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.insert(0, DEFAULT_FLEET.to_string());
+        Ok(ids)
+    }
+
+    /// The nodes of a fleet (NodesV1): `provisioned` keeps `running` and `draining` ones.
+    pub async fn fleet_nodes(
+        &self,
+        caller: &Caller,
+        fleet_id: &str,
+        region: Option<Region>,
+    ) -> Result<Vec<Node>> {
+        if !self
+            .fleet_ids(caller, None)
+            .await?
+            .iter()
+            .any(|f| f == fleet_id)
+        {
+            return Err(Error::NotFound(format!("Fleet not found: {fleet_id}")));
+        }
+        Ok(self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.fleet_id.as_deref().unwrap_or(DEFAULT_FLEET) == fleet_id)
+            .filter(|n| n.status != NodeStatus::Stopped)
+            .filter(|n| region.is_none_or(|r| n.serves(r)))
+            .collect())
+    }
+
+    /// One node (NodesV1 GetNode).
+    pub async fn fleet_node(&self, caller: &Caller, node_id: &str) -> Result<Node> {
+        caller.require("fleets:read")?;
+        self.store
+            .node(node_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))
+    }
+
+    /// DiscoveryV2: every region with a node heard from lately, and the ping endpoint (host and
+    /// port, if the node said) of one of its nodes.
+    pub async fn ping_endpoints(&self) -> Result<Vec<(Region, String, Option<u16>)>> {
+        let mut out: Vec<(Region, String, Option<u16>)> = Vec::new();
+        for node in self.store.nodes().await? {
+            if node.status == NodeStatus::Stopped || !self.heard_recently(&node) {
+                continue;
+            }
+            let regions = node.regions.clone().unwrap_or_else(|| Region::ALL.to_vec());
+            for r in regions {
+                if !out.iter().any(|(have, ..)| *have == r) {
+                    out.push((r, node.public_host.clone(), node.ping_port));
+                }
+            }
+        }
+        out.sort_by_key(|(r, ..)| Region::ALL.iter().position(|x| x == r));
+        Ok(out)
+    }
+
+    /// Have every connected joined node fetch a build now (a deployment of it was created).
+    pub(crate) fn prefetch_build(&self, build_id: &str) {
+        let remotes = self.remotes.read().unwrap_or_else(|p| p.into_inner());
+        for r in remotes.values().filter(|r| r.connected()) {
+            r.prefetch(build_id);
+        }
     }
 
     /// Whether a node may take new processes now.

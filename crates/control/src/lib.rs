@@ -175,6 +175,9 @@ pub struct Metrics {
     pub processes_started: std::sync::atomic::AtomicU64,
     pub processes_ended: std::sync::atomic::AtomicU64,
     pub placement_retries: std::sync::atomic::AtomicU64,
+    /// Build artifacts served to nodes, and their bytes.
+    pub artifact_downloads: std::sync::atomic::AtomicU64,
+    pub artifact_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Control {

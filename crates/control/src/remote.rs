@@ -21,6 +21,7 @@ pub(crate) enum ToSession {
     /// Look at this process again (placed, or asked to stop).
     Wake(String),
     Call(u64, NodeCall),
+    Prefetch(String),
 }
 
 type Pending = HashMap<u64, oneshot::Sender<Result<NodeReply, String>>>;
@@ -109,6 +110,11 @@ impl RemoteNode {
         {
             let _ = tx.send(reply);
         }
+    }
+
+    /// Have the node fetch a build ahead of its first process.
+    pub(crate) fn prefetch(&self, build_id: &str) {
+        self.send(ToSession::Prefetch(build_id.to_string()));
     }
 
     fn send(&self, msg: ToSession) -> bool {

@@ -187,6 +187,7 @@ impl Control {
                         node.cpu = info.cpu;
                         node.memory_mb = info.memory_mb;
                         node.port_capacity = info.port_capacity;
+                        node.ping_port = info.ping_port;
                     }
                     true
                 })
@@ -278,6 +279,9 @@ impl Control {
                             ToSession::Wake(id) => wakes.push(id),
                             ToSession::Call(id, call) => {
                                 write_frame(w, &ControlMsg::Call { id, call }).await.map_err(io)?
+                            }
+                            ToSession::Prefetch(build_id) => {
+                                write_frame(w, &ControlMsg::Prefetch { build_id }).await.map_err(io)?
                             }
                         }
                         next = inbox.try_recv().ok();

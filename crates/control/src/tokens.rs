@@ -189,6 +189,7 @@ impl Control {
                     max_requested_memory_mb: 65_536.0,
                     log_retention_period_hours: (self.cfg.retention.as_secs() / 3600) as u32,
                     max_process_connections: 1024,
+                    default_fleet_id: crate::fleet::DEFAULT_FLEET.into(),
                 })
                 .collect(),
         })

@@ -46,7 +46,13 @@ pub struct Fetcher {
     builds_dir: PathBuf,
     client: reqwest::Client,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bytes of unpacked builds kept; the least recently used beyond it are removed.
+    cache_limit: u64,
 }
+
+/// Marks in a fetched build's directory: when a process last needed it, and its size.
+const LAST_USED: &str = ".last-used";
+const SIZE: &str = ".size";
 
 /// The longest a fetch may go without a byte arriving.
 const STALL: Duration = Duration::from_secs(30);
@@ -63,13 +69,66 @@ impl Fetcher {
                 .build()
                 .unwrap_or_default(),
             inflight: Mutex::default(),
+            cache_limit: 20 << 30,
+        }
+    }
+
+    /// Keep at most this many bytes of unpacked builds.
+    pub fn with_cache_limit(mut self, bytes: u64) -> Self {
+        self.cache_limit = bytes;
+        self
+    }
+
+    /// Remove the least recently used builds until the cache fits its limit, never one in
+    /// `keep` (builds of processes that run here).
+    pub fn evict(&self, keep: &std::collections::BTreeSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.builds_dir) else {
+            return;
+        };
+        let mut builds: Vec<(std::time::SystemTime, u64, PathBuf, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let dir = e.path();
+                let size: u64 = std::fs::read_to_string(dir.join(SIZE))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                let used = std::fs::metadata(dir.join(LAST_USED))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                Some((
+                    used,
+                    size,
+                    dir,
+                    e.file_name().to_string_lossy().into_owned(),
+                ))
+            })
+            .collect();
+        let mut total: u64 = builds.iter().map(|b| b.1).sum();
+        builds.sort();
+        for (_, size, dir, id) in builds {
+            if total <= self.cache_limit {
+                break;
+            }
+            if keep.contains(&id) {
+                continue;
+            }
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                tracing::info!(build_id = %id, size, "build evicted from the node's cache");
+                total -= size;
+            }
         }
     }
 
     /// The build's bundle, fetched first if this node does not have it.
     pub async fn ensure(&self, build_id: &str) -> Result<PathBuf, FetchError> {
         let bundle = self.builds_dir.join(build_id).join("bundle");
+        let touch = || {
+            let _ = std::fs::write(self.builds_dir.join(build_id).join(LAST_USED), b"");
+        };
         if bundle.is_dir() {
+            touch();
             return Ok(bundle);
         }
         let lock = self
@@ -87,6 +146,7 @@ impl Fetcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(build_id);
+        touch();
         Ok(bundle)
     }
 
@@ -192,13 +252,17 @@ fn verify_and_unpack(
         lodge_artifact::bundle::Limits::default(),
     );
     let _ = std::fs::remove_file(part);
-    if let Err(source) = unpacked {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(FetchError::Unpack {
-            build: build.to_string(),
-            source,
-        });
-    }
+    let bytes = match unpacked {
+        Ok((_, bytes)) => bytes,
+        Err(source) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(FetchError::Unpack {
+                build: build.to_string(),
+                source,
+            });
+        }
+    };
+    std::fs::write(staging.join(SIZE), bytes.to_string()).map_err(io)?;
     let bundle = staging.join("bundle");
     if let Err(source) = lodge_artifact::bundle::Manifest::load(&bundle) {
         let _ = std::fs::remove_dir_all(&staging);
@@ -211,4 +275,111 @@ fn verify_and_unpack(
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::rename(&staging, &dest).map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "lodge-fetch-{tag}-{}-{}",
+            std::process::id(),
+            lodge_model::id::secret_hex()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            // Written raw, so hostile names survive.
+            let bytes = name.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn a_good_artifact_is_unpacked_and_a_bad_one_refused() {
+        let dir = scratch("verify");
+        let good = tar_of(&[
+            ("bundle/lodge.toml", b"command = [\"./x\"]\n"),
+            ("bundle/x", b"hi"),
+        ]);
+        let part = dir.join("b1.part");
+        std::fs::write(&part, &good).unwrap();
+        verify_and_unpack(&part, "b1", &sha(&good), &dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("b1/bundle/x")).unwrap(), b"hi");
+        assert!(dir.join("b1").join(SIZE).is_file());
+
+        // Corrupted in transit: the digest does not match; nothing is unpacked, the part goes.
+        std::fs::write(&part, &good[..good.len() - 512]).unwrap();
+        let e = verify_and_unpack(&part, "b2", &sha(&good), &dir).unwrap_err();
+        assert!(matches!(e, FetchError::Digest { .. }), "{e}");
+        assert!(!dir.join("b2").exists() && !part.exists());
+
+        // Hostile (a path climbing out), with the right digest: refused by the bundle rules.
+        let evil = tar_of(&[
+            ("bundle/lodge.toml", b"command = [\"./x\"]\n"),
+            ("../escaped", b"x"),
+        ]);
+        std::fs::write(&part, &evil).unwrap();
+        let e = verify_and_unpack(&part, "b3", &sha(&evil), &dir).unwrap_err();
+        assert!(matches!(e, FetchError::Unpack { .. }), "{e}");
+        assert!(!dir.join("b3").exists() && !dir.parent().unwrap().join("escaped").exists());
+
+        // No manifest: refused too.
+        let bare = tar_of(&[("bundle/x", b"x")]);
+        std::fs::write(&part, &bare).unwrap();
+        assert!(verify_and_unpack(&part, "b4", &sha(&bare), &dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn eviction_keeps_what_runs_and_the_newest() {
+        let dir = scratch("evict");
+        let f = Fetcher::new("http://127.0.0.1:1", "c", &dir).with_cache_limit(250);
+        let builds = dir.join("builds");
+        for (i, id) in ["old", "mid", "new"].iter().enumerate() {
+            let d = builds.join(id);
+            std::fs::create_dir_all(d.join("bundle")).unwrap();
+            std::fs::write(d.join(SIZE), "100").unwrap();
+            std::fs::write(d.join(LAST_USED), "").unwrap();
+            let t = std::time::SystemTime::now() - Duration::from_secs(100 - i as u64 * 10);
+            std::fs::File::options()
+                .write(true)
+                .open(d.join(LAST_USED))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        // 300 bytes over a 250 limit: the oldest goes, unless it runs; then the next.
+        let keep: std::collections::BTreeSet<String> = ["old".to_string()].into();
+        f.evict(&keep);
+        assert!(
+            builds.join("old").exists()
+                && !builds.join("mid").exists()
+                && builds.join("new").exists()
+        );
+        f.evict(&Default::default());
+        assert!(
+            builds.join("old").exists(),
+            "200 bytes fit: nothing more goes"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

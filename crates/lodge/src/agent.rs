@@ -32,6 +32,10 @@ pub struct AgentArgs {
     /// Where the agent keeps its credential, process logs and fetched builds.
     #[arg(long, env = "LODGE_DATA_DIR", default_value = "./lodge-agent-data")]
     pub data_dir: std::path::PathBuf,
+    /// Gigabytes of fetched builds kept; the least recently used beyond it are removed (never
+    /// one a running process uses).
+    #[arg(long, env = "LODGE_BUILD_CACHE_GB", default_value_t = 20.0)]
+    pub build_cache_gb: f64,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -88,6 +92,7 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         cpu: std::thread::available_parallelism().map_or(1.0, |c| c.get() as f64),
         memory_mb: memory_mb(),
         port_capacity: n.port_capacity(),
+        ping_port: Some(n.ping_port),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let cred_path = data_dir.join(CREDENTIAL);
@@ -123,11 +128,10 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| format!("cannot resolve {authority}"))?;
-    let fetcher = Arc::new(lodge_link::artifacts::Fetcher::new(
-        &url,
-        &joined.credential,
-        &data_dir,
-    ));
+    let fetcher = Arc::new(
+        lodge_link::artifacts::Fetcher::new(&url, &joined.credential, &data_dir)
+            .with_cache_limit((args.build_cache_gb.max(0.0) * (1u64 << 30) as f64) as u64),
+    );
     let cfg = n.agent_config(&joined.node_id, &data_dir, api_addr, Some(fetcher))?;
     let (cp, cred) = (url.clone(), joined.credential.clone());
     let dial = move || {

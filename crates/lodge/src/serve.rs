@@ -252,9 +252,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let state = lodge_api::AppState {
         control: control.clone(),
         ready,
-        public_host: n.public_host.clone(),
         ping_port: n.ping_port,
-        regions: regions.unwrap_or_else(|| Region::ALL.to_vec()),
     };
     if let Some(addr) = args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -330,6 +328,7 @@ async fn start_local_node(
     );
     // Ports other programs hold are not capacity (checked before re-adoption opens ours).
     node.port_capacity = n.port_capacity();
+    node.ping_port = Some(n.ping_port);
     if let Ok(Some(old)) = control.store().node(&node.node_id).await {
         // Keep the protocol's numbering and the operator's drain across restarts.
         node.epoch = old.epoch;

@@ -231,6 +231,9 @@ pub struct Node {
     pub last_event_seq: u64,
     #[serde(default)]
     pub incarnation: u64,
+    /// UDP port of its ping (latency) echo service, for DiscoveryV2.
+    #[serde(default)]
+    pub ping_port: Option<u16>,
 }
 
 impl Node {
@@ -262,6 +265,7 @@ impl Node {
             epoch: 0,
             last_event_seq: 0,
             incarnation: 0,
+            ping_port: None,
         }
     }
 }

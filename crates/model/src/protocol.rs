@@ -89,6 +89,9 @@ pub struct NodeInfo {
     pub cpu: f64,
     pub memory_mb: f64,
     pub port_capacity: Option<u32>,
+    /// UDP port of its ping echo service.
+    #[serde(default)]
+    pub ping_port: Option<u16>,
     /// The agent's version (`lodge --version`).
     pub agent_version: String,
 }
@@ -190,6 +193,12 @@ pub enum ControlMsg {
     Call {
         id: u64,
         call: NodeCall,
+    },
+    /// A deployment of this build was created: fetch it now, so that its first process does
+    /// not wait for the download.
+    #[serde(rename_all = "camelCase")]
+    Prefetch {
+        build_id: String,
     },
     /// The session is refused or closed (a newer one exists, a wrong version); the node logs
     /// why and reconnects after its backoff.
@@ -368,7 +377,10 @@ impl NodeSession {
             ControlMsg::Ping => vec![NodeMsg::Pong],
             // Calls need the node's I/O and refusals close the connection: the transport
             // handles both.
-            ControlMsg::Pong | ControlMsg::Call { .. } | ControlMsg::Refused { .. } => Vec::new(),
+            ControlMsg::Pong
+            | ControlMsg::Call { .. }
+            | ControlMsg::Prefetch { .. }
+            | ControlMsg::Refused { .. } => Vec::new(),
         }
     }
 

@@ -143,6 +143,8 @@ pub struct Organization {
     pub max_requested_memory_mb: f64,
     pub log_retention_period_hours: u32,
     pub max_process_connections: u32,
+    /// The fleet nodes join unless their join token names another.
+    pub default_fleet_id: String,
 }
 
 pub const ALL_SCOPES: &[&str] = &[

@@ -6,11 +6,14 @@
 //! driver and isolation), `proxy` (UDP latency and packet rate, TCP throughput and connection
 //! rate: direct, through Lodge, through nginx), `scale` (latency and memory per room with many
 //! rooms and processes, with pretend processes), `abuse` (what hostile traffic costs: /livez
-//! under floods and slow clients, memory under an archive bomb).
+//! under floods and slow clients, memory under an archive bomb), `nodes` (a fleet: nodes held
+//! per control plane, the control plane killed under live rooms, a killed agent, one build
+//! reaching many nodes).
 
 mod abuse;
 mod echo;
 mod net;
+mod nodes;
 mod pg;
 mod server;
 
@@ -29,7 +32,7 @@ pub struct BenchArgs {
     /// Short mode: every scenario, small sample sizes, done in about a minute (what CI runs).
     #[arg(long)]
     pub quick: bool,
-    /// Scenarios to run, comma-separated: warm, cold, proxy, scale, abuse (default: all).
+    /// Scenarios to run, comma-separated: warm, cold, proxy, scale, abuse, nodes (default: all).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The largest room count of the scale scenario (default 100000; 2000 with --quick).
@@ -151,6 +154,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if wanted("abuse") {
             add(abuse::run(&args).await?);
+        }
+        if wanted("nodes") {
+            add(nodes::run(&args).await?);
         }
         if let Some(path) = &args.report {
             let doc = json!({"machine": server::machine(), "quick": args.quick, "tables": tables.iter().map(Table::json).collect::<Vec<_>>()});

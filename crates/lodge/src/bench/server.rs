@@ -84,6 +84,8 @@ pub struct Server {
     dir: PathBuf,
     url: String,
     token: String,
+    /// `lodge serve`'s arguments, to start it again on the same data dir and ports.
+    args: Vec<String>,
     /// Cleared by an orderly shutdown; otherwise dropping kills everything it started.
     armed: bool,
 }
@@ -143,36 +145,59 @@ impl Server {
         let ping_port = free_port()?;
         let (lo, hi) = port_window();
         let token = format!("bench-{}", lodge_model::id::secret_hex());
-        let log = std::fs::File::create(dir.join("serve.log")).map_err(|e| e.to_string())?;
-        let child = std::process::Command::new(&exe)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
-            .args(["--port-range", &format!("{lo}-{hi}")])
-            .args(["--ping-port", &ping_port.to_string()])
-            .args(["--stop-grace", "1"])
-            .args(extra)
-            .env("LODGE_ADMIN_TOKEN", &token)
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start lodge serve: {e}"))?;
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            dir.join("data").to_string_lossy().into_owned(),
+            "--api-addr".into(),
+            format!("127.0.0.1:{api_port}"),
+            "--port-range".into(),
+            format!("{lo}-{hi}"),
+            "--ping-port".into(),
+            ping_port.to_string(),
+            "--stop-grace".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = spawn_serve(&exe, &args, &token, &dir)?;
         let url = format!("http://127.0.0.1:{api_port}");
         let server = Server {
             child,
             dir,
             url,
             token,
+            args,
             armed: true,
         };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    /// Kill the server with SIGKILL (what it started keeps running).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same data dir and ports; returns once it is ready.
+    pub async fn respawn(&mut self) -> Result<()> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        self.child = spawn_serve(&exe, &self.args, &self.token, &self.dir)?;
+        self.wait_ready().await
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let server = self;
         let http = reqwest::Client::new();
         let start = Instant::now();
         loop {
             if let Ok(r) = http.get(format!("{}/readyz", server.url)).send().await {
                 if r.status().is_success() {
-                    return Ok(server);
+                    return Ok(());
                 }
             }
             if start.elapsed() > Duration::from_secs(30) {
@@ -188,7 +213,30 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
 
+fn spawn_serve(
+    exe: &Path,
+    args: &[String],
+    token: &str,
+    dir: &Path,
+) -> Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("serve.log"))
+        .map_err(|e| e.to_string())?;
+    std::process::Command::new(exe)
+        .args(args)
+        .env("LODGE_ADMIN_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start lodge serve: {e}"))
+}
+
+impl Server {
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -517,7 +565,7 @@ impl Setup {
     }
 }
 
-fn tar_gz(files: &[(&str, &[u8], u32)]) -> Result<Vec<u8>> {
+pub(crate) fn tar_gz(files: &[(&str, &[u8], u32)]) -> Result<Vec<u8>> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut b = tar::Builder::new(gz);
     for (name, data, mode) in files {

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lodge_control::{Control, ControlConfig};
-use lodge_model::{Node, Region, SystemClock};
+use lodge_model::{Node, SystemClock};
 use lodge_store::SqliteStore;
 use serde_json::{json, Value};
 
@@ -27,9 +27,7 @@ async fn serve_with(dir: &std::path::Path, limits: lodge_api::server::ServeLimit
     let state = lodge_api::AppState {
         control,
         ready: Arc::new(AtomicBool::new(true)),
-        public_host: "127.0.0.1".into(),
         ping_port: 10000,
-        regions: Region::ALL.to_vec(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
