@@ -133,6 +133,8 @@ class Agent {
       '--ping-port', '10000',
       '--isolation', 'none',
       '--stop-grace', '2',
+      // Reservations are not what this test is about: offer more cores than it requests.
+      '--cpu', '64',
     ];
     if (joinToken) args.push('--join-token', joinToken);
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('LODGE_')));

@@ -47,6 +47,8 @@ pub(crate) fn node_json(v: &NodeView) -> serde_json::Value {
         "portCapacity": n.port_capacity,
         "liveProcesses": v.live_processes,
         "portsInUse": v.ports_in_use,
+        "cpuInUse": v.cpu_in_use,
+        "memoryMBInUse": v.memory_mb_in_use,
         "startedAt": rfc(n.started_at),
         "stoppedAt": n.stopped_at.map(rfc),
         "lastHeardAt": v.last_heard.map(rfc),

@@ -31,6 +31,9 @@ pub struct NodeView {
     pub last_heard: Option<i64>,
     pub live_processes: u32,
     pub ports_in_use: u32,
+    /// CPU and memory the deployments of its live processes requested.
+    pub cpu_in_use: f64,
+    pub memory_mb_in_use: f64,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -285,17 +288,20 @@ impl Control {
         let usage = self.store.node_usage().await?;
         let mut out = Vec::new();
         for node in self.store.nodes().await? {
-            let (live, ports) = usage
+            let u = usage
                 .iter()
-                .find(|(id, ..)| *id == node.node_id)
-                .map_or((0, 0), |(_, l, p)| (*l, *p));
+                .find(|u| u.node_id == node.node_id)
+                .cloned()
+                .unwrap_or_default();
             let remote = self.remote_if_known(&node.node_id);
             out.push(NodeView {
                 reachable: self.heard_recently(&node),
                 connected: remote.as_ref().is_some_and(|r| r.connected()) || !node.remote,
                 last_heard: remote.map(|r| r.last_heard()).max(node.last_seen_at),
-                live_processes: live,
-                ports_in_use: ports,
+                live_processes: u.live_processes,
+                ports_in_use: u.ports,
+                cpu_in_use: u.cpu,
+                memory_mb_in_use: u.memory_mb,
                 node,
             });
         }
@@ -341,7 +347,9 @@ impl Control {
         let usage = self.store.node_usage().await?;
         let now = self.now();
         for node in self.store.nodes().await? {
-            let live = usage.iter().any(|(id, l, _)| *id == node.node_id && *l > 0);
+            let live = usage
+                .iter()
+                .any(|u| u.node_id == node.node_id && u.live_processes > 0);
             if node.status == NodeStatus::Draining && !live {
                 let stopped = self
                     .store

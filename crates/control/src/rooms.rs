@@ -20,8 +20,9 @@ fn placement_error(e: PlacementError) -> Error {
              take no new processes; `lodge nodes list` shows them)"
         )),
         PlacementError::NoCapacity(r) => Error::NoCapacity(format!(
-            "no capacity in {r}: every node serving it has used all of its public ports; \
-             destroy rooms, stop processes, or add nodes or ports"
+            "no capacity in {r}: every node serving it is full (its public ports, or the CPU \
+             and memory the deployments of its processes requested); destroy rooms, stop \
+             processes, or add nodes or ports"
         )),
     }
 }
@@ -90,14 +91,17 @@ impl Control {
             .into_iter()
             .filter(|node| self.schedulable(node))
             .map(|node| {
-                let (live, ports) = usage
+                let u = usage
                     .iter()
-                    .find(|(id, ..)| *id == node.node_id)
-                    .map_or((0, 0), |(_, l, p)| (*l, *p));
+                    .find(|u| u.node_id == node.node_id)
+                    .cloned()
+                    .unwrap_or_default();
                 lodge_scheduler::NodeLoad {
                     node,
-                    live_processes: live,
-                    ports_in_use: ports,
+                    live_processes: u.live_processes,
+                    ports_in_use: u.ports,
+                    cpu_in_use: u.cpu,
+                    memory_mb_in_use: u.memory_mb,
                 }
             })
             .collect())
@@ -140,8 +144,7 @@ impl Control {
             } else {
                 Vec::new()
             };
-            let ports = d.ports().count() as u32;
-            let placement = lodge_scheduler::place_room(region, ports, &candidates, &nodes)
+            let placement = lodge_scheduler::place_room(region, need(d), &candidates, &nodes)
                 .map_err(placement_error)?;
             let (process_id, target, new) = match placement {
                 Placement::Existing { process_id } => {
@@ -480,8 +483,8 @@ impl Control {
         let app = self.app_of(caller, app_id).await?;
         let d = self.deployment_for(&app.app_id, None).await?;
         let nodes = self.node_loads().await?;
-        let node_id = lodge_scheduler::place_process(region, d.ports().count() as u32, &nodes)
-            .map_err(placement_error)?;
+        let node_id =
+            lodge_scheduler::place_process(region, need(&d), &nodes).map_err(placement_error)?;
         let p = self.new_process(&d, region, node_id, None);
         self.store
             .insert_process(&p, Some(self.cfg.max_processes_per_app))
@@ -659,5 +662,14 @@ impl Control {
         node.metrics(process_id, q.start, q.end, q.step)
             .await
             .map_err(Error::Internal)
+    }
+}
+
+/// What a new process of `d` needs of a node.
+fn need(d: &Deployment) -> lodge_scheduler::Need {
+    lodge_scheduler::Need {
+        ports: d.ports().count() as u32,
+        cpu: d.requested_cpu,
+        memory_mb: d.requested_memory_mb,
     }
 }

@@ -36,6 +36,14 @@ pub struct AgentArgs {
     /// one a running process uses).
     #[arg(long, env = "LODGE_BUILD_CACHE_GB", default_value_t = 20.0)]
     pub build_cache_gb: f64,
+    /// Cores offered to processes, against which their deployments' `requestedCPU` is placed
+    /// (default: this machine's; more overcommits).
+    #[arg(long, env = "LODGE_CPU")]
+    pub cpu: Option<f64>,
+    /// Memory in MB offered to processes, against their `requestedMemoryMB` (default: this
+    /// machine's).
+    #[arg(long, env = "LODGE_MEMORY_MB")]
+    pub memory_mb: Option<f64>,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -89,8 +97,10 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
     let info = NodeInfo {
         public_host: n.public_host.clone(),
         region: args.region,
-        cpu: std::thread::available_parallelism().map_or(1.0, |c| c.get() as f64),
-        memory_mb: memory_mb(),
+        cpu: args.cpu.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1.0, |c| c.get() as f64)
+        }),
+        memory_mb: args.memory_mb.unwrap_or_else(memory_mb),
         port_capacity: n.port_capacity(),
         ping_port: Some(n.ping_port),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -14,20 +14,53 @@ pub struct Candidate {
     pub created_at: Millis,
 }
 
-/// A node that could start a process, with how many live processes and public ports it has.
+/// A node that could start a process, with what its live processes hold: public ports, and
+/// the CPU and memory their deployments requested.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeLoad {
     pub node: Node,
     pub live_processes: u32,
     pub ports_in_use: u32,
+    pub cpu_in_use: f64,
+    pub memory_mb_in_use: f64,
 }
 
+/// What a new process needs of a node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Need {
+    pub ports: u32,
+    /// Cores and MB its deployment requests (`requestedCPU`, `requestedMemoryMB`).
+    pub cpu: f64,
+    pub memory_mb: f64,
+}
+
+impl Need {
+    /// Ports only (no CPU or memory asked).
+    pub fn ports(ports: u32) -> Self {
+        Self {
+            ports,
+            cpu: 0.0,
+            memory_mb: 0.0,
+        }
+    }
+}
+
+/// Room for rounding in sums of requests (0.1 + 0.2 cores fit in 0.3).
+const EPSILON: f64 = 1e-9;
+
 impl NodeLoad {
-    /// Whether a new process needing `ports` public ports fits.
-    pub fn fits(&self, ports: u32) -> bool {
-        self.node
+    /// Whether a new process needing `need` fits: ports against the node's free public ports,
+    /// CPU and memory against what it reported (a node that reported none, the embedded node
+    /// of `lodge serve`, is not limited by them).
+    pub fn fits(&self, need: Need) -> bool {
+        let ports = self
+            .node
             .port_capacity
-            .is_none_or(|cap| self.ports_in_use + ports <= cap)
+            .is_none_or(|cap| self.ports_in_use + need.ports <= cap);
+        let cpu = self.node.cpu <= 0.0 || self.cpu_in_use + need.cpu <= self.node.cpu + EPSILON;
+        let memory = self.node.memory_mb <= 0.0
+            || self.memory_mb_in_use + need.memory_mb <= self.node.memory_mb + EPSILON;
+        ports && cpu && memory
     }
 }
 
@@ -50,11 +83,10 @@ pub enum PlacementError {
 /// Choose where a room goes. Candidates are processes of the chosen deployment in the
 /// requested region. Running processes win over starting ones (the room is playable at once),
 /// then the fullest process (packing frees whole processes for the idle reaper), then the
-/// oldest. Without a free slot, a new process starts on the least-loaded node serving the
-/// region.
+/// oldest. Without a free slot, a new process starts as [`place_process`] chooses.
 pub fn place_room(
     region: Region,
-    ports_needed: u32,
+    need: Need,
     candidates: &[Candidate],
     nodes: &[NodeLoad],
 ) -> Result<Placement, PlacementError> {
@@ -76,14 +108,15 @@ pub fn place_room(
             process_id: c.process_id.clone(),
         });
     }
-    place_process(region, ports_needed, nodes).map(|node_id| Placement::NewProcess { node_id })
+    place_process(region, need, nodes).map(|node_id| Placement::NewProcess { node_id })
 }
 
-/// Choose the node for a new process needing `ports_needed` public ports: the least loaded
-/// among those serving the region that have the ports free.
+/// Choose the node for a new process: among the nodes serving the region that it fits (ports,
+/// CPU, memory), the busiest, so that idle nodes stay idle and can be drained or reclaimed
+/// (packing, as GameLift and Agones' `Packed` do); ties by node id.
 pub fn place_process(
     region: Region,
-    ports_needed: u32,
+    need: Need,
     nodes: &[NodeLoad],
 ) -> Result<String, PlacementError> {
     let serving: Vec<&NodeLoad> = nodes.iter().filter(|n| n.node.serves(region)).collect();
@@ -92,8 +125,8 @@ pub fn place_process(
     }
     serving
         .into_iter()
-        .filter(|n| n.fits(ports_needed))
-        .min_by_key(|n| (n.live_processes, n.node.node_id.clone()))
+        .filter(|n| n.fits(need))
+        .min_by_key(|n| (std::cmp::Reverse(n.live_processes), n.node.node_id.clone()))
         .map(|n| n.node.node_id.clone())
         .ok_or(PlacementError::NoCapacity(region))
 }
@@ -132,6 +165,8 @@ mod tests {
     fn node(id: &str, regions: Option<Vec<Region>>, live: u32) -> NodeLoad {
         NodeLoad {
             ports_in_use: 0,
+            cpu_in_use: 0.0,
+            memory_mb_in_use: 0.0,
             node: Node {
                 port_capacity: Some(100),
                 ..Node::local(id.into(), "h".into(), regions, 0)
@@ -174,7 +209,7 @@ mod tests {
         ];
         let n = vec![node("n1", None, 0)];
         assert_eq!(
-            place_room(Region::London, 1, &c, &n),
+            place_room(Region::London, Need::ports(1), &c, &n),
             Ok(Placement::Existing {
                 process_id: "c".into()
             })
@@ -194,13 +229,14 @@ mod tests {
             node("tokyo", Some(vec![Region::Tokyo]), 0),
         ];
         assert_eq!(
-            place_room(Region::London, 1, &c, &n),
+            place_room(Region::London, Need::ports(1), &c, &n),
             Ok(Placement::NewProcess {
-                node_id: "idle".into()
-            })
+                node_id: "busy".into()
+            }),
+            "the busiest node that fits: idle ones stay idle"
         );
         assert_eq!(
-            place_room(Region::London, 1, &c, &n[2..]),
+            place_room(Region::London, Need::ports(1), &c, &n[2..]),
             Err(PlacementError::NoNode(Region::London))
         );
     }
@@ -230,7 +266,7 @@ mod tests {
                 ProcessStatus::PLACEABLE.contains(&c.status)
                     && c.rooms_allocated < c.rooms_per_process
             });
-            match place_room(Region::Dallas, 1, &cands, &nodes).unwrap() {
+            match place_room(Region::Dallas, Need::ports(1), &cands, &nodes).unwrap() {
                 Placement::Existing { process_id } => {
                     let c = cands.iter().find(|c| c.process_id == process_id).unwrap();
                     assert!(c.rooms_allocated < c.rooms_per_process);
@@ -253,7 +289,9 @@ mod tests {
             let rooms = 1 + rng.below(40) as u32;
             let mut procs: Vec<Candidate> = Vec::new();
             for _ in 0..rooms {
-                match place_room(Region::Tokyo, 1, &procs, &[node("n", None, 0)]).unwrap() {
+                match place_room(Region::Tokyo, Need::ports(1), &procs, &[node("n", None, 0)])
+                    .unwrap()
+                {
                     Placement::Existing { process_id } => {
                         let p = procs
                             .iter_mut()
@@ -284,21 +322,21 @@ mod tests {
         full.ports_in_use = 99;
         let roomy = node("b", Some(vec![Region::London]), 50);
         assert_eq!(
-            place_process(Region::London, 2, &[full.clone(), roomy]),
+            place_process(Region::London, Need::ports(2), &[full.clone(), roomy]),
             Ok("b".into())
         );
         assert_eq!(
-            place_process(Region::London, 1, &[full.clone()]),
+            place_process(Region::London, Need::ports(1), &[full.clone()]),
             Ok("a".into())
         );
         assert_eq!(
-            place_process(Region::London, 2, &[full.clone()]),
+            place_process(Region::London, Need::ports(2), &[full.clone()]),
             Err(PlacementError::NoCapacity(Region::London))
         );
         assert_eq!(
             place_room(
                 Region::Tokyo,
-                2,
+                Need::ports(2),
                 &[],
                 &[node("c", Some(vec![Region::London]), 0)]
             ),
@@ -307,11 +345,108 @@ mod tests {
         // A free slot on an existing process needs no ports.
         let c = cand("p", ProcessStatus::Running, 0, 2, 0);
         assert_eq!(
-            place_room(Region::London, 2, &[c], &[full]),
+            place_room(Region::London, Need::ports(2), &[c], &[full]),
             Ok(Placement::Existing {
                 process_id: "p".into()
             })
         );
+    }
+
+    #[test]
+    fn cpu_and_memory_bound_what_a_node_takes() {
+        let mut a = node("a", None, 3);
+        a.node.cpu = 2.0;
+        a.node.memory_mb = 4096.0;
+        a.cpu_in_use = 1.5;
+        a.memory_mb_in_use = 1024.0;
+        let b = NodeLoad {
+            node: Node {
+                cpu: 8.0,
+                memory_mb: 8192.0,
+                ..a.node.clone()
+            },
+            ..node("b", None, 0)
+        };
+        let b = NodeLoad {
+            node: Node {
+                node_id: "b".into(),
+                ..b.node
+            },
+            ..b
+        };
+        let need = |cpu, memory_mb| Need {
+            ports: 1,
+            cpu,
+            memory_mb,
+        };
+        // Half a core fits on the busy node; a whole one does not, so it goes to the idle one.
+        let nodes = [a.clone(), b.clone()];
+        assert_eq!(
+            place_process(Region::London, need(0.5, 512.0), &nodes),
+            Ok("a".into())
+        );
+        assert_eq!(
+            place_process(Region::London, need(1.0, 512.0), &nodes),
+            Ok("b".into())
+        );
+        assert_eq!(
+            place_process(Region::London, need(0.5, 4096.0), &nodes),
+            Ok("b".into())
+        );
+        assert_eq!(
+            place_process(Region::London, need(16.0, 512.0), &nodes),
+            Err(PlacementError::NoCapacity(Region::London))
+        );
+        // A node that reported no cores or memory is bounded by its ports only.
+        assert_eq!(
+            place_process(
+                Region::London,
+                need(64.0, 1e6),
+                &[node("embedded", None, 0)]
+            ),
+            Ok("embedded".into())
+        );
+    }
+
+    /// Property: a stream of new processes on random nodes never puts more CPU, memory or
+    /// ports on a node than it has, and a process is refused only when no node fits it.
+    #[test]
+    fn packing_never_overcommits_a_node() {
+        let mut rng = Rng(7);
+        for _ in 0..500 {
+            let mut nodes: Vec<NodeLoad> = (0..1 + rng.below(5))
+                .map(|i| {
+                    let mut n = node(&format!("n{i}"), None, 0);
+                    n.node.cpu = (1 + rng.below(8)) as f64;
+                    n.node.memory_mb = (1 + rng.below(16)) as f64 * 512.0;
+                    n.node.port_capacity = Some(1 + rng.below(10) as u32);
+                    n
+                })
+                .collect();
+            for _ in 0..40 {
+                let want = Need {
+                    ports: 1 + rng.below(2) as u32,
+                    cpu: (1 + rng.below(8)) as f64 * 0.25,
+                    memory_mb: (1 + rng.below(8)) as f64 * 256.0,
+                };
+                match place_process(Region::London, want, &nodes) {
+                    Ok(id) => {
+                        let n = nodes.iter_mut().find(|n| n.node.node_id == id).unwrap();
+                        assert!(n.fits(want));
+                        n.live_processes += 1;
+                        n.ports_in_use += want.ports;
+                        n.cpu_in_use += want.cpu;
+                        n.memory_mb_in_use += want.memory_mb;
+                    }
+                    Err(_) => assert!(!nodes.iter().any(|n| n.fits(want)), "refused with room"),
+                }
+            }
+            for n in &nodes {
+                assert!(n.cpu_in_use <= n.node.cpu + EPSILON);
+                assert!(n.memory_mb_in_use <= n.node.memory_mb + EPSILON);
+                assert!(n.ports_in_use <= n.node.port_capacity.unwrap());
+            }
+        }
     }
 
     #[test]

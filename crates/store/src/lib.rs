@@ -76,6 +76,16 @@ pub struct EndedProcess {
     pub destroyed_rooms: Vec<String>,
 }
 
+/// What the live processes of one node hold.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NodeUsage {
+    pub node_id: String,
+    pub live_processes: u32,
+    pub ports: u32,
+    pub cpu: f64,
+    pub memory_mb: f64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn put_org(&self, org: &Org) -> Result<()>;
@@ -121,8 +131,9 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_join_token(&self, token: &JoinToken, secret_hash: &str) -> Result<()>;
     async fn join_token_by_hash(&self, secret_hash: &str) -> Result<Option<JoinToken>>;
     async fn nodes(&self) -> Result<Vec<Node>>;
-    /// Per node: live processes and the public ports they hold.
-    async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>>;
+    /// Per node: live processes, the public ports they hold, and the CPU and memory their
+    /// deployments requested.
+    async fn node_usage(&self) -> Result<Vec<NodeUsage>>;
 
     async fn process(&self, process_id: &str) -> Result<Option<Process>>;
     /// Newest first.

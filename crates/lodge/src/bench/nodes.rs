@@ -241,6 +241,8 @@ impl RealAgent {
             // Its own address, so its replies come from the address players sent to.
             .args(["--proxy-bind", &host])
             .args(["--flows-per-source", "100000"])
+            // Pretend to be a big machine: rooms, not CPU reservations, are what is measured.
+            .args(["--cpu", "256"])
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

@@ -392,3 +392,109 @@ async fn logs_are_kept_for_the_retention_period() {
     assert_eq!(s.control.sweep_retention().await.unwrap(), 1);
     assert!(!pdir.exists());
 }
+
+/// Node loss on a clock the test moves: a joined node silent for 10 s takes no new process,
+/// one silent for `--node-lost-after` has its processes ended (rooms destroyed) with the reason
+/// saying so, and when most of a fleet of three goes silent at once, none is declared lost.
+#[tokio::test]
+async fn node_loss_follows_the_clock() {
+    let dir = TempDir::new("node-loss");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
+    let clock = ManualClock::new(1_000_000);
+    let s = setup(store.clone(), Arc::new(clock.clone()), &dir.0, 1, false).await;
+    // Only the joined nodes take work.
+    s.control.set_draining(&s.caller, "n1", true).await.unwrap();
+    // Each node has room for `cpu / 0.5` processes of the deployment.
+    let heard = |ids: &'static [&'static str], cpu: f64| {
+        let (store, now) = (store.clone(), clock.now_ms());
+        async move {
+            for id in ids {
+                let mut n = Node::local(
+                    id.to_string(),
+                    format!("{id}.example"),
+                    Some(vec![Region::Frankfurt]),
+                    0,
+                );
+                n.remote = true;
+                n.last_seen_at = Some(now);
+                n.cpu = cpu;
+                n.memory_mb = 1024.0;
+                store.put_node(&n).await.unwrap();
+            }
+        }
+    };
+    // Room for one process each, so that packing puts one on each.
+    heard(&["r1", "r2", "r3"], 0.5).await;
+    let mut on = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let room = s
+            .control
+            .create_room(&s.caller, &s.app_id, params(Region::Frankfurt), None)
+            .await
+            .unwrap();
+        let pid = room.process_id.clone().unwrap();
+        let node = store.process(&pid).await.unwrap().unwrap().node_id;
+        on.insert(node, (pid, room.room_id));
+    }
+    assert_eq!(on.len(), 3, "one process on each joined node");
+    let lost_after = std::time::Duration::from_secs(300);
+
+    // r1 goes silent; the others keep talking.
+    clock.advance_ms(11_000);
+    heard(&["r2", "r3"], 2.0).await;
+    let room = s
+        .control
+        .create_room(&s.caller, &s.app_id, params(Region::Frankfurt), None)
+        .await
+        .unwrap();
+    let node = store
+        .process(room.process_id.as_ref().unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .node_id;
+    assert_ne!(node, "r1", "a node silent for 10 s takes no new process");
+    assert!(
+        s.control
+            .judge_lost_nodes(lost_after)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not lost yet"
+    );
+    clock.advance_ms(290_000);
+    heard(&["r2", "r3"], 2.0).await;
+    let ended = s.control.judge_lost_nodes(lost_after).await.unwrap();
+    assert_eq!(ended, vec![on["r1"].0.clone()]);
+    let p = store.process(&on["r1"].0).await.unwrap().unwrap();
+    assert_eq!(p.status, ProcessStatus::Failed);
+    assert!(
+        p.summary_exit_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("node lost"),
+        "{:?}",
+        p.summary_exit_reason
+    );
+    assert_eq!(
+        store.room(&on["r1"].1).await.unwrap().unwrap().status,
+        RoomStatus::Destroyed
+    );
+
+    // Now r2 goes silent too: two of three at once is likelier the control plane's fault.
+    clock.advance_ms(301_000);
+    heard(&["r3"], 2.0).await;
+    assert!(s
+        .control
+        .judge_lost_nodes(lost_after)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(!store
+        .process(&on["r2"].0)
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+        .is_terminal());
+}

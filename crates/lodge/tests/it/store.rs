@@ -616,7 +616,13 @@ async fn process_queries_filter_and_order(b: &dyn Backend) {
         ..Default::default()
     };
     assert_eq!(s.count_processes(&q).await.unwrap(), 0);
-    let mut usage = s.node_usage().await.unwrap();
+    let mut usage: Vec<(String, u32, u32)> = s
+        .node_usage()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.node_id, u.live_processes, u.ports))
+        .collect();
     usage.sort();
     assert_eq!(
         usage,

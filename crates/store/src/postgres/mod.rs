@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{error::SqlState, NoTls, Row};
 
 use crate::codec::{from_json, to_json, RoomDoc};
-use crate::{EndedProcess, PlaceTarget, ProcessQuery, Result, Store, StoreError};
+use crate::{EndedProcess, NodeUsage, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
 mod batch;
 mod schema;
@@ -655,11 +655,14 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>> {
+    async fn node_usage(&self) -> Result<Vec<NodeUsage>> {
         Ok(self
             .rows(
-                "SELECT node_id, COUNT(*), COALESCE(SUM(port_count), 0) FROM processes
-                 WHERE status IN ('starting', 'running', 'draining', 'stopping') GROUP BY node_id",
+                "SELECT p.node_id, COUNT(*), COALESCE(SUM(p.port_count), 0),
+                        COALESCE(SUM((d.doc::json->>'requestedCPU')::float8), 0),
+                        COALESCE(SUM((d.doc::json->>'requestedMemoryMB')::float8), 0)
+                 FROM processes p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id
+                 WHERE p.status IN ('starting', 'running', 'draining', 'stopping') GROUP BY p.node_id",
                 &[],
             )
             .await?
@@ -667,11 +670,13 @@ impl Store for PostgresStore {
             .map(|r| {
                 let n: i64 = r.get(1);
                 let ports: i64 = r.get(2);
-                (
-                    r.get(0),
-                    u32::try_from(n).unwrap_or(u32::MAX),
-                    u32::try_from(ports).unwrap_or(u32::MAX),
-                )
+                NodeUsage {
+                    node_id: r.get(0),
+                    live_processes: u32::try_from(n).unwrap_or(u32::MAX),
+                    ports: u32::try_from(ports).unwrap_or(u32::MAX),
+                    cpu: r.get(3),
+                    memory_mb: r.get(4),
+                }
             })
             .collect())
     }

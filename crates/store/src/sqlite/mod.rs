@@ -11,7 +11,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 
 use crate::codec::{from_json, to_json, RoomDoc};
-use crate::{EndedProcess, PlaceTarget, ProcessQuery, Result, Store, StoreError};
+use crate::{EndedProcess, NodeUsage, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
 mod schema;
 mod writer;
@@ -783,16 +783,27 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn node_usage(&self) -> Result<Vec<(String, u32, u32)>> {
+    async fn node_usage(&self) -> Result<Vec<NodeUsage>> {
         self.read(|c| {
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT node_id, COUNT(*), SUM(port_count) FROM processes
-                     WHERE status IN ('starting', 'running', 'draining', 'stopping') GROUP BY node_id",
+                    "SELECT p.node_id, COUNT(*), SUM(p.port_count),
+                            COALESCE(SUM(json_extract(d.doc, '$.requestedCPU')), 0.0),
+                            COALESCE(SUM(json_extract(d.doc, '$.requestedMemoryMB')), 0.0)
+                     FROM processes p LEFT JOIN deployments d ON d.deployment_id = p.deployment_id
+                     WHERE p.status IN ('starting', 'running', 'draining', 'stopping') GROUP BY p.node_id",
                 )
                 .map_err(backend)?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_map([], |r| {
+                    Ok(NodeUsage {
+                        node_id: r.get(0)?,
+                        live_processes: r.get(1)?,
+                        ports: r.get(2)?,
+                        cpu: r.get(3)?,
+                        memory_mb: r.get(4)?,
+                    })
+                })
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<_>>().map_err(backend)
         })
