@@ -18,6 +18,8 @@ pub const DEFAULT_FLEET: &str = "fleet-default";
 
 /// A node not heard from for this long takes no new work.
 pub const UNSCHEDULABLE_AFTER: Duration = Duration::from_secs(10);
+/// How long the placement path may use a read of the nodes.
+const NODES_FRESH: Duration = Duration::from_secs(1);
 /// The longest a join token may live.
 pub const MAX_JOIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -262,6 +264,28 @@ impl Control {
         }
     }
 
+    /// The nodes as the store holds them, read at most once per [`NODES_FRESH`] on the
+    /// placement path (liveness is judged in seconds; a drain through this replica is seen at
+    /// once).
+    pub(crate) async fn nodes_now(&self) -> Result<Arc<Vec<Node>>> {
+        {
+            let cached = self.nodes_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, nodes)) = cached.as_ref() {
+                if at.elapsed() < NODES_FRESH {
+                    return Ok(nodes.clone());
+                }
+            }
+        }
+        let nodes = Arc::new(self.store.nodes().await?);
+        *self.nodes_cache.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), nodes.clone()));
+        Ok(nodes)
+    }
+
+    pub(crate) fn forget_nodes(&self) {
+        *self.nodes_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Whether a node may take new processes now.
     pub(crate) fn schedulable(&self, node: &Node) -> bool {
         if node.status != NodeStatus::Running {
@@ -337,6 +361,7 @@ impl Control {
             })
             .await?
             .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))?;
+        self.forget_nodes();
         tracing::info!(%node_id, status = status.as_str(), "node status changed");
         self.settle_drained().await?;
         self.node_view(caller, node_id).await

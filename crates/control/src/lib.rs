@@ -155,6 +155,8 @@ pub struct Control {
     local_agents: RwLock<Vec<Arc<dyn NodeLink>>>,
     /// Nodes that speak the node protocol (joined agents, and the embedded node), by id.
     remotes: RwLock<HashMap<String, Arc<remote::RemoteNode>>>,
+    /// The nodes, as last read for placement.
+    nodes_cache: std::sync::Mutex<Option<(std::time::Instant, Arc<Vec<lodge_model::Node>>)>>,
     /// One packing at a time per build.
     artifact_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// When this control plane started (node-loss judgement counts from no earlier).
@@ -192,6 +194,7 @@ impl Control {
             local_agents: RwLock::default(),
             remotes: RwLock::default(),
             artifact_locks: Default::default(),
+            nodes_cache: Default::default(),
             metrics: Metrics::default(),
             lobby_windows: ratelimit::Windows::default(),
         })

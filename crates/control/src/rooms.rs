@@ -85,11 +85,11 @@ impl Control {
     async fn node_loads(&self) -> Result<Vec<lodge_scheduler::NodeLoad>> {
         let usage = self.store.node_usage().await?;
         Ok(self
-            .store
-            .nodes()
+            .nodes_now()
             .await?
-            .into_iter()
+            .iter()
             .filter(|node| self.schedulable(node))
+            .cloned()
             .map(|node| {
                 let u = usage
                     .iter()
@@ -128,8 +128,17 @@ impl Control {
                 ..Default::default()
             };
             let procs = self.store.processes(&q).await?;
+            // A process on a node that takes no new work (draining, stopped, silent) takes no
+            // new room either.
+            let nodes_now = self.nodes_now().await?;
+            let takes_work = |node_id: &str| {
+                nodes_now
+                    .iter()
+                    .any(|n| n.node_id == node_id && self.schedulable(n))
+            };
             let candidates: Vec<Candidate> = procs
                 .iter()
+                .filter(|p| takes_work(&p.node_id))
                 .map(|p| Candidate {
                     process_id: p.process_id.clone(),
                     status: p.status,
