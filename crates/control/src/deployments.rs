@@ -130,7 +130,8 @@ impl Control {
             fleet_id: c.fleet_id,
         };
         self.store.insert_deployment(&d).await?;
-        self.prefetch_build(&d.build_id);
+        self.prefetch_build(&d.build_id, crate::rooms::need(&d))
+            .await;
         Ok((&d).into())
     }
 

@@ -18,6 +18,8 @@ pub const DEFAULT_FLEET: &str = "fleet-default";
 
 /// A node not heard from for this long takes no new work.
 pub const UNSCHEDULABLE_AFTER: Duration = Duration::from_secs(10);
+/// Nodes per region that fetch a new deployment's build ahead.
+pub const PREFETCH_PER_REGION: usize = 3;
 /// How long the placement path may use a read of the nodes.
 const NODES_FRESH: Duration = Duration::from_secs(1);
 /// The longest a join token may live.
@@ -256,11 +258,31 @@ impl Control {
         Ok(out)
     }
 
-    /// Have every connected joined node fetch a build now (a deployment of it was created).
-    pub(crate) fn prefetch_build(&self, build_id: &str) {
-        let remotes = self.remotes.read().unwrap_or_else(|p| p.into_inner());
-        for r in remotes.values().filter(|r| r.connected()) {
-            r.prefetch(build_id);
+    /// A deployment of `build_id` was created: have the nodes its next processes would go to
+    /// (in each region, the first [`PREFETCH_PER_REGION`] in placement order) fetch the build
+    /// now, so the first room there does not wait for the download. Others fetch it when a
+    /// process of it first lands on them; a fleet of any size costs a bounded fan-out.
+    pub(crate) async fn prefetch_build(&self, build_id: &str, need: lodge_scheduler::Need) {
+        let Ok(loads) = self.node_loads().await else {
+            return;
+        };
+        let mut chosen = std::collections::BTreeSet::new();
+        for region in Region::ALL {
+            let mut candidates: Vec<&lodge_scheduler::NodeLoad> = loads
+                .iter()
+                .filter(|l| l.node.remote && l.node.serves(*region) && l.fits(need))
+                .collect();
+            // The order place_process takes them in: busiest first.
+            candidates
+                .sort_by_key(|l| (std::cmp::Reverse(l.live_processes), l.node.node_id.clone()));
+            for l in candidates.into_iter().take(PREFETCH_PER_REGION) {
+                chosen.insert(l.node.node_id.clone());
+            }
+        }
+        for id in chosen {
+            if let Some(r) = self.remote_if_known(&id).filter(|r| r.connected()) {
+                r.prefetch(build_id);
+            }
         }
     }
 

@@ -82,7 +82,7 @@ impl Control {
         }
     }
 
-    async fn node_loads(&self) -> Result<Vec<lodge_scheduler::NodeLoad>> {
+    pub(crate) async fn node_loads(&self) -> Result<Vec<lodge_scheduler::NodeLoad>> {
         let usage = self.store.node_usage().await?;
         Ok(self
             .nodes_now()
@@ -675,7 +675,7 @@ impl Control {
 }
 
 /// What a new process of `d` needs of a node.
-fn need(d: &Deployment) -> lodge_scheduler::Need {
+pub(crate) fn need(d: &Deployment) -> lodge_scheduler::Need {
     lodge_scheduler::Need {
         ports: d.ports().count() as u32,
         cpu: d.requested_cpu,

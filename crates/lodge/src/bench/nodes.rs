@@ -441,7 +441,7 @@ async fn scenario(
     let spread_s = t0.elapsed().as_secs_f64();
     let downloads = http.metric("lodge_artifact_downloads_total").await?;
     let served = http.metric("lodge_artifact_bytes_total").await?;
-    // Every connected node fetched it ahead, when the deployment was created.
+    // The nodes its next processes go to fetched it ahead; the others when one landed there.
     let holders = (0..sims)
         .filter(|i| {
             std::fs::read_dir(dir.join(format!("sim{i}")).join("builds"))
@@ -450,7 +450,7 @@ async fn scenario(
         })
         .count();
     let mut art = Table::new(
-        "One build reaching the fleet (fetched ahead by every node when its deployment is created, digest-verified)",
+        "One build reaching ten nodes (fetched ahead by the first nodes in placement order, by the others when a process lands there; digest-verified)",
         &[
             "build",
             "nodes holding it",
