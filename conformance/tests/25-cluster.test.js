@@ -400,6 +400,11 @@ test('a fleet of three agents in two regions, and its faults', { skip: !root && 
     });
     const unschedulableMs = Date.now() - killedAt;
     assert.ok(alive(pid), 'its game server outlives its agent');
+    // Its log is on the node: out of reach is a 503 that says so, not a 500.
+    const e = await expectHttpError(sdk.logsV1.getLogsForProcess(room.processId, appId, false, 10), 503, {
+      typed: false,
+    });
+    assert.match(e.body, /not connected/);
     // New Frankfurt rooms go to the other Frankfurt node.
     const other = await sdk.roomsV2.createRoom({ region: 'Frankfurt' }, appId);
     const otherInfo = await waitActive(sdk, appId, other.roomId, 30_000);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use lodge_link::dial::DialError;
 use lodge_link::{write_frame, FrameReader};
-use lodge_model::node::{ControlLink, NodeLink};
+use lodge_model::node::{ControlLink, LinkError, LinkResult, NodeLink};
 use lodge_model::protocol::{
     Backoff, ControlMsg, Liveness, NodeCall, NodeInfo, NodeMsg, NodeReply, NodeSession,
 };
@@ -144,7 +144,7 @@ impl NodeClient {
                             tokio::spawn(async move {
                                 let reply = match agent {
                                     Some(a) => answer(&a, call).await,
-                                    None => Err("the node is shutting down".into()),
+                                    None => Err(LinkError::Unreachable("the node is shutting down".into())),
                                 };
                                 let _ = tx.send(NodeMsg::Reply { id, reply });
                             });
@@ -239,7 +239,7 @@ impl NodeClient {
 }
 
 /// Answer a call with what the agent keeps.
-async fn answer(agent: &Agent, call: NodeCall) -> Result<NodeReply, String> {
+async fn answer(agent: &Agent, call: NodeCall) -> Result<NodeReply, LinkError> {
     Ok(match call {
         NodeCall::LogTail { process_id, lines } => {
             let (bytes, end) = agent.log_tail(&process_id, lines).await?;
@@ -280,15 +280,17 @@ fn rand_u32() -> u32 {
 
 #[async_trait]
 impl ControlLink for NodeClient {
-    async fn desired(&self, _node_id: &str) -> Result<Vec<ProcessSpec>, String> {
+    async fn desired(&self, _node_id: &str) -> LinkResult<Vec<ProcessSpec>> {
         let s = self.lock();
         if !s.has_desired() {
-            return Err("no desired state from the control plane yet".into());
+            return Err(LinkError::Unreachable(
+                "no desired state from the control plane yet".into(),
+            ));
         }
         Ok(s.desired().cloned().collect())
     }
 
-    async fn specs(&self, _node_id: &str, ids: &[String]) -> Result<Vec<ProcessSpec>, String> {
+    async fn specs(&self, _node_id: &str, ids: &[String]) -> LinkResult<Vec<ProcessSpec>> {
         let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
         let s = self.lock();
         Ok(s.desired()

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 
 pub use shim::ExitFile;
 
-pub use lodge_model::node::{ControlLink, ProcessStats};
+pub use lodge_model::node::{ControlLink, LinkError, LinkResult, ProcessStats};
 
 /// How often the agent compares everything it runs with everything it should run; between
 /// full passes it looks only at the processes it was told about.
@@ -1624,40 +1624,43 @@ impl lodge_model::node::NodeLink for Agent {
         }
     }
 
-    async fn log_tail(&self, process_id: &str, lines: usize) -> Result<(Vec<u8>, u64), String> {
+    async fn log_tail(&self, process_id: &str, lines: usize) -> LinkResult<(Vec<u8>, u64)> {
         let dir = logs::process_dir(&self.processes_dir(), process_id)?;
         logs::tail_lines(&dir.join(shim::LOG), lines)
             .await
-            .map_err(|e| format!("reading the log of {process_id}: {e}"))
+            .map_err(|e| LinkError::io(format_args!("reading the log of {process_id}"), e))
     }
 
-    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> Result<Vec<u8>, String> {
+    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> LinkResult<Vec<u8>> {
         let dir = logs::process_dir(&self.processes_dir(), process_id)?;
         logs::read_at(&dir.join(shim::LOG), offset, max)
             .await
-            .map_err(|e| format!("reading the log of {process_id}: {e}"))
+            .map_err(|e| LinkError::io(format_args!("reading the log of {process_id}"), e))
     }
 
-    async fn kept_processes(&self) -> Result<Vec<String>, String> {
+    async fn kept_processes(&self) -> LinkResult<Vec<String>> {
+        let io = |e| LinkError::io("listing the node's processes", e);
         let mut out = Vec::new();
         let mut entries = tokio::fs::read_dir(self.processes_dir())
             .await
-            .map_err(|e| e.to_string())?;
-        while let Some(e) = entries.next_entry().await.map_err(|e| e.to_string())? {
+            .map_err(io)?;
+        while let Some(e) = entries.next_entry().await.map_err(io)? {
             out.push(e.file_name().to_string_lossy().into_owned());
         }
         Ok(out)
     }
 
-    async fn forget_process(&self, process_id: &str) -> Result<(), String> {
+    async fn forget_process(&self, process_id: &str) -> LinkResult<()> {
         if self.stats(process_id).is_some() {
-            return Err(format!("process {process_id} still runs here"));
+            return Err(LinkError::Refused(format!(
+                "process {process_id} still runs here"
+            )));
         }
         let dir = logs::process_dir(&self.processes_dir(), process_id)?;
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("{}: {e}", dir.display())),
+            Err(e) => Err(LinkError::io(dir.display(), e)),
         }
     }
 
@@ -1667,11 +1670,11 @@ impl lodge_model::node::NodeLink for Agent {
         start_s: i64,
         end_s: i64,
         step_s: i64,
-    ) -> Result<lodge_model::node::MetricSeries, String> {
+    ) -> LinkResult<lodge_model::node::MetricSeries> {
         let dir = logs::process_dir(&self.processes_dir(), process_id)?;
         let samples = tokio::task::spawn_blocking(move || metrics::read(&dir))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| LinkError::Io(format!("reading metrics: {e}")))?;
         Ok(metrics::series(&samples, start_s, end_s, step_s))
     }
 }

@@ -14,7 +14,10 @@ pub const MAX_READ: usize = 1 << 20;
 
 /// A process id is one path component of the node's `processes` dir; anything else names no
 /// process (and no file outside it).
-pub fn process_dir(processes: &Path, process_id: &str) -> Result<PathBuf, String> {
+pub fn process_dir(
+    processes: &Path,
+    process_id: &str,
+) -> Result<PathBuf, lodge_model::node::LinkError> {
     let plain = !process_id.is_empty()
         && process_id.len() <= 128
         && process_id != "."
@@ -23,7 +26,9 @@ pub fn process_dir(processes: &Path, process_id: &str) -> Result<PathBuf, String
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !plain {
-        return Err(format!("'{process_id}' is not a process id"));
+        return Err(lodge_model::node::LinkError::NotFound(format!(
+            "'{process_id}' is not a process id"
+        )));
     }
     Ok(processes.join(process_id))
 }

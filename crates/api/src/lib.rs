@@ -62,6 +62,7 @@ impl From<Error> for ApiFailure {
             Error::Gone(_) => StatusCode::GONE,
             Error::NoCapacity(_) => StatusCode::PAYMENT_REQUIRED,
             Error::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -18,8 +18,9 @@ fn octet_stream(body: axum::body::Body) -> Response {
     ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
 }
 
-fn node_error(e: String) -> lodge_control::Error {
-    lodge_control::Error::Internal(e)
+/// A node that cannot be reached is a 503, a log it does not have a 404.
+fn node_error(e: lodge_model::node::LinkError) -> lodge_control::Error {
+    e.into()
 }
 
 pub async fn tail(

@@ -61,8 +61,23 @@ pub enum Error {
     /// Too many requests; retry after this many seconds (429 with `Retry-After`).
     #[error("{0}")]
     RateLimited(String, u64),
+    /// What is needed cannot be reached now, such as the node that keeps a log (503).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<lodge_model::node::LinkError> for Error {
+    fn from(e: lodge_model::node::LinkError) -> Self {
+        use lodge_model::node::LinkError;
+        match e {
+            LinkError::Unreachable(m) => Error::Unavailable(m),
+            LinkError::NotFound(m) => Error::NotFound(m),
+            LinkError::Refused(m) => Error::BadRequest(m),
+            LinkError::Io(m) => Error::Internal(m),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

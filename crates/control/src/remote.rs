@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lodge_model::node::{FlowTotals, MetricSeries, NodeLink, ProcessStats};
+use lodge_model::node::{FlowTotals, LinkError, LinkResult, MetricSeries, NodeLink, ProcessStats};
 use lodge_model::protocol::{NodeCall, NodeReply, MAX_LOG_READ};
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,7 +24,7 @@ pub(crate) enum ToSession {
     Prefetch(String),
 }
 
-type Pending = HashMap<u64, oneshot::Sender<Result<NodeReply, String>>>;
+type Pending = HashMap<u64, oneshot::Sender<LinkResult<NodeReply>>>;
 
 pub struct RemoteNode {
     node_id: String,
@@ -75,7 +75,10 @@ impl RemoteNode {
             let pending =
                 std::mem::take(&mut *self.calls.lock().unwrap_or_else(|p| p.into_inner()));
             for (_, tx) in pending {
-                let _ = tx.send(Err(format!("node {} disconnected", self.node_id)));
+                let _ = tx.send(Err(LinkError::Unreachable(format!(
+                    "node {} disconnected",
+                    self.node_id
+                ))));
             }
         }
     }
@@ -101,7 +104,7 @@ impl RemoteNode {
             (processes.into_iter().collect(), flows);
     }
 
-    pub(crate) fn answer(&self, id: u64, reply: Result<NodeReply, String>) {
+    pub(crate) fn answer(&self, id: u64, reply: LinkResult<NodeReply>) {
         if let Some(tx) = self
             .calls
             .lock()
@@ -122,7 +125,7 @@ impl RemoteNode {
         s.as_ref().is_some_and(|(_, tx)| tx.send(msg).is_ok())
     }
 
-    async fn call(&self, call: NodeCall) -> Result<NodeReply, String> {
+    async fn call(&self, call: NodeCall) -> LinkResult<NodeReply> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.calls
@@ -134,27 +137,33 @@ impl RemoteNode {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            return Err(format!("node {} is not connected", self.node_id));
+            return Err(LinkError::Unreachable(format!(
+                "node {} is not connected",
+                self.node_id
+            )));
         }
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(format!("node {} disconnected", self.node_id)),
+            Ok(Err(_)) => Err(LinkError::Unreachable(format!(
+                "node {} disconnected",
+                self.node_id
+            ))),
             Err(_) => {
                 self.calls
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
-                Err(format!(
+                Err(LinkError::Unreachable(format!(
                     "node {} did not answer within {CALL_TIMEOUT:?}",
                     self.node_id
-                ))
+                )))
             }
         }
     }
 }
 
-fn unexpected(r: NodeReply) -> String {
-    format!("unexpected answer from the node: {r:?}")
+fn unexpected(r: NodeReply) -> LinkError {
+    LinkError::Io(format!("unexpected answer from the node: {r:?}"))
 }
 
 #[async_trait]
@@ -181,7 +190,7 @@ impl NodeLink for RemoteNode {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 
-    async fn log_tail(&self, process_id: &str, lines: usize) -> Result<(Vec<u8>, u64), String> {
+    async fn log_tail(&self, process_id: &str, lines: usize) -> LinkResult<(Vec<u8>, u64)> {
         match self
             .call(NodeCall::LogTail {
                 process_id: process_id.to_string(),
@@ -194,7 +203,7 @@ impl NodeLink for RemoteNode {
         }
     }
 
-    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> Result<Vec<u8>, String> {
+    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> LinkResult<Vec<u8>> {
         match self
             .call(NodeCall::LogRead {
                 process_id: process_id.to_string(),
@@ -208,14 +217,14 @@ impl NodeLink for RemoteNode {
         }
     }
 
-    async fn kept_processes(&self) -> Result<Vec<String>, String> {
+    async fn kept_processes(&self) -> LinkResult<Vec<String>> {
         match self.call(NodeCall::KeptProcesses).await? {
             NodeReply::Processes { ids } => Ok(ids),
             r => Err(unexpected(r)),
         }
     }
 
-    async fn forget_process(&self, process_id: &str) -> Result<(), String> {
+    async fn forget_process(&self, process_id: &str) -> LinkResult<()> {
         match self
             .call(NodeCall::ForgetProcess {
                 process_id: process_id.to_string(),
@@ -233,7 +242,7 @@ impl NodeLink for RemoteNode {
         start_s: i64,
         end_s: i64,
         step_s: i64,
-    ) -> Result<MetricSeries, String> {
+    ) -> LinkResult<MetricSeries> {
         match self
             .call(NodeCall::Metrics {
                 process_id: process_id.to_string(),

@@ -668,9 +668,7 @@ impl Control {
             ));
         }
         let node = self.node_of(&p, "metrics")?;
-        node.metrics(process_id, q.start, q.end, q.step)
-            .await
-            .map_err(Error::Internal)
+        Ok(node.metrics(process_id, q.start, q.end, q.step).await?)
     }
 }
 

@@ -10,13 +10,47 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::{AgentEvent, ProcessSpec};
 
+/// Why a call across the node boundary failed, kept typed across the network, so that each side
+/// can act on it (an API answers 503 for a node out of reach and 404 for what a node does not
+/// have, not 500 for both).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "message", rename_all = "camelCase")]
+pub enum LinkError {
+    /// The other side cannot be reached now (disconnected, no answer in time, no desired state
+    /// from the control plane yet).
+    #[error("{0}")]
+    Unreachable(String),
+    /// What was asked for is not there, or not a valid name of anything.
+    #[error("{0}")]
+    NotFound(String),
+    /// The other side refused (a process still runs, a bad argument).
+    #[error("{0}")]
+    Refused(String),
+    /// Reading or writing failed on the other side (its message says what and why).
+    #[error("{0}")]
+    Io(String),
+}
+
+impl LinkError {
+    /// An I/O failure while doing `what`; a missing file is [`LinkError::NotFound`].
+    pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            LinkError::NotFound(format!("{what}: {e}"))
+        } else {
+            LinkError::Io(format!("{what}: {e}"))
+        }
+    }
+}
+
+pub type LinkResult<T> = Result<T, LinkError>;
+
 /// The node's view of the control plane.
 #[async_trait]
 pub trait ControlLink: Send + Sync + 'static {
     /// Live processes assigned to this node (to run, keep running, or stop).
-    async fn desired(&self, node_id: &str) -> Result<Vec<ProcessSpec>, String>;
+    async fn desired(&self, node_id: &str) -> LinkResult<Vec<ProcessSpec>>;
     /// Just these processes, if live and on this node: what changed since the last look.
-    async fn specs(&self, node_id: &str, ids: &[String]) -> Result<Vec<ProcessSpec>, String> {
+    async fn specs(&self, node_id: &str, ids: &[String]) -> LinkResult<Vec<ProcessSpec>> {
         let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
         Ok(self
             .desired(node_id)
@@ -40,13 +74,13 @@ pub trait NodeLink: Send + Sync + 'static {
     fn flows(&self) -> FlowTotals;
     /// The last `lines` lines of a process's log, and the log's length they end at (where a
     /// follower goes on reading). An absent log is empty.
-    async fn log_tail(&self, process_id: &str, lines: usize) -> Result<(Vec<u8>, u64), String>;
+    async fn log_tail(&self, process_id: &str, lines: usize) -> LinkResult<(Vec<u8>, u64)>;
     /// Up to `max` bytes of a process's log from `offset`; empty at its end.
-    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> Result<Vec<u8>, String>;
+    async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> LinkResult<Vec<u8>>;
     /// Processes whose log and metrics the node still keeps.
-    async fn kept_processes(&self) -> Result<Vec<String>, String>;
+    async fn kept_processes(&self) -> LinkResult<Vec<String>>;
     /// Delete what the node keeps of an ended process (its log and metrics).
-    async fn forget_process(&self, process_id: &str) -> Result<(), String>;
+    async fn forget_process(&self, process_id: &str) -> LinkResult<()>;
     /// A process's metrics over `[start_s, end_s)` in buckets of `step_s` seconds.
     async fn metrics(
         &self,
@@ -54,7 +88,7 @@ pub trait NodeLink: Send + Sync + 'static {
         start_s: i64,
         end_s: i64,
         step_s: i64,
-    ) -> Result<MetricSeries, String>;
+    ) -> LinkResult<MetricSeries>;
 }
 
 /// Live counters of one process's public ports.

@@ -74,7 +74,7 @@ pub enum NodeMsg {
     /// The answer to a [`ControlMsg::Call`] with the same id.
     Reply {
         id: u64,
-        reply: Result<NodeReply, String>,
+        reply: Result<NodeReply, crate::node::LinkError>,
     },
     Ping,
     Pong,
@@ -843,6 +843,19 @@ mod tests {
             incarnation: 0,
             info: None,
         }
+    }
+
+    #[test]
+    fn failures_keep_their_kind_across_the_wire() {
+        let msg = NodeMsg::Reply {
+            id: 7,
+            reply: Err(crate::node::LinkError::Unreachable(
+                "node n is not connected".into(),
+            )),
+        };
+        let text = serde_json::to_string(&msg).unwrap();
+        assert_eq!(serde_json::from_str::<NodeMsg>(&text).unwrap(), msg);
+        assert!(text.contains(r#""kind":"unreachable""#), "{text}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ struct FakeLink {
 
 #[async_trait]
 impl ControlLink for FakeLink {
-    async fn desired(&self, _node: &str) -> Result<Vec<ProcessSpec>, String> {
+    async fn desired(&self, _node: &str) -> lodge_agent::LinkResult<Vec<ProcessSpec>> {
         Ok(self.desired.lock().unwrap().values().cloned().collect())
     }
     async fn report(&self, event: AgentEvent) {

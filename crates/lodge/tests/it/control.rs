@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use lodge_control::{Caller, Control, ControlConfig};
+use lodge_model::node::{LinkError, LinkResult};
 use lodge_model::wire::{CreateRoomParams, DeploymentConfigV3};
 use lodge_model::*;
 use lodge_store::{ProcessQuery, SqliteStore, Store};
@@ -29,19 +30,19 @@ impl lodge_model::node::NodeLink for FakeNode {
     fn flows(&self) -> lodge_model::node::FlowTotals {
         Default::default()
     }
-    async fn log_tail(&self, id: &str, lines: usize) -> Result<(Vec<u8>, u64), String> {
+    async fn log_tail(&self, id: &str, lines: usize) -> LinkResult<(Vec<u8>, u64)> {
         let dir = lodge_agent::logs::process_dir(&self.processes, id)?;
         lodge_agent::logs::tail_lines(&dir.join("log"), lines)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| LinkError::io("log", e))
     }
-    async fn log_read(&self, id: &str, offset: u64, max: usize) -> Result<Vec<u8>, String> {
+    async fn log_read(&self, id: &str, offset: u64, max: usize) -> LinkResult<Vec<u8>> {
         let dir = lodge_agent::logs::process_dir(&self.processes, id)?;
         lodge_agent::logs::read_at(&dir.join("log"), offset, max)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| LinkError::io("log", e))
     }
-    async fn kept_processes(&self) -> Result<Vec<String>, String> {
+    async fn kept_processes(&self) -> LinkResult<Vec<String>> {
         Ok(std::fs::read_dir(&self.processes)
             .map(|d| {
                 d.flatten()
@@ -50,9 +51,9 @@ impl lodge_model::node::NodeLink for FakeNode {
             })
             .unwrap_or_default())
     }
-    async fn forget_process(&self, id: &str) -> Result<(), String> {
+    async fn forget_process(&self, id: &str) -> LinkResult<()> {
         let dir = lodge_agent::logs::process_dir(&self.processes, id)?;
-        std::fs::remove_dir_all(dir).map_err(|e| e.to_string())
+        std::fs::remove_dir_all(dir).map_err(|e| LinkError::io("forget", e))
     }
     async fn metrics(
         &self,
@@ -60,7 +61,7 @@ impl lodge_model::node::NodeLink for FakeNode {
         _: i64,
         _: i64,
         _: i64,
-    ) -> Result<lodge_model::node::MetricSeries, String> {
+    ) -> LinkResult<lodge_model::node::MetricSeries> {
         Ok(Default::default())
     }
 }
