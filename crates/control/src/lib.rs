@@ -171,7 +171,7 @@ pub struct Control {
     /// Nodes that speak the node protocol (joined agents, and the embedded node), by id.
     remotes: RwLock<HashMap<String, Arc<remote::RemoteNode>>>,
     /// The nodes, as last read for placement.
-    nodes_cache: std::sync::Mutex<Option<(std::time::Instant, Arc<Vec<lodge_model::Node>>)>>,
+    nodes_cache: std::sync::Mutex<Option<(lodge_model::Millis, Arc<Vec<lodge_model::Node>>)>>,
     /// One packing at a time per build.
     artifact_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// When this control plane started (node-loss judgement counts from no earlier).
