@@ -9,7 +9,7 @@ use lodge_model::{JoinToken, Node, NodeStatus, ProcessStatus, Region};
 use lodge_store::ProcessQuery;
 
 use crate::remote::RemoteNode;
-use crate::tokens::{hash_secret, strip_bearer};
+use crate::tokens::{hash_secret, require_instance_admin, strip_bearer};
 use crate::{Caller, Control, Error, Result};
 
 /// The fleet of nodes that joined without naming one. Nodes are the operator's and serve every
@@ -45,16 +45,6 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl Control {
-    fn require_instance_admin(caller: &Caller) -> Result<()> {
-        if caller.instance_admin {
-            Ok(())
-        } else {
-            Err(Error::Unauthorized(
-                "nodes are managed with an admin token of the instance's first org".into(),
-            ))
-        }
-    }
-
     /// The handle on a protocol-speaking node, made on first use.
     pub(crate) fn remote_node(&self, node_id: &str) -> Arc<RemoteNode> {
         let mut remotes = self.remotes.write().unwrap_or_else(|p| p.into_inner());
@@ -82,18 +72,14 @@ impl Control {
         fleet_id: Option<String>,
         ttl: Duration,
     ) -> Result<(String, JoinToken)> {
-        Self::require_instance_admin(caller)?;
+        require_instance_admin(caller, "manage nodes")?;
         if ttl.is_zero() || ttl > MAX_JOIN_TTL {
             return Err(Error::Invalid(format!(
                 "ttl must be between 1 second and {} days",
                 MAX_JOIN_TTL.as_secs() / 86400
             )));
         }
-        let secret = format!(
-            "lodge_join_{}{}",
-            lodge_model::id::secret_hex(),
-            lodge_model::id::secret_hex()
-        );
+        let secret = lodge_model::id::secret("lodge_join_");
         let now = self.now();
         let token = JoinToken {
             token_id: format!("join-{}", lodge_model::id::secret_hex()),
@@ -146,11 +132,7 @@ impl Control {
                 "publicHost must be a host name or address".into(),
             ));
         }
-        let credential = format!(
-            "lodge_node_{}{}",
-            lodge_model::id::secret_hex(),
-            lodge_model::id::secret_hex()
-        );
+        let credential = lodge_model::id::secret("lodge_node_");
         let now = self.now();
         let mut node = Node::local(
             format!("node-{}", lodge_model::id::secret_hex()),
@@ -331,7 +313,7 @@ impl Control {
     }
 
     pub async fn list_nodes(&self, caller: &Caller) -> Result<Vec<NodeView>> {
-        Self::require_instance_admin(caller)?;
+        require_instance_admin(caller, "manage nodes")?;
         let usage = self.store.node_usage().await?;
         let mut out = Vec::new();
         for node in self.store.nodes().await? {
@@ -370,7 +352,7 @@ impl Control {
         node_id: &str,
         drain: bool,
     ) -> Result<NodeView> {
-        Self::require_instance_admin(caller)?;
+        require_instance_admin(caller, "manage nodes")?;
         let status = if drain {
             NodeStatus::Draining
         } else {

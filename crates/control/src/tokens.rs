@@ -317,7 +317,7 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 impl Control {
     /// Every org of the instance; only an instance admin may list them.
     pub async fn list_all_orgs(&self, caller: &Caller) -> Result<Vec<lodge_model::Org>> {
-        require_instance_admin(caller)?;
+        require_instance_admin(caller, "manage orgs")?;
         Ok(self.store.orgs().await?)
     }
 
@@ -327,7 +327,7 @@ impl Control {
         caller: &Caller,
         name: &str,
     ) -> Result<(lodge_model::Org, CreatedOrgToken)> {
-        require_instance_admin(caller)?;
+        require_instance_admin(caller, "manage orgs")?;
         let name = name.trim();
         if name.is_empty() {
             return Err(Error::Invalid("org name must not be empty".into()));
@@ -368,12 +368,13 @@ impl Control {
     }
 }
 
-fn require_instance_admin(caller: &Caller) -> Result<()> {
+/// Instance administration (orgs, nodes): an admin token of the instance's first org only.
+pub(crate) fn require_instance_admin(caller: &Caller, what: &str) -> Result<()> {
     if caller.instance_admin {
         Ok(())
     } else {
-        Err(Error::Unauthorized(
-            "Only an admin token of the instance's first org can manage orgs".into(),
-        ))
+        Err(Error::Unauthorized(format!(
+            "Only an admin token of the instance's first org can {what}"
+        )))
     }
 }

@@ -33,9 +33,14 @@ pub fn secret_hex() -> String {
     Uuid::new_v4().simple().to_string()
 }
 
+/// `prefix` and 256 random bits as hex: a secret whose kind shows in its first characters.
+pub fn secret(prefix: &str) -> String {
+    format!("{prefix}{}{}", secret_hex(), secret_hex())
+}
+
 /// A plain-text org token: `lodge_org_st_` and 256 random bits.
 pub fn org_token_secret() -> String {
-    format!("lodge_org_st_{}{}", secret_hex(), secret_hex())
+    secret("lodge_org_st_")
 }
 
 /// A system room id: 13 lowercase base-36 characters, like `2swovpy1fnunu`.
