@@ -1,6 +1,9 @@
-//! A build as an artifact for joined nodes: a tar of its bundle that is the same bytes every
-//! time it is made from the same tree (sorted entries, fixed times and owners), so its SHA-256
-//! names its content.
+//! A build as an artifact for joined nodes, named by its SHA-256. A native bundle is a tar of
+//! its tree that is the same bytes every time it is made from the same tree (sorted entries,
+//! fixed times and owners). A container image travels as an OCI image layout (`image/`: one
+//! uncompressed layer holding the imported root file system with its owners and modes, and a
+//! config with its entrypoint, command, environment, working directory and user), so that the
+//! node imports it with the same hardened code as the control plane did.
 
 use std::fs;
 use std::io::{self, Write};
@@ -39,9 +42,127 @@ pub fn pack_dir(root: &Path, prefix: &str, out: &Path) -> io::Result<(u64, Strin
     walk(&mut b, root, Path::new(prefix))?;
     let mut w = b.into_inner()?;
     w.flush()?;
-    let digest = w.ctx.finish();
-    let hex = digest.as_ref().iter().map(|x| format!("{x:02x}")).collect();
-    Ok((w.len, hex))
+    let digest = hex(w.ctx.finish().as_ref());
+    Ok((w.len, digest))
+}
+
+/// Pack the imported image at `image_dir` (`rootfs/`, `image.json`) into `out` as an OCI
+/// layout under `image/`; `scratch` holds the layer while it is hashed. Returns the artifact's
+/// size and SHA-256 (hex).
+pub fn pack_image(image_dir: &Path, scratch: &Path, out: &Path) -> io::Result<(u64, String)> {
+    let config = crate::image::ImageConfig::load(image_dir).map_err(io::Error::other)?;
+    // The layer: the root file system as it is, owners and modes included.
+    let layer_path = scratch.join("layer.tar");
+    let layer_file = io::BufWriter::new(fs::File::create(&layer_path)?);
+    let mut b = tar::Builder::new(Hashing {
+        inner: layer_file,
+        ctx: ring::digest::Context::new(&ring::digest::SHA256),
+        len: 0,
+    });
+    b.mode(tar::HeaderMode::Complete);
+    b.follow_symlinks(false);
+    walk(&mut b, &image_dir.join(crate::image::ROOTFS), Path::new(""))?;
+    let mut w = b.into_inner()?;
+    w.flush()?;
+    let (layer_len, layer_digest) = (w.len, hex(w.ctx.finish().as_ref()));
+    let exposed: serde_json::Map<String, serde_json::Value> = config
+        .exposed_ports
+        .iter()
+        .map(|p| (p.clone(), serde_json::json!({})))
+        .collect();
+    let config_blob = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Entrypoint": config.entrypoint,
+            "Cmd": config.cmd,
+            "Env": config.env,
+            "WorkingDir": config.working_dir,
+            "User": config.user,
+            "ExposedPorts": exposed,
+        },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
+    }))?;
+    let config_digest = sha256_hex(&config_blob);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{config_digest}"),
+            "size": config_blob.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": format!("sha256:{layer_digest}"),
+            "size": layer_len,
+        }],
+    }))?;
+    let manifest_digest = sha256_hex(&manifest);
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "platform": { "os": "linux", "architecture": "amd64" },
+        }],
+    }))?;
+
+    let file = io::BufWriter::new(fs::File::create(out)?);
+    let mut a = tar::Builder::new(Hashing {
+        inner: file,
+        ctx: ring::digest::Context::new(&ring::digest::SHA256),
+        len: 0,
+    });
+    a.mode(tar::HeaderMode::Deterministic);
+    let add = |a: &mut tar::Builder<_>, name: &str, data: &[u8]| -> io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        a.append_data(&mut h, name, data)
+    };
+    add(
+        &mut a,
+        "image/oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    add(&mut a, "image/index.json", &index)?;
+    add(
+        &mut a,
+        &format!("image/blobs/sha256/{manifest_digest}"),
+        &manifest,
+    )?;
+    add(
+        &mut a,
+        &format!("image/blobs/sha256/{config_digest}"),
+        &config_blob,
+    )?;
+    let mut h = tar::Header::new_gnu();
+    h.set_size(layer_len);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    a.append_data(
+        &mut h,
+        format!("image/blobs/sha256/{layer_digest}"),
+        fs::File::open(&layer_path)?,
+    )?;
+    let mut w = a.into_inner()?;
+    w.flush()?;
+    let _ = fs::remove_file(&layer_path);
+    let digest = hex(w.ctx.finish().as_ref());
+    Ok((w.len, digest))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 fn walk<W: Write>(b: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::Result<()> {

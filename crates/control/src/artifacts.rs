@@ -26,10 +26,13 @@ impl Control {
             _ => return Err(Error::NotFound(format!("Build not found: {build_id}"))),
         }
         let dir = self.cfg.data_dir.join("builds").join(build_id);
-        if !dir.join("bundle").is_dir() {
-            return Err(Error::BadRequest(format!(
-                "build {build_id} is a container image: images run only on the node embedded in \
-                 lodge serve for now"
+        let image = dir
+            .join(lodge_artifact::image::DIR)
+            .join(lodge_artifact::image::CONFIG)
+            .is_file();
+        if !image && !dir.join("bundle").is_dir() {
+            return Err(Error::NotFound(format!(
+                "build {build_id} has nothing to run on this control plane"
             )));
         }
         let tar = dir.join("artifact.tar");
@@ -43,12 +46,17 @@ impl Control {
                 sha256: sha.trim().to_string(),
             });
         }
-        let (src, tmp) = (dir.join("bundle"), dir.join("artifact.tar.tmp"));
-        let t = tmp.clone();
-        let (size, sha256) =
-            tokio::task::spawn_blocking(move || lodge_artifact::pack::pack_dir(&src, "bundle", &t))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+        let tmp = dir.join("artifact.tar.tmp");
+        let (t, d) = (tmp.clone(), dir.clone());
+        let (size, sha256) = tokio::task::spawn_blocking(move || {
+            if image {
+                lodge_artifact::pack::pack_image(&d.join(lodge_artifact::image::DIR), &d, &t)
+            } else {
+                lodge_artifact::pack::pack_dir(&d.join("bundle"), "bundle", &t)
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
         std::fs::rename(&tmp, &tar)?;
         std::fs::write(&sum, &sha256)?;
         tracing::info!(%build_id, size, %sha256, "build packed for nodes");

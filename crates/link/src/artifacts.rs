@@ -1,5 +1,5 @@
 //! Builds reach a joined node as artifacts it fetches from the control plane: a tar of the
-//! build's bundle, named by its SHA-256. A download resumes where it stopped, is verified
+//! build's bundle, or of its container image as an OCI layout, named by its SHA-256. A download resumes where it stopped, is verified
 //! against the digest before anything is unpacked, and is unpacked under the bundle rules (so a
 //! hostile or corrupted artifact is refused); the node keeps what it fetched, and each build is
 //! fetched once however many processes start at the same time.
@@ -30,6 +30,12 @@ pub enum FetchError {
         #[source]
         source: lodge_artifact::bundle::BundleError,
     },
+    #[error("build {build}'s image is refused: {source}")]
+    Image {
+        build: String,
+        #[source]
+        source: lodge_artifact::image::ImageError,
+    },
     #[error("i/o error fetching build {build}: {source}")]
     Io {
         build: String,
@@ -53,6 +59,8 @@ pub struct Fetcher {
 /// Marks in a fetched build's directory: when a process last needed it, and its size.
 const LAST_USED: &str = ".last-used";
 const SIZE: &str = ".size";
+/// Where an imported image's config is, under a build's directory.
+const IMAGE_CONFIG: &str = "image/image.json";
 
 /// The longest a fetch may go without a byte arriving.
 const STALL: Duration = Duration::from_secs(30);
@@ -121,15 +129,17 @@ impl Fetcher {
         }
     }
 
-    /// The build's bundle, fetched first if this node does not have it.
+    /// The build's directory (its `bundle/`, or its `image/` for a container image), fetched
+    /// first if this node does not have it.
     pub async fn ensure(&self, build_id: &str) -> Result<PathBuf, FetchError> {
-        let bundle = self.builds_dir.join(build_id).join("bundle");
+        let dir = self.builds_dir.join(build_id);
         let touch = || {
-            let _ = std::fs::write(self.builds_dir.join(build_id).join(LAST_USED), b"");
+            let _ = std::fs::write(dir.join(LAST_USED), b"");
         };
-        if bundle.is_dir() {
+        let have = || dir.join("bundle").is_dir() || dir.join(IMAGE_CONFIG).is_file();
+        if have() {
             touch();
-            return Ok(bundle);
+            return Ok(dir);
         }
         let lock = self
             .inflight
@@ -139,7 +149,7 @@ impl Fetcher {
             .or_default()
             .clone();
         let _held = lock.lock().await;
-        if !bundle.is_dir() {
+        if !have() {
             self.fetch(build_id).await?;
         }
         self.inflight
@@ -147,7 +157,7 @@ impl Fetcher {
             .unwrap_or_else(|p| p.into_inner())
             .remove(build_id);
         touch();
-        Ok(bundle)
+        Ok(dir)
     }
 
     async fn fetch(&self, build_id: &str) -> Result<(), FetchError> {
@@ -263,8 +273,27 @@ fn verify_and_unpack(
         }
     };
     std::fs::write(staging.join(SIZE), bytes.to_string()).map_err(io)?;
-    let bundle = staging.join("bundle");
-    if let Err(source) = lodge_artifact::bundle::Manifest::load(&bundle) {
+    let layout = staging.join(lodge_artifact::image::DIR);
+    if layout.join("index.json").is_file() {
+        // A container image: import its layout as the control plane did, then drop it.
+        let imported = staging.with_extension("image");
+        let _ = std::fs::remove_dir_all(&imported);
+        let result = lodge_artifact::image::import(
+            &layout,
+            &imported,
+            lodge_artifact::image::Limits::default(),
+        );
+        let _ = std::fs::remove_dir_all(&layout);
+        if let Err(source) = result {
+            let _ = std::fs::remove_dir_all(&staging);
+            let _ = std::fs::remove_dir_all(&imported);
+            return Err(FetchError::Image {
+                build: build.to_string(),
+                source,
+            });
+        }
+        std::fs::rename(&imported, &layout).map_err(io)?;
+    } else if let Err(source) = lodge_artifact::bundle::Manifest::load(&staging.join("bundle")) {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(FetchError::Unpack {
             build: build.to_string(),
@@ -346,6 +375,86 @@ mod tests {
         let bare = tar_of(&[("bundle/x", b"x")]);
         std::fs::write(&part, &bare).unwrap();
         assert!(verify_and_unpack(&part, "b4", &sha(&bare), &dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_container_image_travels_as_a_layout_and_is_imported_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("image");
+        let image = dir.join("built").join(lodge_artifact::image::DIR);
+        let rootfs = image.join(lodge_artifact::image::ROOTFS);
+        std::fs::create_dir_all(rootfs.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(rootfs.join("secret")).unwrap();
+        std::fs::write(rootfs.join("usr/bin/game"), b"#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(
+            rootfs.join("usr/bin/game"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            rootfs.join("secret"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/usr/bin", rootfs.join("bin")).unwrap();
+        let config = lodge_artifact::image::ImageConfig {
+            entrypoint: vec!["/bin/game".into()],
+            cmd: vec!["--port".into(), "7777".into()],
+            env: vec!["MODE=ranked".into()],
+            working_dir: "/srv".into(),
+            user: "1000".into(),
+            exposed_ports: vec!["7777/udp".into()],
+            size: 1,
+            digest: "sha256:x".into(),
+        };
+        std::fs::write(
+            image.join(lodge_artifact::image::CONFIG),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        let part = dir.join("img.part");
+        let (_, digest) =
+            lodge_artifact::pack::pack_image(&image, &dir.join("built"), &part).unwrap();
+        let builds = dir.join("builds");
+        std::fs::create_dir_all(&builds).unwrap();
+        verify_and_unpack(&part, "img", &digest, &builds).unwrap();
+        let got = builds.join("img").join(lodge_artifact::image::DIR);
+        let loaded = lodge_artifact::image::ImageConfig::load(&got).unwrap();
+        assert_eq!(
+            (
+                loaded.argv(),
+                &loaded.env,
+                &loaded.working_dir,
+                &loaded.user,
+                &loaded.exposed_ports
+            ),
+            (
+                config.argv(),
+                &config.env,
+                &config.working_dir,
+                &config.user,
+                &config.exposed_ports
+            )
+        );
+        let root = got.join(lodge_artifact::image::ROOTFS);
+        assert_eq!(
+            std::fs::read(root.join("usr/bin/game")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        let mode = |p: &str| {
+            std::fs::metadata(root.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!((mode("usr/bin/game"), mode("secret")), (0o755, 0o700));
+        assert_eq!(
+            std::fs::read_link(root.join("bin")).unwrap(),
+            Path::new("/usr/bin")
+        );
+        assert!(!got.join("index.json").exists(), "the layout is not kept");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
