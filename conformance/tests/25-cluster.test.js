@@ -305,6 +305,26 @@ test('a fleet of three agents in two regions, and its faults', { skip: !root && 
     const tokyo = ping.find((p) => p.region === 'Tokyo');
     assert.deepEqual([tokyo.host, tokyo.port], [hosts[2].addr, 10000]);
     assert.equal(await udpRequest(tokyo.host, tokyo.port, 'ping?'), 'ping?', "the region's ping port answers");
+
+    // Fleets an org creates and configures.
+    const shapes = await sdk.fleetsV2.getNodeShapes(orgId);
+    assert.ok(shapes.some((s) => s.nodeShapeId === 'shape-amd64-4-8' && s.minCPU === 4));
+    const created = await sdk.fleetsV2.createFleet(
+      { name: 'ranked', nodeShapeId: 'shape-amd64-8-16', autoscalerConfig: { scaleUpThreshold: 80 } },
+      orgId,
+    );
+    assert.equal(created.name, 'ranked');
+    await expectHttpError(
+      sdk.fleetsV2.createFleet({ name: 'ranked', nodeShapeId: 'shape-amd64-8-16', autoscalerConfig: { scaleUpThreshold: 80 } }, orgId),
+      422,
+    );
+    await sdk.fleetsV2.updateFleet(created.fleetId, { autoscalerConfig: { scaleUpThreshold: 60 } }, orgId);
+    assert.equal((await sdk.fleetsV2.getFleet(created.fleetId, orgId)).autoscalerConfig.scaleUpThreshold, 60);
+    await sdk.fleetsV2.updateFleetRegion(fleetId, 'Frankfurt', { nodeBaseline: 2 }, orgId);
+    assert.equal((await sdk.fleetsV2.getFleetRegion(fleetId, 'Frankfurt', orgId)).nodeBaseline, 2);
+    const m = await sdk.fleetsV2.getFleetRegionMetrics({ fleetId, region: 'Frankfurt', orgId, metrics: ['provisionedTotal', 'utilized'] });
+    assert.equal(m.provisionedTotal.length, 1);
+    assert.ok(m.provisionedTotal[0].value >= 2 * 64, 'two Frankfurt nodes offering 64 cores each');
   });
 
   await t.test('rooms land in their region and answer at their node', async () => {

@@ -167,60 +167,6 @@ impl Control {
             .ok_or_else(|| Error::Unauthorized("unknown node credential".into()))
     }
 
-    /// Fleets as Hathora's FleetsV2 lists them: the default fleet and every fleet a node
-    /// joined.
-    pub async fn fleet_ids(&self, caller: &Caller, org_id: Option<&str>) -> Result<Vec<String>> {
-        caller.require("fleets:read")?;
-        self.org_of(caller, org_id)?;
-        let mut ids: Vec<String> = self
-            .store
-            .nodes()
-            .await?
-            .into_iter()
-            .filter_map(|n| n.fleet_id)
-            .filter(|f| f != DEFAULT_FLEET)
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids.insert(0, DEFAULT_FLEET.to_string());
-        Ok(ids)
-    }
-
-    /// The nodes of a fleet (NodesV1): `provisioned` keeps `running` and `draining` ones.
-    pub async fn fleet_nodes(
-        &self,
-        caller: &Caller,
-        fleet_id: &str,
-        region: Option<Region>,
-    ) -> Result<Vec<Node>> {
-        if !self
-            .fleet_ids(caller, None)
-            .await?
-            .iter()
-            .any(|f| f == fleet_id)
-        {
-            return Err(Error::NotFound(format!("Fleet not found: {fleet_id}")));
-        }
-        Ok(self
-            .store
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|n| n.fleet_id.as_deref().unwrap_or(DEFAULT_FLEET) == fleet_id)
-            .filter(|n| n.status != NodeStatus::Stopped)
-            .filter(|n| region.is_none_or(|r| n.serves(r)))
-            .collect())
-    }
-
-    /// One node (NodesV1 GetNode).
-    pub async fn fleet_node(&self, caller: &Caller, node_id: &str) -> Result<Node> {
-        caller.require("fleets:read")?;
-        self.store
-            .node(node_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))
-    }
-
     /// DiscoveryV2: every region with a node heard from lately, and the ping endpoint (host and
     /// port, if the node said) of one of its nodes.
     pub async fn ping_endpoints(&self) -> Result<Vec<(Region, String, Option<u16>)>> {

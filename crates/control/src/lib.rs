@@ -9,6 +9,7 @@ mod builds;
 mod deployments;
 pub mod egress;
 pub mod fleet;
+pub mod fleets;
 mod images;
 pub mod jwt;
 mod legacy;

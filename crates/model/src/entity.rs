@@ -291,6 +291,23 @@ impl NodeStatus {
     }
 }
 
+/// A fleet of an org, as Hathora's FleetsV2 shows it. Lodge does not provision machines:
+/// nodes join a fleet with `lodge agent --fleet`, and the shape, autoscaler threshold and
+/// per-region baselines are kept and shown as set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fleet {
+    pub fleet_id: String,
+    pub org_id: String,
+    pub name: String,
+    pub node_shape_id: String,
+    pub scale_up_threshold: i64,
+    /// `nodeBaseline` per region, as set with UpdateFleetRegion.
+    #[serde(default)]
+    pub baselines: std::collections::BTreeMap<Region, u32>,
+    pub created_at: Millis,
+}
+
 /// A join token, as stored (its secret only hashed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -85,6 +85,16 @@ const TABLES: &[Table] = &[
         cols: &[("node_id", "node_id", Text), ("doc", "doc", Text)],
     },
     Table {
+        name: "fleets",
+        order: "rowid",
+        cols: &[
+            ("org_id", "org_id", Text),
+            ("fleet_id", "fleet_id", Text),
+            ("name", "name", Text),
+            ("doc", "doc", Text),
+        ],
+    },
+    Table {
         name: "join_tokens",
         order: "rowid",
         cols: &[

@@ -127,6 +127,9 @@ pub trait Store: Send + Sync + 'static {
         node_id: &str,
         change: &(dyn for<'n> Fn(&'n mut Node) -> bool + Send + Sync),
     ) -> Result<Option<Node>>;
+    /// Insert or replace a fleet; `Duplicate` if another fleet of its org has its name.
+    async fn put_fleet(&self, fleet: &Fleet) -> Result<()>;
+    async fn fleets(&self, org_id: &str) -> Result<Vec<Fleet>>;
     /// Store a join token under the hash of its secret.
     async fn insert_join_token(&self, token: &JoinToken, secret_hash: &str) -> Result<()>;
     async fn join_token_by_hash(&self, secret_hash: &str) -> Result<Option<JoinToken>>;

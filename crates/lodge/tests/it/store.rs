@@ -153,7 +153,86 @@ contract!(
     ending_a_process_races_its_rooms_ending,
     churn_keeps_counts_exact,
     documents_keep_any_text,
+    nodes_join_tokens_and_fleets,
 );
+
+/// The fleet's records: nodes updated atomically (racing read-modify-writes lose nothing),
+/// join tokens found only by the hash of their secret, fleets unique by name in an org.
+async fn nodes_join_tokens_and_fleets(b: &dyn Backend) {
+    let s = b.open().await;
+    let mut n = Node::local("n1".into(), "h".into(), Some(vec![Region::Tokyo]), 1);
+    n.remote = true;
+    s.put_node(&n).await.unwrap();
+    assert!(s.update_node("nope", &|_| true).await.unwrap().is_none());
+    // 32 racing increments of one field, through two handles where the backend has them.
+    let s2 = b.open().await;
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let store = if i % 2 == 0 { s.clone() } else { s2.clone() };
+        tasks.push(tokio::spawn(async move {
+            store
+                .update_node("n1", &|n| {
+                    n.last_event_seq += 1;
+                    true
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let got = s.node("n1").await.unwrap().unwrap();
+    assert_eq!(got.last_event_seq, 32, "no update lost");
+    assert_eq!(
+        (got.remote, got.regions.clone()),
+        (true, Some(vec![Region::Tokyo]))
+    );
+    // Declining leaves it as it was.
+    let same = s.update_node("n1", &|_| false).await.unwrap().unwrap();
+    assert_eq!(same, got);
+
+    let t = JoinToken {
+        token_id: "join-1".into(),
+        region: Region::Frankfurt,
+        fleet_id: None,
+        created_at: 1,
+        expires_at: 2,
+    };
+    s.insert_join_token(&t, "hash-1").await.unwrap();
+    assert_eq!(s.join_token_by_hash("hash-1").await.unwrap(), Some(t));
+    assert_eq!(s.join_token_by_hash("join-1").await.unwrap(), None);
+
+    let fleet = |id: &str, org: &str, name: &str| Fleet {
+        fleet_id: id.into(),
+        org_id: org.into(),
+        name: name.into(),
+        node_shape_id: "shape-amd64-4-8".into(),
+        scale_up_threshold: 100,
+        baselines: [(Region::London, 2)].into(),
+        created_at: 1,
+    };
+    s.put_fleet(&fleet("f1", "o1", "ranked")).await.unwrap();
+    s.put_fleet(&fleet("f2", "o1", "casual")).await.unwrap();
+    s.put_fleet(&fleet("f1", "o2", "ranked")).await.unwrap();
+    assert!(matches!(
+        s.put_fleet(&fleet("f3", "o1", "ranked")).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    let mut renamed = fleet("f2", "o1", "weekend");
+    renamed.scale_up_threshold = 50;
+    s.put_fleet(&renamed).await.unwrap();
+    let names: Vec<String> = s
+        .fleets("o1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(names, ["ranked", "weekend"]);
+    assert_eq!(s.fleets("o1").await.unwrap()[1], renamed);
+    assert_eq!(s.fleets("o2").await.unwrap().len(), 1);
+}
 
 fn process(id: &str, cap: u32, allocated: u32) -> Process {
     Process {

@@ -638,6 +638,24 @@ impl Store for PostgresStore {
         Ok(Some(n))
     }
 
+    async fn put_fleet(&self, f: &Fleet) -> Result<()> {
+        self.exec_unique(
+            "INSERT INTO fleets (org_id, fleet_id, name, doc) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (org_id, fleet_id) DO UPDATE SET name = excluded.name, doc = excluded.doc",
+            &[&f.org_id, &f.fleet_id, &f.name, &to_json(f)?],
+            || format!("a fleet named '{}' already exists", f.name),
+        )
+        .await
+    }
+
+    async fn fleets(&self, org_id: &str) -> Result<Vec<Fleet>> {
+        self.docs(
+            "SELECT doc FROM fleets WHERE org_id = $1 ORDER BY name",
+            &[&org_id],
+        )
+        .await
+    }
+
     async fn insert_join_token(&self, t: &JoinToken, secret_hash: &str) -> Result<()> {
         self.exec(
             "INSERT INTO join_tokens (token_id, secret_hash, doc) VALUES ($1, $2, $3)",

@@ -233,6 +233,16 @@ END $$;
     r#"
 CREATE TABLE join_tokens (token_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
 "#,
+    r#"
+CREATE TABLE fleets (
+    org_id TEXT NOT NULL,
+    fleet_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (org_id, fleet_id),
+    UNIQUE (org_id, name)
+);
+"#,
 ];
 
 /// Apply the migrations this database has not seen yet; returns the schema version.

@@ -760,6 +760,30 @@ impl Store for SqliteStore {
         )))
     }
 
+    async fn put_fleet(&self, f: &Fleet) -> Result<()> {
+        let f = f.to_owned();
+        self.write(move |c| {
+            c.run(
+                "INSERT INTO fleets (org_id, fleet_id, name, doc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (org_id, fleet_id) DO UPDATE SET name = excluded.name, doc = excluded.doc",
+                params![f.org_id, f.fleet_id, f.name, to_json(&f)?],
+            )
+            .map_err(|e| unique(e, || format!("a fleet named '{}' already exists", f.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fleets(&self, org_id: &str) -> Result<Vec<Fleet>> {
+        self.read(|c| {
+            docs(
+                c,
+                "SELECT doc FROM fleets WHERE org_id = ?1 ORDER BY name",
+                params![org_id],
+            )
+        })
+    }
+
     async fn insert_join_token(&self, t: &JoinToken, secret_hash: &str) -> Result<()> {
         let (t, secret_hash) = (t.to_owned(), secret_hash.to_owned());
         self.write(move |c| {
