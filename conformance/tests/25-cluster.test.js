@@ -17,8 +17,11 @@ import os from 'node:os';
 import path from 'node:path';
 
 import {
+  CONFORMANCE_DIR,
   LODGE_BIN,
   Lodge,
+  uniqueName,
+  uploadBuild,
   sleep,
   waitFor,
   waitActive,
@@ -111,9 +114,14 @@ class Net {
   }
 }
 
-/** One `lodge agent` in a namespace. */
+/**
+ * One `lodge agent` in a namespace. With `isolation: 'netns'` it runs under `nsenter --net`,
+ * which changes only the network namespace: the agent's own namespaces and cgroups stay
+ * visible to the host (`ip netns exec` would give it a mount namespace and a /sys of its own).
+ */
 class Agent {
-  constructor(tmp, host, region, controlUrl) {
+  constructor(tmp, host, region, controlUrl, { isolation = 'none' } = {}) {
+    this.isolation = isolation;
     this.host = host;
     this.region = region;
     this.controlUrl = controlUrl;
@@ -124,14 +132,14 @@ class Agent {
 
   start(joinToken) {
     const args = [
-      'netns', 'exec', this.host.ns, LODGE_BIN, 'agent',
+      ...this.enter(), LODGE_BIN, 'agent',
       '--control-plane', this.controlUrl,
       '--region', this.region,
       '--public-host', this.host.addr,
       '--data-dir', this.dataDir,
       '--port-range', '31000-31099',
       '--ping-port', '10000',
-      '--isolation', 'none',
+      '--isolation', this.isolation,
       '--stop-grace', '2',
       // Reservations are not what this test is about: offer more cores than it requests.
       '--cpu', '64',
@@ -139,9 +147,16 @@ class Agent {
     if (joinToken) args.push('--join-token', joinToken);
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('LODGE_')));
     const log = fs.openSync(this.logFile, 'a');
-    this.child = spawn('ip', args, { env: { ...env, NO_COLOR: '1' }, stdio: ['ignore', log, log] });
+    this.child = spawn(args[0], args.slice(1), { env: { ...env, NO_COLOR: '1' }, stdio: ['ignore', log, log] });
     fs.closeSync(log);
     this.exited = new Promise((resolve) => this.child.once('exit', resolve));
+  }
+
+  /** The command that runs a program on this agent's host. */
+  enter() {
+    return this.isolation === 'netns'
+      ? ['nsenter', `--net=/run/netns/${this.host.ns}`]
+      : ['ip', 'netns', 'exec', this.host.ns];
   }
 
   async kill9() {
@@ -161,9 +176,8 @@ class Agent {
 
   cleanup() {
     try {
-      execFileSync('ip', ['netns', 'exec', this.host.ns, LODGE_BIN, 'cleanup', '--data-dir', this.dataDir], {
-        stdio: 'ignore',
-      });
+      const [cmd, ...rest] = this.enter();
+      execFileSync(cmd, [...rest, LODGE_BIN, 'cleanup', '--data-dir', this.dataDir], { stdio: 'ignore' });
     } catch {
       // nothing to clean
     }
@@ -344,6 +358,22 @@ test('a fleet of three agents in two regions, and its faults', { skip: !root && 
 
     const text = await streamText(await sdk.logsV1.getLogsForProcess(rooms[2].processId, appId, false, 100));
     assert.match(text, /listening/, "a remote process's log is read through its node");
+    // And followed: what the process writes next arrives on the open stream.
+    const follow = await sdk.logsV1.getLogsForProcess(rooms[2].processId, appId, true, 1);
+    const reader = follow.getReader();
+    let seen = '';
+    // A player joining makes the echo server log a line with the player's id.
+    const { token } = await lodge.sdk(null).authV1.loginAnonymous(appId);
+    const joined = await udpRequest(rooms[2].info.exposedPort.host, rooms[2].info.exposedPort.port, `auth ${token}`);
+    const marker = `player ${joined.split(' ')[1]}`;
+    const deadline = Date.now() + 10_000;
+    while (!seen.includes(marker) && Date.now() < deadline) {
+      const { value, done } = await Promise.race([reader.read(), sleep(10_000).then(() => ({ done: true }))]);
+      if (done) break;
+      seen += Buffer.from(value).toString();
+    }
+    await reader.cancel().catch(() => {});
+    assert.ok(seen.includes(marker), `the followed log shows what the process wrote next (got ${JSON.stringify(seen.slice(-200))})`);
     for (const r of rooms) await sdk.roomsV2.destroyRoom(r.roomId, appId);
   });
 
@@ -404,6 +434,48 @@ test('a fleet of three agents in two regions, and its faults', { skip: !root && 
     assert.equal(received, sent, 'every datagram was answered');
     assert.equal((await sdk.roomsV2.getRoomInfo(room.roomId, appId)).status, 'active');
     await sdk.roomsV2.destroyRoom(room.roomId, appId);
+  });
+
+  await t.test('a container image runs on a joined agent', async () => {
+    // The fixture of 20-containers: a static echo server FROM scratch, as a docker archive.
+    const ctx = path.join(tmp, 'ctx');
+    fs.mkdirSync(ctx, { recursive: true });
+    execFileSync('gcc', ['-static', '-O2', '-o', path.join(ctx, 'gs'), path.join(CONFORMANCE_DIR, 'fixtures', 'gs.c')]);
+    fs.writeFileSync(path.join(ctx, 'Dockerfile'), 'FROM scratch\nCOPY gs /gs\nENV GS_FLAVOUR=containerised\nEXPOSE 7777/udp\nENTRYPOINT ["/gs"]\n');
+    const b = ['--root', path.join(tmp, 'bstore'), '--runroot', path.join(tmp, 'brun'), '--storage-driver', 'vfs'];
+    try {
+      execFileSync('buildah', [...b, 'bud', '--isolation', 'chroot', '-t', 'localhost/cluster-gs:1', ctx], { stdio: 'ignore' });
+      execFileSync('buildah', [...b, 'push', 'localhost/cluster-gs:1', `docker-archive:${tmp}/gs.tar:gs:1`], { stdio: 'ignore' });
+    } finally {
+      try {
+        execFileSync('buildah', [...b, 'rmi', '--all', '--force'], { stdio: 'ignore' });
+      } catch {
+        // nothing to remove
+      }
+    }
+    // A fourth host whose agent isolates processes and runs containers.
+    const host = net.addHost(3);
+    const a = new Agent(tmp, host, 'Sydney', lodge.url, { isolation: 'netns' });
+    agents.push(a);
+    a.start(await join('Sydney'));
+    await waitFor(async () => (await nodeAt(host.addr))?.reachable === true, { timeoutMs: 20_000, what: 'the container node joined' });
+    const orgId = await lodge.orgId();
+    const app = await sdk.appsV2.createApp({ appName: uniqueName('ctr'), authConfiguration: {} }, orgId);
+    const { build, log } = await uploadBuild(sdk, orgId, fs.readFileSync(path.join(tmp, 'gs.tar')));
+    assert.equal(build.status, 'succeeded', log);
+    await sdk.deploymentsV3.createDeployment(
+      { buildId: build.buildId, idleTimeoutEnabled: false, env: [], roomsPerProcess: 1, transportType: 'udp', containerPort: 7777, requestedCPU: 0.5, requestedMemoryMB: 128 },
+      app.appId,
+    );
+    const room = await sdk.roomsV2.createRoom({ region: 'Sydney' }, app.appId);
+    const info = await waitActive(sdk, app.appId, room.roomId, 60_000);
+    const { host: h, port } = info.exposedPort;
+    assert.equal(h, host.addr, 'at the container node');
+    assert.equal(await udpRequest(h, port, 'hello container', 5000), 'hello container');
+    assert.equal(await udpRequest(h, port, 'env GS_FLAVOUR', 5000), 'containerised', "the image's ENV travelled with it");
+    assert.equal(await udpRequest(h, port, 'env PORT', 5000), '7777', 'it binds the container port in its own namespace');
+    await sdk.processesV3.stopProcess(room.processId, app.appId);
+    await waitProcessStatus(sdk, app.appId, room.processId, ['stopped', 'failed'], 30_000);
   });
 
   await t.test('an agent killed with -9: unschedulable, then lost; on return its processes stop', async () => {
