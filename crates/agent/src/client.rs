@@ -159,11 +159,14 @@ impl NodeClient {
                         }
                         desired @ ControlMsg::Desired { .. } => self.take_desired(desired),
                         welcome @ ControlMsg::Welcome { .. } => {
-                            let out = self.lock().receive(welcome);
+                            // The outbox goes again from its start, in bounded batches (below),
+                            // not as the one message `receive` makes of it.
+                            let _ = self.lock().receive(welcome);
                             self.connected.store(true, std::sync::atomic::Ordering::Release);
-                            sent_here = self.lock().last_seq();
+                            sent_here = 0;
+                            self.kick.notify_one();
                             tracing::info!(node_id = %self.node_id, "control-plane session open");
-                            out
+                            Vec::new()
                         }
                         other => self.lock().receive(other),
                     };

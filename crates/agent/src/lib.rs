@@ -139,6 +139,8 @@ pub struct Agent {
     /// Processes the control plane said changed since the last pass.
     changed: Mutex<Vec<String>>,
     ready: AtomicBool,
+    /// Processes that ended here: never started again (ids are never reused).
+    ended: Mutex<std::collections::HashSet<String>>,
     /// Whether processes left from before this start and no longer wanted were looked for.
     orphans_checked: AtomicBool,
     api_forward: Mutex<Option<Route>>,
@@ -181,6 +183,7 @@ impl Agent {
             changed: Mutex::default(),
             ready: AtomicBool::new(false),
             orphans_checked: AtomicBool::new(false),
+            ended: Mutex::default(),
             api_forward: Mutex::new(None),
         });
         if let Some(net) = &agent.network {

@@ -83,8 +83,13 @@ impl Agent {
     pub(crate) fn apply(self: &Arc<Self>, desired: &[ProcessSpec], complete: bool) {
         let mut to_start = Vec::new();
         {
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            if complete {
+                // What the control plane no longer lists needs no remembering.
+                ended.retain(|id| desired.iter().any(|s| &s.process_id == id));
+            }
             let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            for spec in desired {
+            for spec in desired.iter().filter(|s| !ended.contains(&s.process_id)) {
                 match running.get(&spec.process_id) {
                     Some(r) if spec.stop && !r.stop_requested.swap(true, Ordering::SeqCst) => {
                         r.stop.notify_one()

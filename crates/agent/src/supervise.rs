@@ -309,6 +309,12 @@ impl Agent {
 
     pub(crate) async fn report_exit(&self, id: &str, exit: ExitInfo, failed: bool) {
         tracing::info!(process_id = %id, reason = %exit.reason, failed, "process ended");
+        // Never started again, even while the desired set still lists it (until the control
+        // plane has applied the exit, or while it is out of reach).
+        self.ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
         // Gone from this node before anyone hears it ended.
         self.running
             .lock()

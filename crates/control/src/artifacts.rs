@@ -37,8 +37,7 @@ impl Control {
         }
         let tar = dir.join("artifact.tar");
         let sum = dir.join("artifact.sha256");
-        let lock = self.artifact_lock(build_id);
-        let _held = lock.lock().await;
+        let held = self.artifact_lock(build_id).lock_owned().await;
         if let (Ok(meta), Ok(sha)) = (std::fs::metadata(&tar), std::fs::read_to_string(&sum)) {
             return Ok(Artifact {
                 path: tar,
@@ -46,25 +45,41 @@ impl Control {
                 sha256: sha.trim().to_string(),
             });
         }
-        let tmp = dir.join("artifact.tar.tmp");
-        let (t, d) = (tmp.clone(), dir.clone());
-        let (size, sha256) = tokio::task::spawn_blocking(move || {
-            if image {
-                lodge_artifact::pack::pack_image(&d.join(lodge_artifact::image::DIR), &d, &t)
-            } else {
-                lodge_artifact::pack::pack_dir(&d.join("bundle"), "bundle", &t)
-            }
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-        std::fs::rename(&tmp, &tar)?;
-        std::fs::write(&sum, &sha256)?;
-        tracing::info!(%build_id, size, %sha256, "build packed for nodes");
-        Ok(Artifact {
-            path: tar,
-            size,
-            sha256,
-        })
+        // Packing runs to its end even if the node that asked goes away (a large image can
+        // take longer than a client waits), so its retry finds it done.
+        let build = build_id.to_string();
+        let packing = tokio::spawn(async move {
+            let _held = held;
+            let scratch = dir.join(format!("pack-{}", lodge_model::id::secret_hex()));
+            std::fs::create_dir_all(&scratch)?;
+            let (t, d, s) = (scratch.join("artifact.tar"), dir.clone(), scratch.clone());
+            let packed = tokio::task::spawn_blocking(move || {
+                if image {
+                    lodge_artifact::pack::pack_image(&d.join(lodge_artifact::image::DIR), &s, &t)
+                } else {
+                    lodge_artifact::pack::pack_dir(&d.join("bundle"), "bundle", &t)
+                }
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            let done = packed.and_then(|(size, sha256)| {
+                std::fs::write(&sum, &sha256)?;
+                std::fs::rename(scratch.join("artifact.tar"), &tar)?;
+                Ok((size, sha256))
+            });
+            let _ = std::fs::remove_dir_all(&scratch);
+            let (size, sha256) = done?;
+            tracing::info!(build_id = %build, size, %sha256, "build packed for nodes");
+            Ok::<_, std::io::Error>(Artifact {
+                path: tar,
+                size,
+                sha256,
+            })
+        });
+        Ok(packing
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??)
     }
 
     fn artifact_lock(&self, build_id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {

@@ -58,7 +58,13 @@ impl RemoteNode {
     /// A new session took over; the previous one (if any) sees its inbox close.
     pub(crate) fn attach(&self, epoch: u64, now: i64) -> mpsc::UnboundedReceiver<ToSession> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some((epoch, tx));
+        let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if s.as_ref().is_some_and(|(current, _)| *current > epoch) {
+            // An older session than the one attached: its inbox closes at once and it ends.
+            return rx;
+        }
+        *s = Some((epoch, tx));
+        drop(s);
         self.connected.store(true, Ordering::Release);
         self.heard(now);
         rx

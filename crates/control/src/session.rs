@@ -148,7 +148,7 @@ impl Control {
         let remote = self.remote_node(node_id);
         // Open the session under the node's protocol state, read from and written to its record
         // so the numbering survives a restart of the control plane.
-        let (welcome, epoch) = {
+        let (welcome, epoch, inbox) = {
             let mut proto = remote.proto.lock().await;
             let node = self
                 .store
@@ -160,6 +160,29 @@ impl Control {
                 last_event_seq: node.last_event_seq,
                 incarnation: node.incarnation,
             };
+            if let (true, Some(info), Some(joined)) = (node.remote, info, node.regions.as_ref()) {
+                let bad = if !joined.contains(&info.region) {
+                    Some(format!(
+                        "this node joined region {}, not {}: run it with --region {0}, or join again",
+                        joined.first().map_or("?", |r| r.as_str()),
+                        info.region
+                    ))
+                } else if info.public_host.trim().is_empty() || info.public_host.len() > 253 {
+                    Some("publicHost must be a host name or address".to_string())
+                } else {
+                    None
+                };
+                if let Some(message) = bad {
+                    let _ = write_frame(
+                        &mut w,
+                        &ControlMsg::Refused {
+                            message: message.clone(),
+                        },
+                    )
+                    .await;
+                    return Err(Error::BadRequest(message));
+                }
+            }
             let welcome = match proto.open(&hello) {
                 Ok(w) => w,
                 Err(refused) => {
@@ -183,18 +206,20 @@ impl Control {
                     node.last_seen_at = Some(now);
                     if let Some(info) = info {
                         node.public_host = info.public_host.clone();
-                        node.regions = Some(vec![info.region]);
                         node.cpu = info.cpu;
                         node.memory_mb = info.memory_mb;
                         node.port_capacity = info.port_capacity;
                         node.ping_port = info.ping_port;
                     }
+                    // Its regions stay as its join token set them.
                     true
                 })
                 .await?;
-            (welcome, proto.epoch)
+            // Attached under the lock, so a newer session is never replaced by an older one.
+            let inbox = remote.attach(proto.epoch, self.now());
+            (welcome, proto.epoch, inbox)
         };
-        let mut inbox = remote.attach(epoch, self.now());
+        let mut inbox = inbox;
         tracing::info!(%node_id, epoch, "node connected");
         let result = self
             .run_session(&remote, epoch, welcome, &mut reader, &mut w, &mut inbox)
@@ -239,21 +264,46 @@ impl Control {
                     remote.heard(now);
                     match msg {
                         NodeMsg::Events { events } => {
-                            let ack = {
+                            let (ack, exited) = {
                                 let mut proto = remote.proto.lock().await;
+                                let before = proto.last_event_seq;
                                 let (apply, ack) = proto
                                     .events(epoch, events)
                                     .map_err(|e| Error::BadRequest(e.to_string()))?;
-                                let applied = !apply.is_empty();
+                                let mut done = 0u64;
+                                let mut exited = Vec::new();
+                                let mut failure = None;
                                 for event in apply {
-                                    self.apply_report(event).await;
+                                    match self.apply_report(&node_id, event).await {
+                                        Ok(ended) => {
+                                            done += 1;
+                                            exited.extend(ended);
+                                        }
+                                        Err(e) => {
+                                            failure = Some(e);
+                                            break;
+                                        }
+                                    }
                                 }
-                                if applied {
+                                if done > 0 || failure.is_some() {
+                                    // Only what was applied counts as applied.
+                                    proto.last_event_seq = before + done;
                                     self.save_event_seq(&node_id, proto.last_event_seq).await;
                                 }
-                                ack
+                                if let Some(e) = failure {
+                                    // Unacknowledged, the rest comes again on the next session.
+                                    return Err(e);
+                                }
+                                (ack, exited)
                             };
                             write_frame(w, &ack).await.map_err(io)?;
+                            if !exited.is_empty() {
+                                // An ended process leaves the node's desired set at once.
+                                let now = self.specs_for(&node_id, &exited).await?;
+                                if let Some(change) = sent.change(Some(&exited), now) {
+                                    write_frame(w, &change).await.map_err(io)?;
+                                }
+                            }
                         }
                         NodeMsg::Resync => write_frame(w, &sent.resend()).await.map_err(io)?,
                         NodeMsg::Stats { processes, flows } => remote.set_stats(processes, flows),
@@ -350,16 +400,41 @@ impl Control {
         }
     }
 
-    /// Record a node's report, retrying: losing one would leave a process in the wrong state.
-    async fn apply_report(&self, event: AgentEvent) {
-        for attempt in 0..20u32 {
+    /// Record a node's report about one of its own processes, retrying a few times; returns
+    /// the process if it ended. A report about a process of another node (or none) is dropped:
+    /// a node speaks only for itself. An error means the report was not recorded (the store is
+    /// out of reach): the session ends without acknowledging it, and the node sends it again.
+    async fn apply_report(&self, node_id: &str, event: AgentEvent) -> Result<Option<String>> {
+        let pid = match &event {
+            AgentEvent::Booted { process_id, .. }
+            | AgentEvent::Running { process_id, .. }
+            | AgentEvent::Exited { process_id, .. }
+            | AgentEvent::Activity { process_id, .. } => process_id.clone(),
+        };
+        let mut last = None;
+        for attempt in 0..5u32 {
+            let owned = match self.store.process(&pid).await {
+                Ok(p) => p.is_some_and(|p| p.node_id == node_id),
+                Err(e) => {
+                    last = Some(Error::from(e));
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
+                    continue;
+                }
+            };
+            if !owned {
+                tracing::warn!(%node_id, process_id = %pid, "a node reported on a process that is not its own; ignored");
+                return Ok(None);
+            }
+            let ended = matches!(event, AgentEvent::Exited { .. }).then(|| pid.clone());
             match self.handle_event(event.clone()).await {
-                Ok(()) => return,
+                Ok(()) => return Ok(ended),
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "cannot record a node report; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
                 }
             }
         }
+        Err(last.unwrap_or_else(|| Error::Internal("cannot record a node report".into())))
     }
 }

@@ -62,6 +62,8 @@ const SIZE: &str = ".size";
 /// Where an imported image's config is, under a build's directory.
 const IMAGE_CONFIG: &str = "image/image.json";
 
+/// Attempts after the first for a download that was cut or refused.
+const FETCH_ATTEMPTS: u32 = 5;
 /// The longest a fetch may go without a byte arriving.
 const STALL: Duration = Duration::from_secs(30);
 
@@ -95,6 +97,8 @@ impl Fetcher {
         };
         let mut builds: Vec<(std::time::SystemTime, u64, PathBuf, String)> = entries
             .flatten()
+            // Builds only: not a download, a staging dir or an import in progress.
+            .filter(|e| !e.file_name().to_string_lossy().contains('.'))
             .filter_map(|e| {
                 let dir = e.path();
                 let size: u64 = std::fs::read_to_string(dir.join(SIZE))
@@ -150,7 +154,29 @@ impl Fetcher {
             .clone();
         let _held = lock.lock().await;
         if !have() {
-            self.fetch(build_id).await?;
+            // A cut or refused download (the control plane still packing a large build, a
+            // part that no longer fits) or a corrupted one is fetched again, a few times with
+            // backoff; one that does not unpack under the rules (hostile) is not.
+            let mut attempt = 0u32;
+            loop {
+                match self.fetch(build_id).await {
+                    Ok(()) => break,
+                    Err(e @ (FetchError::Http { .. } | FetchError::Digest { .. }))
+                        if attempt < FETCH_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                        tracing::warn!(%build_id, error = %e, attempt, "fetching the build again");
+                        tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
+                    }
+                    Err(e) => {
+                        self.inflight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(build_id);
+                        return Err(e);
+                    }
+                }
+            }
         }
         self.inflight
             .lock()
@@ -182,6 +208,14 @@ impl Fetcher {
         }
         let mut resp = req.send().await.map_err(|e| http(e.to_string()))?;
         let status = resp.status();
+        if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+            // The part already holds it all (a fetch cut before it was verified), or the
+            // artifact changed: start again from nothing.
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(http(
+                "the saved part does not fit the artifact; it is fetched again".into(),
+            ));
+        }
         if !status.is_success() {
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
             return Err(http(
