@@ -15,7 +15,8 @@ use lodge_link::dial::DialError;
 use lodge_link::{write_frame, FrameReader};
 use lodge_model::node::{ControlLink, LinkError, LinkResult, NodeLink};
 use lodge_model::protocol::{
-    Backoff, ControlMsg, Liveness, NodeCall, NodeInfo, NodeMsg, NodeReply, NodeSession,
+    Backoff, ControlMsg, Liveness, NodeCall, NodeInfo, NodeMsg, NodeReply, NodeSession, DEAD_AFTER,
+    PING_EVERY,
 };
 use lodge_model::spec::{AgentEvent, ProcessSpec};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
@@ -23,16 +24,12 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::Agent;
 
-const PING_EVERY: Duration = Duration::from_secs(2);
-const DEAD_AFTER: Duration = Duration::from_secs(15);
 /// How often live counters go to the control plane.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Events per frame.
 const BATCH: usize = 512;
 
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
+use lodge_model::clock::millis as ms;
 
 fn now_ms() -> i64 {
     use lodge_model::Clock;

@@ -116,6 +116,17 @@ struct Running {
     stop_requested: Arc<AtomicBool>,
 }
 
+impl Running {
+    fn stats(&self) -> ProcessStats {
+        ProcessStats {
+            active_connections: self.counters.active(),
+            total_connections: self.counters.total_connections.load(Ordering::Relaxed),
+            bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Reservations {
     ports: BTreeSet<u16>,
@@ -274,12 +285,7 @@ impl Agent {
 
     pub fn stats(&self, process_id: &str) -> Option<ProcessStats> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.get(process_id).map(|r| ProcessStats {
-            active_connections: r.counters.active(),
-            total_connections: r.counters.total_connections.load(Ordering::Relaxed),
-            bytes_in: r.counters.bytes_in.load(Ordering::Relaxed),
-            bytes_out: r.counters.bytes_out.load(Ordering::Relaxed),
-        })
+        running.get(process_id).map(Running::stats)
     }
 
     /// Fetch a build ahead of its first process (a deployment of it was created).
@@ -310,19 +316,8 @@ impl Agent {
     pub fn all_stats(&self) -> Vec<(String, ProcessStats)> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running
-            .keys()
-            .filter_map(|id| {
-                let r = running.get(id)?;
-                Some((
-                    id.clone(),
-                    ProcessStats {
-                        active_connections: r.counters.active(),
-                        total_connections: r.counters.total_connections.load(Ordering::Relaxed),
-                        bytes_in: r.counters.bytes_in.load(Ordering::Relaxed),
-                        bytes_out: r.counters.bytes_out.load(Ordering::Relaxed),
-                    },
-                ))
-            })
+            .iter()
+            .map(|(id, r)| (id.clone(), r.stats()))
             .collect()
     }
 

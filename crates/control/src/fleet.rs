@@ -40,8 +40,16 @@ pub struct NodeView {
     pub memory_mb_in_use: f64,
 }
 
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+use lodge_model::clock::millis as ms;
+
+/// What a node says its players connect to: a host name or address.
+pub(crate) fn check_public_host(info: &NodeInfo) -> Result<()> {
+    if info.public_host.trim().is_empty() || info.public_host.len() > 253 {
+        return Err(Error::Invalid(
+            "publicHost must be a host name or address".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Control {
@@ -127,11 +135,7 @@ impl Control {
                 )));
             }
         }
-        if info.public_host.trim().is_empty() || info.public_host.len() > 253 {
-            return Err(Error::Invalid(
-                "publicHost must be a host name or address".into(),
-            ));
-        }
+        check_public_host(info)?;
         let credential = lodge_model::id::secret("lodge_node_");
         let now = self.now();
         let mut node = Node::local(

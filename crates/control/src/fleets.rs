@@ -246,7 +246,8 @@ impl Control {
         fleet_id: &str,
         region: Option<Region>,
     ) -> Result<FleetFigures> {
-        self.fleet(caller, org_id, fleet_id).await?;
+        self.org_of(caller, org_id)?;
+        // fleet_nodes answers 404 for a fleet the org does not have.
         let nodes = self.fleet_nodes(caller, fleet_id, region).await?;
         let usage = self.store.node_usage().await?;
         let mut f = FleetFigures::default();

@@ -214,7 +214,7 @@ impl Control {
                 last_busy_at: p.last_busy_at,
             });
         }
-        let idle_ms = i64::try_from(self.cfg.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+        let idle_ms = lodge_model::clock::millis(self.cfg.idle_timeout);
         let idle = lodge_scheduler::idle_processes(self.now(), idle_ms, &live);
         for id in &idle {
             self.request_stop(id, "idle timeout: no rooms and no connections")

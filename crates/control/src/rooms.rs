@@ -586,7 +586,7 @@ impl Control {
 
     /// Whether an ended process's logs and metrics are past the retention period.
     fn past_retention(&self, p: &Process) -> bool {
-        let keep = i64::try_from(self.cfg.retention.as_millis()).unwrap_or(i64::MAX);
+        let keep = lodge_model::clock::millis(self.cfg.retention);
         p.terminated_at
             .is_some_and(|t| self.now().saturating_sub(t) > keep)
     }

@@ -8,16 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lodge_link::{write_frame, FrameReader};
-use lodge_model::protocol::{ControlMsg, Liveness, NodeMsg, NodeState};
+use lodge_model::protocol::{ControlMsg, Liveness, NodeMsg, NodeState, DEAD_AFTER, PING_EVERY};
 use lodge_model::spec::{AgentEvent, ProcessSpec};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 
 use crate::remote::{RemoteNode, ToSession};
 use crate::{Control, Error, Result};
 
-/// How often each side pings, and how long a silent connection lives.
-pub const PING_EVERY: Duration = Duration::from_secs(2);
-pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 /// How often the whole desired set is compared with what the node was sent: the safety net
 /// under the wake-ups (a change made by another replica, a wake-up lost to a disconnect).
 const RESYNC_EVERY: Duration = Duration::from_secs(5);
@@ -26,8 +23,19 @@ const TOUCH_EVERY: Duration = Duration::from_secs(3);
 /// How long a node has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+use lodge_model::clock::millis as ms;
+
+/// Tell the node why its session is refused or closed (best effort: it may be gone already);
+/// returns the message, for the error that ends the session.
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, message: String) -> String {
+    let _ = write_frame(
+        w,
+        &ControlMsg::Refused {
+            message: message.clone(),
+        },
+    )
+    .await;
+    message
 }
 
 /// What the session last sent the node as desired, and at which revision.
@@ -136,14 +144,7 @@ impl Control {
         };
         if said != node_id {
             let message = format!("this credential is node {node_id}'s, not {said}'s");
-            let _ = write_frame(
-                &mut w,
-                &ControlMsg::Refused {
-                    message: message.clone(),
-                },
-            )
-            .await;
-            return Err(Error::Unauthorized(message));
+            return Err(Error::Unauthorized(refuse(&mut w, message).await));
         }
         let remote = self.remote_node(node_id);
         // Open the session under the node's protocol state, read from and written to its record
@@ -167,34 +168,19 @@ impl Control {
                         joined.first().map_or("?", |r| r.as_str()),
                         info.region
                     ))
-                } else if info.public_host.trim().is_empty() || info.public_host.len() > 253 {
-                    Some("publicHost must be a host name or address".to_string())
                 } else {
-                    None
+                    crate::fleet::check_public_host(info)
+                        .err()
+                        .map(|e| e.to_string())
                 };
                 if let Some(message) = bad {
-                    let _ = write_frame(
-                        &mut w,
-                        &ControlMsg::Refused {
-                            message: message.clone(),
-                        },
-                    )
-                    .await;
-                    return Err(Error::BadRequest(message));
+                    return Err(Error::BadRequest(refuse(&mut w, message).await));
                 }
             }
             let welcome = match proto.open(&hello) {
                 Ok(w) => w,
                 Err(refused) => {
-                    let message = refused.to_string();
-                    let _ = write_frame(
-                        &mut w,
-                        &ControlMsg::Refused {
-                            message: message.clone(),
-                        },
-                    )
-                    .await;
-                    return Err(Error::BadRequest(message));
+                    return Err(Error::BadRequest(refuse(&mut w, refused.to_string()).await));
                 }
             };
             let (state, now) = (proto.clone(), self.now());
@@ -318,8 +304,7 @@ impl Control {
                 order = inbox.recv() => {
                     let Some(first) = order else {
                         // A newer session took over.
-                        let message = "a newer session of this node took over".to_string();
-                        let _ = write_frame(w, &ControlMsg::Refused { message }).await;
+                        refuse(w, "a newer session of this node took over".into()).await;
                         return Ok(());
                     };
                     let mut wakes = Vec::new();

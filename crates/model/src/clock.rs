@@ -19,7 +19,7 @@ impl Clock for SystemClock {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        millis(d)
     }
 }
 
@@ -40,6 +40,11 @@ impl Clock for ManualClock {
     fn now_ms(&self) -> Millis {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// A duration in milliseconds, as the clock counts them (saturating).
+pub fn millis(d: std::time::Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// RFC 3339 in UTC with milliseconds and `Z`, as JavaScript's `toISOString()` prints it.

@@ -28,6 +28,10 @@ use crate::spec::{AgentEvent, ProcessSpec};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// How often each side pings, and how long either side keeps a silent connection.
+pub const PING_EVERY: Duration = Duration::from_secs(2);
+pub const DEAD_AFTER: Duration = Duration::from_secs(15);
+
 /// One event of a node, numbered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
