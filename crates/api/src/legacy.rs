@@ -328,6 +328,7 @@ async fn upload_form(
         .form_upload_target(&build_id, q.get("signature").unwrap_or(""))
         .await?;
     receive_file(&s, &headers, body, &dest, true).await?;
+    s.control.upload_received(&build_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -9,6 +9,7 @@ mod logs;
 mod multipart;
 mod nodes;
 mod players;
+mod replicas;
 #[cfg(test)]
 mod route_table;
 mod scopes;
@@ -305,6 +306,7 @@ pub fn router(state: AppState) -> axum::Router {
         .merge(legacy::routes())
         .merge(lodge_routes::routes())
         .merge(nodes::routes())
+        .merge(replicas::routes())
         .merge(fleets::routes())
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiFailure(

@@ -25,16 +25,13 @@ impl Control {
             Some(b) if b.status == BuildStatus::Succeeded && b.deleted_at.is_none() => {}
             _ => return Err(Error::NotFound(format!("Build not found: {build_id}"))),
         }
+        self.pack_artifact(build_id).await
+    }
+
+    /// A build's artifact: packed here once, or (replicas sharing a store) copied once from
+    /// where the replica that built it shared it.
+    pub(crate) async fn pack_artifact(&self, build_id: &str) -> Result<Artifact> {
         let dir = self.cfg.data_dir.join("builds").join(build_id);
-        let image = dir
-            .join(lodge_artifact::image::DIR)
-            .join(lodge_artifact::image::CONFIG)
-            .is_file();
-        if !image && !dir.join("bundle").is_dir() {
-            return Err(Error::NotFound(format!(
-                "build {build_id} has nothing to run on this control plane"
-            )));
-        }
         let tar = dir.join("artifact.tar");
         let sum = dir.join("artifact.sha256");
         let held = self.artifact_lock(build_id).lock_owned().await;
@@ -44,6 +41,26 @@ impl Control {
                 size: meta.len(),
                 sha256: sha.trim().to_string(),
             });
+        }
+        let image = dir
+            .join(lodge_artifact::image::DIR)
+            .join(lodge_artifact::image::CONFIG)
+            .is_file();
+        if !image && !dir.join("bundle").is_dir() {
+            if self.shares_files() {
+                let key = crate::shared::artifact_key(build_id);
+                if let Some(shared) = self.fetch_shared(&key, &tar).await? {
+                    std::fs::write(&sum, &shared.sha256)?;
+                    return Ok(Artifact {
+                        path: tar,
+                        size: shared.size,
+                        sha256: shared.sha256,
+                    });
+                }
+            }
+            return Err(Error::NotFound(format!(
+                "build {build_id} has nothing to run on this control plane"
+            )));
         }
         // Packing runs to its end even if the node that asked goes away (a large image can
         // take longer than a client waits), so its retry finds it done.
@@ -80,6 +97,36 @@ impl Control {
         Ok(packing
             .await
             .map_err(|e| Error::Internal(e.to_string()))??)
+    }
+
+    /// Pack a build that just succeeded and share its artifact with every replica.
+    pub(crate) async fn share_artifact(&self, build_id: &str) -> Result<()> {
+        let a = self.pack_artifact(build_id).await?;
+        let shared = self
+            .share_file(&crate::shared::artifact_key(build_id), &a.path)
+            .await?;
+        if shared.sha256 != a.sha256 {
+            return Err(Error::Internal(format!(
+                "the artifact of build {build_id} changed while it was shared"
+            )));
+        }
+        tracing::info!(%build_id, size = shared.size, parts = shared.parts, "build shared with every replica");
+        Ok(())
+    }
+
+    /// Share every build that can run (`lodge migrate`: a one-box Lodge's builds, for replicas
+    /// on the database it moved to). Returns how many.
+    pub async fn share_all_builds(&self) -> Result<usize> {
+        let mut n = 0;
+        for org in self.store.orgs().await? {
+            for b in self.store.builds(&org.org_id).await? {
+                if b.status == BuildStatus::Succeeded && b.deleted_at.is_none() {
+                    self.share_artifact(&b.build_id).await?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     fn artifact_lock(&self, build_id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {

@@ -119,6 +119,7 @@ impl Control {
             build_tag,
             content_hash: None,
             upload,
+            runner: None,
         };
         self.store.insert_build(&build).await?;
         Ok(build)
@@ -237,6 +238,13 @@ impl Control {
                 u.max_chunk_size
             )));
         }
+        if self.shares_files() {
+            // Any replica may take the next part, or assemble them.
+            let key = crate::shared::upload_parts_key(build_id);
+            self.store.put_blob_part(&key, part, data).await?;
+            let digest = Sha256::digest(data);
+            return Ok(format!("\"{}\"", hex(&digest[..16])));
+        }
         let dir = self.build_dir(build_id).join("parts");
         tokio::fs::create_dir_all(&dir).await?;
         // A temporary name of its own: concurrent PUTs of one part each write whole, and the
@@ -267,6 +275,15 @@ impl Control {
         numbers.sort_unstable();
         numbers.dedup();
         self.assemble(build_id, &numbers).await?;
+        if self.shares_files() {
+            // RunBuild may come to another replica.
+            let archive = self.build_dir(build_id).join("archive");
+            self.share_file(&crate::shared::archive_key(build_id), &archive)
+                .await?;
+            self.store
+                .delete_blobs(&crate::shared::upload_parts_key(build_id))
+                .await?;
+        }
         u.completed = true;
         build.upload = Some(u);
         self.store.update_build(&build).await?;
@@ -276,6 +293,9 @@ impl Control {
     }
 
     async fn assemble(&self, build_id: &str, numbers: &[u32]) -> Result<()> {
+        if self.shares_files() {
+            return self.assemble_shared(build_id, numbers).await;
+        }
         let dir = self.build_dir(build_id);
         let parts = dir.join("parts");
         let archive = dir.join("archive");
@@ -298,6 +318,72 @@ impl Control {
         out.sync_all().await?;
         tokio::fs::rename(&tmp, &archive).await?;
         let _ = tokio::fs::remove_dir_all(&parts).await;
+        Ok(())
+    }
+
+    /// [`Self::assemble`] from parts any replica received.
+    async fn assemble_shared(&self, build_id: &str, numbers: &[u32]) -> Result<()> {
+        let key = crate::shared::upload_parts_key(build_id);
+        let have: Vec<u32> = self
+            .store
+            .blob_parts(&key)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        if let Some(n) = numbers.iter().find(|n| !have.contains(n)) {
+            return Err(Error::BadRequest(format!("part {n} was not uploaded")));
+        }
+        let dir = self.build_dir(build_id);
+        tokio::fs::create_dir_all(&dir).await?;
+        let tmp = dir.join(format!("archive.{}.tmp", id::secret_hex()));
+        let written = async {
+            let mut out = tokio::fs::File::create(&tmp).await?;
+            for n in numbers {
+                let bytes = self
+                    .store
+                    .blob_part(&key, *n)
+                    .await?
+                    .ok_or_else(|| Error::BadRequest(format!("part {n} was not uploaded")))?;
+                tokio::io::AsyncWriteExt::write_all(&mut out, &bytes).await?;
+            }
+            out.sync_all().await?;
+            tokio::fs::rename(&tmp, dir.join("archive")).await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        if written.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        written
+    }
+
+    /// The upload parts received so far (numbers), wherever they are kept.
+    async fn parts_received(&self, build_id: &str, parts: u32) -> Result<Vec<u32>> {
+        if self.shares_files() {
+            let key = crate::shared::upload_parts_key(build_id);
+            return Ok(self
+                .store
+                .blob_parts(&key)
+                .await?
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| (1..=parts).contains(n))
+                .collect());
+        }
+        let dir = self.build_dir(build_id).join("parts");
+        Ok((1..=parts)
+            .filter(|n| dir.join(n.to_string()).exists())
+            .collect())
+    }
+
+    /// A whole upload arrived through a form (legacy v2): where every replica can read it.
+    pub async fn upload_received(&self, build_id: &str) -> Result<()> {
+        if self.shares_files() {
+            let archive = self.build_dir(build_id).join("archive");
+            self.share_file(&crate::shared::archive_key(build_id), &archive)
+                .await?;
+        }
         Ok(())
     }
 
@@ -356,6 +442,7 @@ impl Control {
         }
         build.status = BuildStatus::Running;
         build.started_at = Some(self.now());
+        build.runner = Some(self.replica_id().to_string());
         if !self
             .store
             .update_build_if(&build, BuildStatus::Created)
@@ -381,6 +468,17 @@ impl Control {
                     .map(|(size, digest)| (size, digest.unwrap_or_default())),
                 None => control.do_build(&build, &say).await,
             };
+            // Other replicas serve this build to nodes: it succeeds once they can read it.
+            let result = match result {
+                Ok(done) if control.shares_files() => control
+                    .share_artifact(&build.build_id)
+                    .await
+                    .map(|()| done)
+                    .map_err(|e| {
+                        format!("cannot store the build where every replica reads it: {e}")
+                    }),
+                other => other,
+            };
             let (status, size, hash) = match result {
                 Ok((size, hash)) => {
                     say(format!("build {} succeeded", build.build_id)).await;
@@ -396,6 +494,7 @@ impl Control {
                 control.reclaim_failed(&build.build_id).await;
             }
             build.status = status;
+            build.runner = None;
             build.image_size = size;
             build.content_hash = hash;
             build.finished_at = Some(control.now());
@@ -425,14 +524,21 @@ impl Control {
             secret: String::new(),
             completed: false,
         });
+        if !archive.exists() && self.shares_files() {
+            // Assembled, or uploaded through a form, on another replica.
+            self.fetch_shared(&crate::shared::archive_key(&build.build_id), &archive)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         if !archive.exists() && upload.parts == 0 {
             return Err("no build archive was uploaded for this build".into());
         }
         if !archive.exists() {
             // Clients that skipped the completion call: assemble whatever parts arrived.
-            let have: Vec<u32> = (1..=upload.parts)
-                .filter(|n| dir.join("parts").join(n.to_string()).exists())
-                .collect();
+            let have = self
+                .parts_received(&build.build_id, upload.parts)
+                .await
+                .map_err(|e| e.to_string())?;
             if have.len() as u32 != upload.parts {
                 return Err(format!(
                     "the upload is incomplete: {} of {} parts were received; upload every part before RunBuild",
@@ -539,13 +645,27 @@ impl Control {
         Ok((bytes, None))
     }
 
-    /// Builds left `running` by a previous run of this server (killed mid-build) can never
-    /// finish: mark them failed.
-    pub async fn fail_interrupted_builds(&self) -> Result<usize> {
+    /// Builds left `running` by a replica that is gone (killed mid-build; on the embedded
+    /// store, any earlier run of this server) can never finish: mark them failed.
+    pub async fn fail_orphaned_builds(&self) -> Result<usize> {
+        let alive: Vec<String> = if self.shares_files() {
+            self.live_replicas()
+                .await?
+                .into_iter()
+                .map(|r| r.replica_id)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let orphaned = |b: &Build| {
+            b.runner.as_deref() != Some(self.replica_id())
+                && !b.runner.as_ref().is_some_and(|r| alive.contains(r))
+        };
         let mut n = 0;
         for org in self.store.orgs().await? {
             for mut b in self.store.builds(&org.org_id).await? {
-                if b.status == BuildStatus::Running {
+                if b.status == BuildStatus::Running && orphaned(&b) {
+                    b.runner = None;
                     b.status = BuildStatus::Failed;
                     b.finished_at = Some(self.now());
                     if self.store.update_build_if(&b, BuildStatus::Running).await? {
@@ -604,6 +724,7 @@ impl Control {
             }
         } else {
             remove_any(&dir).await;
+            self.forget_shared(&build.build_id).await;
         }
         Ok(())
     }
@@ -648,6 +769,20 @@ impl Control {
     /// A failed build keeps nothing on disk: no process can ever run it.
     async fn reclaim_failed(&self, build_id: &str) {
         remove_any(&self.build_dir(build_id)).await;
+        self.forget_shared(build_id).await;
+    }
+
+    /// Drop a build's shared files (none on the embedded store).
+    async fn forget_shared(&self, build_id: &str) {
+        if self.shares_files() {
+            if let Err(e) = self
+                .store
+                .delete_blobs(&crate::shared::build_key(build_id))
+                .await
+            {
+                tracing::warn!(%build_id, error = %e, "cannot delete the build's shared files");
+            }
+        }
     }
 
     pub fn bundle_path(&self, build_id: &str) -> PathBuf {

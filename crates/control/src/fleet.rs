@@ -62,7 +62,7 @@ impl Control {
             .clone()
     }
 
-    fn remote_if_known(&self, node_id: &str) -> Option<Arc<RemoteNode>> {
+    pub(crate) fn remote_if_known(&self, node_id: &str) -> Option<Arc<RemoteNode>> {
         self.remotes
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -363,9 +363,12 @@ impl Control {
             .filter(|n| n.remote && n.status != NodeStatus::Stopped)
             .collect();
         let silent_for = |n: &Node| {
-            // Since this control plane started, a node had the whole period to reconnect.
+            // Since this replica started or took over, a node had the whole period to reconnect.
             let here = self.remote_if_known(&n.node_id).map(|r| r.last_heard());
-            let heard = here.max(n.last_seen_at).unwrap_or(0).max(self.started_at);
+            let heard = here
+                .max(n.last_seen_at)
+                .unwrap_or(0)
+                .max(self.judging_since());
             now - heard
         };
         let lost: Vec<&Node> = remote

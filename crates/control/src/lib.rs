@@ -14,12 +14,15 @@ mod images;
 pub mod jwt;
 mod legacy;
 mod nodes;
+pub mod peer;
 mod players;
 mod ratelimit;
 pub mod registry;
 pub mod remote;
+pub mod replica;
 mod rooms;
 mod session;
+mod shared;
 mod tokens;
 
 use std::collections::HashMap;
@@ -183,6 +186,8 @@ pub struct Control {
     default_org: std::sync::OnceLock<Org>,
     /// Lobby creations per (app, source address) and per app.
     lobby_windows: ratelimit::Windows,
+    /// This control plane as one replica of several on a shared store.
+    replica: replica::ReplicaState,
 }
 
 /// Counters for `/metrics`.
@@ -213,6 +218,7 @@ impl Control {
             nodes_cache: Default::default(),
             metrics: Metrics::default(),
             lobby_windows: ratelimit::Windows::default(),
+            replica: replica::ReplicaState::new(),
         })
     }
 

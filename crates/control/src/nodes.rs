@@ -34,6 +34,17 @@ impl Control {
                 a.wake(process_id);
             }
         }
+        // Its session may be held by another replica.
+        let here = self.remote_if_known(node_id).is_some_and(|r| r.connected())
+            || self
+                .local_agents
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|a| a.node_id() == node_id);
+        if !here {
+            self.hint_wake(node_id, process_id);
+        }
     }
 
     /// ProcessSpecs of these processes, if they are live and on `node_id`.
@@ -233,17 +244,25 @@ impl Control {
                 let Some(control) = weak.upgrade() else {
                     return;
                 };
-                if let Err(e) = control.reap_idle().await {
-                    tracing::warn!(error = %e, "idle reaper pass failed");
-                }
+                // Each replica sweeps the nodes it holds.
                 if let Err(e) = control.sweep_retention().await {
                     tracing::warn!(error = %e, "retention sweep failed");
+                }
+                // The rest is for one replica at a time.
+                if !control.lead().await {
+                    continue;
+                }
+                if let Err(e) = control.reap_idle().await {
+                    tracing::warn!(error = %e, "idle reaper pass failed");
                 }
                 if let Err(e) = control.judge_lost_nodes(control.cfg.node_lost_after).await {
                     tracing::warn!(error = %e, "node-loss judgement failed");
                 }
                 if let Err(e) = control.settle_drained().await {
                     tracing::warn!(error = %e, "cannot settle drained nodes");
+                }
+                if let Err(e) = control.fail_orphaned_builds().await {
+                    tracing::warn!(error = %e, "cannot judge builds left running");
                 }
             }
         })

@@ -131,7 +131,7 @@ impl RemoteNode {
         s.as_ref().is_some_and(|(_, tx)| tx.send(msg).is_ok())
     }
 
-    async fn call(&self, call: NodeCall) -> LinkResult<NodeReply> {
+    pub(crate) async fn call(&self, call: NodeCall) -> LinkResult<NodeReply> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.calls
@@ -172,6 +172,97 @@ fn unexpected(r: NodeReply) -> LinkError {
     LinkError::Io(format!("unexpected answer from the node: {r:?}"))
 }
 
+/// What answers [`NodeCall`]s for a node: its session here ([`RemoteNode`]), or the replica
+/// that holds its session ([`crate::peer::PeerNode`]). The [`NodeLink`] calls are the same
+/// questions either way.
+#[async_trait]
+pub(crate) trait Calls: Send + Sync {
+    async fn call(&self, call: NodeCall) -> LinkResult<NodeReply>;
+}
+
+#[async_trait]
+impl Calls for RemoteNode {
+    async fn call(&self, call: NodeCall) -> LinkResult<NodeReply> {
+        RemoteNode::call(self, call).await
+    }
+}
+
+pub(crate) async fn log_tail(
+    c: &dyn Calls,
+    process_id: &str,
+    lines: usize,
+) -> LinkResult<(Vec<u8>, u64)> {
+    match c
+        .call(NodeCall::LogTail {
+            process_id: process_id.to_string(),
+            lines,
+        })
+        .await?
+    {
+        NodeReply::Log { bytes, end } => Ok((bytes, end)),
+        r => Err(unexpected(r)),
+    }
+}
+
+pub(crate) async fn log_read(
+    c: &dyn Calls,
+    process_id: &str,
+    offset: u64,
+    max: usize,
+) -> LinkResult<Vec<u8>> {
+    match c
+        .call(NodeCall::LogRead {
+            process_id: process_id.to_string(),
+            offset,
+            max: max.min(MAX_LOG_READ),
+        })
+        .await?
+    {
+        NodeReply::Log { bytes, .. } => Ok(bytes),
+        r => Err(unexpected(r)),
+    }
+}
+
+pub(crate) async fn kept_processes(c: &dyn Calls) -> LinkResult<Vec<String>> {
+    match c.call(NodeCall::KeptProcesses).await? {
+        NodeReply::Processes { ids } => Ok(ids),
+        r => Err(unexpected(r)),
+    }
+}
+
+pub(crate) async fn forget_process(c: &dyn Calls, process_id: &str) -> LinkResult<()> {
+    match c
+        .call(NodeCall::ForgetProcess {
+            process_id: process_id.to_string(),
+        })
+        .await?
+    {
+        NodeReply::Done => Ok(()),
+        r => Err(unexpected(r)),
+    }
+}
+
+pub(crate) async fn metrics(
+    c: &dyn Calls,
+    process_id: &str,
+    start_s: i64,
+    end_s: i64,
+    step_s: i64,
+) -> LinkResult<MetricSeries> {
+    match c
+        .call(NodeCall::Metrics {
+            process_id: process_id.to_string(),
+            start_s,
+            end_s,
+            step_s,
+        })
+        .await?
+    {
+        NodeReply::Metrics { series } => Ok(series),
+        r => Err(unexpected(r)),
+    }
+}
+
 #[async_trait]
 impl NodeLink for RemoteNode {
     fn node_id(&self) -> &str {
@@ -197,49 +288,19 @@ impl NodeLink for RemoteNode {
     }
 
     async fn log_tail(&self, process_id: &str, lines: usize) -> LinkResult<(Vec<u8>, u64)> {
-        match self
-            .call(NodeCall::LogTail {
-                process_id: process_id.to_string(),
-                lines,
-            })
-            .await?
-        {
-            NodeReply::Log { bytes, end } => Ok((bytes, end)),
-            r => Err(unexpected(r)),
-        }
+        log_tail(self, process_id, lines).await
     }
 
     async fn log_read(&self, process_id: &str, offset: u64, max: usize) -> LinkResult<Vec<u8>> {
-        match self
-            .call(NodeCall::LogRead {
-                process_id: process_id.to_string(),
-                offset,
-                max: max.min(MAX_LOG_READ),
-            })
-            .await?
-        {
-            NodeReply::Log { bytes, .. } => Ok(bytes),
-            r => Err(unexpected(r)),
-        }
+        log_read(self, process_id, offset, max).await
     }
 
     async fn kept_processes(&self) -> LinkResult<Vec<String>> {
-        match self.call(NodeCall::KeptProcesses).await? {
-            NodeReply::Processes { ids } => Ok(ids),
-            r => Err(unexpected(r)),
-        }
+        kept_processes(self).await
     }
 
     async fn forget_process(&self, process_id: &str) -> LinkResult<()> {
-        match self
-            .call(NodeCall::ForgetProcess {
-                process_id: process_id.to_string(),
-            })
-            .await?
-        {
-            NodeReply::Done => Ok(()),
-            r => Err(unexpected(r)),
-        }
+        forget_process(self, process_id).await
     }
 
     async fn metrics(
@@ -249,17 +310,6 @@ impl NodeLink for RemoteNode {
         end_s: i64,
         step_s: i64,
     ) -> LinkResult<MetricSeries> {
-        match self
-            .call(NodeCall::Metrics {
-                process_id: process_id.to_string(),
-                start_s,
-                end_s,
-                step_s,
-            })
-            .await?
-        {
-            NodeReply::Metrics { series } => Ok(series),
-            r => Err(unexpected(r)),
-        }
+        metrics(self, process_id, start_s, end_s, step_s).await
     }
 }

@@ -567,21 +567,18 @@ impl Control {
                 self.cfg.retention.as_secs() / 3600
             )));
         }
-        let node = self.node_of(&p, "logs")?;
+        let node = self.node_of(&p, "logs").await?;
         Ok((p, node))
     }
 
     /// The node that runs (or ran) the process, for what only the node has.
-    fn node_of(&self, p: &Process, what: &str) -> Result<Arc<dyn NodeLink>> {
-        self.agents()
-            .into_iter()
-            .find(|a| a.node_id() == p.node_id)
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "the {what} of process {} are on node {}, which this control plane cannot reach",
-                    p.process_id, p.node_id
-                ))
-            })
+    async fn node_of(&self, p: &Process, what: &str) -> Result<Arc<dyn NodeLink>> {
+        self.node_link(&p.node_id).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "the {what} of process {} are on node {}, which this control plane cannot reach",
+                p.process_id, p.node_id
+            ))
+        })
     }
 
     /// Whether an ended process's logs and metrics are past the retention period.
@@ -667,7 +664,7 @@ impl Control {
                 "at most 10000 points per series; use a larger step".into(),
             ));
         }
-        let node = self.node_of(&p, "metrics")?;
+        let node = self.node_of(&p, "metrics").await?;
         Ok(node.metrics(process_id, q.start, q.end, q.step).await?)
     }
 }

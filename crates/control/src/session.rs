@@ -184,12 +184,14 @@ impl Control {
                 }
             };
             let (state, now) = (proto.clone(), self.now());
+            let replica = self.replica_id().to_string();
             self.store
                 .update_node(node_id, &|node| {
                     node.epoch = state.epoch;
                     node.last_event_seq = state.last_event_seq;
                     node.incarnation = state.incarnation;
                     node.last_seen_at = Some(now);
+                    node.replica = Some(replica.clone());
                     if let Some(info) = info {
                         node.public_host = info.public_host.clone();
                         node.cpu = info.cpu;

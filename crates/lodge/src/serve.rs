@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// `summaryExitReason` saying so) and their rooms are destroyed. `90s`, `5m`, `1h`.
     #[arg(long, env = "LODGE_NODE_LOST_AFTER", default_value = "5m", value_parser = crate::cli::nodes::parse_duration)]
     pub node_lost_after: Duration,
+    /// The URL the other control-plane replicas on this store reach this one's API at (they
+    /// forward calls to the nodes attached here). Default: `http://` and the API address.
+    #[arg(long, env = "LODGE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -207,7 +211,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let control = Control::new(store, Arc::new(SystemClock), cfg);
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
     control
-        .fail_interrupted_builds()
+        .fail_orphaned_builds()
         .await
         .map_err(|e| e.to_string())?;
     control
@@ -230,6 +234,26 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.api_addr))?;
     let api_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let advertise = match &args.advertise_url {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.clone(),
+        Some(url) => return Err(format!("--advertise-url {url}: expected an http:// URL")),
+        None if api_addr.ip().is_unspecified() => {
+            format!("http://127.0.0.1:{}", api_addr.port())
+        }
+        None => format!("http://{api_addr}"),
+    };
+    if control.store().shared() {
+        if api_addr.ip().is_unspecified() && args.advertise_url.is_none() {
+            tracing::warn!(%advertise, "the API listens on every address but --advertise-url is not set: replicas on other machines cannot forward calls here");
+        }
+        if !args.no_local_node {
+            tracing::warn!("a local node on a shared store runs only builds made through this replica; run replicas with --no-local-node and join lodge agents");
+        }
+    }
+    control
+        .join_replicas(&advertise)
+        .await
+        .map_err(|e| e.to_string())?;
     let ready = Arc::new(AtomicBool::new(false));
     let agent = if args.no_local_node {
         ready.store(true, Ordering::Release);
@@ -281,6 +305,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         Duration::from_secs(5),
     )
     .await;
+    control.leave_replicas().await;
     match agent {
         Some(agent) if agent.running_count() == 0 => {
             // Nothing runs here: leave no bridge or cgroups behind.

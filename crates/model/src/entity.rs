@@ -71,6 +71,10 @@ pub struct Build {
     pub build_tag: Option<String>,
     pub content_hash: Option<String>,
     pub upload: Option<UploadSession>,
+    /// The replica running the build while it is `running` (a build whose replica is gone can
+    /// never finish).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,6 +238,10 @@ pub struct Node {
     /// UDP port of its ping (latency) echo service, for DiscoveryV2.
     #[serde(default)]
     pub ping_port: Option<u16>,
+    /// The replica that holds the node's current session, which answers calls to the node for
+    /// the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 impl Node {
@@ -266,6 +274,7 @@ impl Node {
             last_event_seq: 0,
             incarnation: 0,
             ping_port: None,
+            replica: None,
         }
     }
 }
@@ -342,4 +351,17 @@ pub struct Lobby {
     /// The room's current config; read from the room, not stored with the lobby.
     #[serde(skip)]
     pub room_config: Option<String>,
+}
+
+/// A control-plane replica as the others see it through the store: where it answers, and
+/// when it last said it was alive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replica {
+    /// New at every start of `lodge serve`.
+    pub replica_id: String,
+    /// The base URL the other replicas reach this one at (`--advertise-url`).
+    pub address: String,
+    pub started_at: Millis,
+    pub seen_at: Millis,
 }

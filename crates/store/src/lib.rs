@@ -7,9 +7,11 @@ use async_trait::async_trait;
 use lodge_model::*;
 
 mod codec;
+mod coord;
 mod copy;
 mod postgres;
 mod sqlite;
+pub use coord::{Coordination, MAX_HINT};
 pub use copy::{sqlite_into_postgres, CopyReport};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -87,7 +89,7 @@ pub struct NodeUsage {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Coordination + Send + Sync + 'static {
     async fn put_org(&self, org: &Org) -> Result<()>;
     async fn orgs(&self) -> Result<Vec<Org>>;
 

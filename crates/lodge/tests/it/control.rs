@@ -121,6 +121,7 @@ async fn setup(
         build_tag: None,
         content_hash: None,
         upload: None,
+        runner: None,
     };
     if store.build("bld-1").await.unwrap().is_none() {
         store.insert_build(&build).await.unwrap();

@@ -154,7 +154,182 @@ contract!(
     churn_keeps_counts_exact,
     documents_keep_any_text,
     nodes_join_tokens_and_fleets,
+    coordination_between_replicas,
 );
+
+/// What replicas coordinate through: one holder per lease however many race for it (across two
+/// handles where the backend has them), leases that move only once expired, a setting whose
+/// first writer wins for everyone, blobs by part and by prefix, and hints from one replica
+/// heard by another.
+async fn coordination_between_replicas(b: &dyn Backend) {
+    let s = b.open().await;
+    let s2 = b.open().await;
+    let r = |id: &str, seen: Millis| Replica {
+        replica_id: id.into(),
+        address: format!("http://{id}"),
+        started_at: 1,
+        seen_at: seen,
+    };
+    s.put_replica(&r("a", 10)).await.unwrap();
+    s2.put_replica(&r("b", 20)).await.unwrap();
+    s.put_replica(&r("a", 30)).await.unwrap();
+    assert_eq!(s2.replicas().await.unwrap(), vec![r("a", 30), r("b", 20)]);
+    s.delete_replica("b").await.unwrap();
+    assert_eq!(s2.replicas().await.unwrap(), vec![r("a", 30)]);
+
+    let mut racers = Vec::new();
+    for i in 0..16 {
+        let store = if i % 2 == 0 { s.clone() } else { s2.clone() };
+        racers.push(tokio::spawn(async move {
+            let me = format!("replica-{i}");
+            store
+                .acquire_lease("reaper", &me, 1_000, 100)
+                .await
+                .unwrap()
+                .then_some(me)
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in racers {
+        winners.extend(t.await.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "exactly one holder: {winners:?}");
+    let holder = winners.pop().unwrap();
+    assert!(
+        s2.acquire_lease("reaper", &holder, 1_050, 100)
+            .await
+            .unwrap(),
+        "the holder extends"
+    );
+    assert_eq!(
+        s.lease_holder("reaper", 1_150).await.unwrap().as_deref(),
+        Some(holder.as_str())
+    );
+    assert_eq!(
+        s.lease_holder("reaper", 1_151).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert!(
+        !s.acquire_lease("reaper", "other", 1_149, 100)
+            .await
+            .unwrap(),
+        "not yet expired"
+    );
+    assert!(
+        s.acquire_lease("other-lease", "other", 1_149, 100)
+            .await
+            .unwrap(),
+        "leases are apart"
+    );
+    s.release_lease("reaper", "other").await.unwrap();
+    assert!(
+        !s.acquire_lease("reaper", "other", 1_149, 100)
+            .await
+            .unwrap(),
+        "only its holder releases it"
+    );
+    assert!(
+        s.acquire_lease("reaper", "other", 1_151, 100)
+            .await
+            .unwrap(),
+        "expired: it moves"
+    );
+    assert!(
+        !s2.acquire_lease("reaper", &holder, 1_152, 100)
+            .await
+            .unwrap(),
+        "the old holder lost it"
+    );
+    s2.release_lease("reaper", "other").await.unwrap();
+    assert!(
+        s.acquire_lease("reaper", &holder, 1_153, 100)
+            .await
+            .unwrap(),
+        "released: free at once"
+    );
+
+    let mut writers = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { s.clone() } else { s2.clone() };
+        writers.push(tokio::spawn(async move {
+            store
+                .setting_or_insert("secret", &format!("v{i}"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for t in writers {
+        seen.insert(t.await.unwrap());
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "every caller gets the first writer's value: {seen:?}"
+    );
+    assert_eq!(
+        &s.setting_or_insert("secret", "later").await.unwrap(),
+        seen.first().unwrap()
+    );
+
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    s.put_blob_part("build/b1/part", 2, &bytes).await.unwrap();
+    s.put_blob_part("build/b1/part", 1, b"one").await.unwrap();
+    s2.put_blob_part("build/b1/part", 1, b"first")
+        .await
+        .unwrap();
+    s.put_blob_part("build/b10/part", 1, b"other build")
+        .await
+        .unwrap();
+    assert_eq!(
+        s2.blob_part("build/b1/part", 2).await.unwrap().as_deref(),
+        Some(&bytes[..])
+    );
+    assert_eq!(
+        s.blob_part("build/b1/part", 1).await.unwrap().as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!(s.blob_part("build/b1/part", 3).await.unwrap(), None);
+    assert_eq!(
+        s.blob_parts("build/b1/part").await.unwrap(),
+        vec![(1, 5), (2, 70_000)]
+    );
+    assert_eq!(s2.delete_blobs("build/b1").await.unwrap(), 2);
+    assert!(s.blob_parts("build/b1/part").await.unwrap().is_empty());
+    assert_eq!(
+        s.blob_parts("build/b10/part").await.unwrap(),
+        vec![(1, 11)],
+        "a prefix is a path"
+    );
+
+    match s.hints() {
+        None => assert!(!s.shared(), "a shared store carries hints"),
+        Some(mut heard) => {
+            assert!(s.shared());
+            let first = tokio::time::timeout(std::time::Duration::from_secs(10), heard.recv())
+                .await
+                .expect("the listener connects");
+            assert_eq!(
+                first.as_deref(),
+                Some(""),
+                "a (re)connected listener says so"
+            );
+            // Another handle's hint arrives; a long one is cut to what NOTIFY takes.
+            s2.send_hint("n1 p1").await.unwrap();
+            s2.send_hint(&"x".repeat(10_000)).await.unwrap();
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), heard.recv())
+                .await
+                .expect("the hint arrives");
+            assert_eq!(got.as_deref(), Some("n1 p1"));
+            let long = tokio::time::timeout(std::time::Duration::from_secs(10), heard.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(long.len(), lodge_store::MAX_HINT);
+        }
+    }
+}
 
 /// The fleet's records: nodes updated atomically (racing read-modify-writes lose nothing),
 /// join tokens found only by the hash of their secret, fleets unique by name in an org.
@@ -559,6 +734,7 @@ async fn tokens_builds_and_deployments(b: &dyn Backend) {
         build_tag: None,
         content_hash: None,
         upload: None,
+        runner: None,
     };
     s.insert_build(&build("b1", 10)).await.unwrap();
     s.insert_build(&build("b2", 20)).await.unwrap();

@@ -18,6 +18,7 @@ use crate::codec::{from_json, to_json, RoomDoc};
 use crate::{EndedProcess, NodeUsage, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
 mod batch;
+mod coord;
 mod schema;
 
 /// Connections per replica.
@@ -28,6 +29,8 @@ const STATEMENT_TIMEOUT_MS: u32 = 10_000;
 
 pub struct PostgresStore {
     pool: Pool,
+    /// For connections of their own (the hints' listener).
+    cfg: tokio_postgres::Config,
     /// Placements into existing processes and freed rooms, committed in batches.
     batch: batch::Batcher,
 }
@@ -106,7 +109,7 @@ impl PostgresStore {
             cfg.application_name("lodge");
         }
         let mgr = Manager::from_config(
-            cfg,
+            cfg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -121,6 +124,7 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
         let store = Self {
+            cfg,
             batch: batch::Batcher::start(pool.clone()),
             pool,
         };

@@ -243,6 +243,16 @@ CREATE TABLE fleets (
     UNIQUE (org_id, name)
 );
 "#,
+    // Coordination between replicas: who is alive, singletons' leases (unlogged: a lease is
+    // worth nothing after a crash of the database), a shared secret, and blobs every replica
+    // reads (stored as they come: uploads and artifacts are compressed already).
+    r#"
+CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE UNLOGGED TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at BIGINT NOT NULL);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE blobs (key TEXT NOT NULL, part INTEGER NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (key, part));
+ALTER TABLE blobs ALTER COLUMN data SET STORAGE EXTERNAL;
+"#,
 ];
 
 /// Apply the migrations this database has not seen yet; returns the schema version.

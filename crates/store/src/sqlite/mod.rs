@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{from_json, to_json, RoomDoc};
 use crate::{EndedProcess, NodeUsage, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
+mod coord;
 mod schema;
 mod writer;
 

@@ -115,4 +115,11 @@ CREATE TABLE fleets (
     UNIQUE (org_id, name)
 );
 "#,
+    // Coordination between replicas (the embedded store has one, but keeps the same shapes).
+    r#"
+CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE blobs (key TEXT NOT NULL, part INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (key, part));
+"#,
 ];
