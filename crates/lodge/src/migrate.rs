@@ -24,8 +24,23 @@ pub async fn run(from: &Path, to: &str) -> Result<(), String> {
     for (table, n) in &report {
         println!("{table:<12} {n}");
     }
+    // Every replica on the database must be able to serve the builds to nodes: their
+    // artifacts go into it too.
+    let store = lodge_store::PostgresStore::connect(to)
+        .await
+        .map_err(|e| e.to_string())?;
+    let control = lodge_control::Control::new(
+        std::sync::Arc::new(store),
+        std::sync::Arc::new(lodge_model::SystemClock),
+        lodge_control::ControlConfig::new(from.to_path_buf()),
+    );
+    let shared = control
+        .share_all_builds()
+        .await
+        .map_err(|e| format!("cannot copy the builds' artifacts into PostgreSQL: {e}"))?;
+    println!("{:<12} {shared}", "artifacts");
     println!(
-        "copied into PostgreSQL. Builds and logs stay in {}: start with\n  lodge serve --data-dir {} --store {}",
+        "copied into PostgreSQL. Logs of ended processes stay in {}: start with\n  lodge serve --data-dir {} --store {}",
         from.display(),
         from.display(),
         to

@@ -194,11 +194,18 @@ async fn room_to_active(s: &Setup, region: &str) -> Result<(f64, String, String)
 }
 
 async fn warm(args: &BenchArgs) -> Result<Vec<Table>> {
-    let mut tables = warm_on(args, "embedded SQLite", &[]).await?;
+    let mut tables = warm_on(args, "embedded SQLite", &[], 1).await?;
     if let Some(url) = &args.postgres {
         let schema = pg::Schema::create(url).await?;
         let store = schema.url();
-        let on_pg = warm_on(args, "PostgreSQL", &["--store", &store]).await;
+        let mut on_pg = warm_on(args, "PostgreSQL", &["--store", &store], 1).await;
+        if let Ok(tables) = &mut on_pg {
+            // Two replicas on the database, requests alternating between them.
+            match warm_on(args, "PostgreSQL, 2 replicas", &["--store", &store], 2).await {
+                Ok(mut more) => tables.append(&mut more),
+                Err(e) => on_pg = Err(e),
+            }
+        }
         let baseline =
             pg::pgbench_insert_tps(url, &schema.name, if args.quick { 2 } else { 5 }).await;
         schema.drop().await;
@@ -209,11 +216,27 @@ async fn warm(args: &BenchArgs) -> Result<Vec<Table>> {
     Ok(tables)
 }
 
-async fn warm_on(args: &BenchArgs, store: &str, extra: &[&str]) -> Result<Vec<Table>> {
+/// The warm scenario on one store; with `replicas` > 1, further replicas on the same store
+/// (no node of their own) take every other client's requests.
+async fn warm_on(
+    args: &BenchArgs,
+    store: &str,
+    extra: &[&str],
+    replicas: usize,
+) -> Result<Vec<Table>> {
     let mut serve_args = vec!["--isolation", "none"];
     serve_args.extend_from_slice(extra);
     let server = Server::start(&serve_args).await?;
-    let s = server.setup(10_000).await?;
+    let first = server.setup(10_000).await?;
+    let mut others = Vec::new();
+    let mut via = vec![first.clone()];
+    for _ in 1..replicas {
+        let r = server.start_replica(extra).await?;
+        via.push(first.via(&r)?);
+        others.push(r);
+    }
+    let pick = |i: usize| via[i % via.len()].clone();
+    let s = first.clone();
     let region = "Chicago";
     let p = s.create_process(region).await?;
     s.wait_process_running(&p).await?;
@@ -236,8 +259,8 @@ async fn warm_on(args: &BenchArgs, store: &str, extra: &[&str]) -> Result<Vec<Ta
         let livez = s.livez_p50(if args.quick { 100 } else { 500 }).await?;
         let lat = Arc::new(tokio::sync::Mutex::new(Vec::new()));
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..clients {
-            let (s, lat) = (s.clone(), lat.clone());
+        for c in 0..clients {
+            let (s, lat) = (pick(c), lat.clone());
             let n = per_level / clients;
             tasks.spawn(async move {
                 for _ in 0..n.max(1) {
@@ -272,8 +295,8 @@ async fn warm_on(args: &BenchArgs, store: &str, extra: &[&str]) -> Result<Vec<Ta
         let lat = Arc::new(tokio::sync::Mutex::new(Vec::new()));
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..clients {
-            let (s, lat) = (s.clone(), lat.clone());
+        for c in 0..clients {
+            let (s, lat) = (pick(c), lat.clone());
             tasks.spawn(async move {
                 while start.elapsed().as_secs_f64() < secs {
                     let t0 = Instant::now();
@@ -306,6 +329,9 @@ async fn warm_on(args: &BenchArgs, store: &str, extra: &[&str]) -> Result<Vec<Ta
         String::new(),
         String::new(),
     ]);
+    for r in others {
+        r.stop_replica();
+    }
     server.shutdown(&s).await;
     Ok(vec![t, r])
 }

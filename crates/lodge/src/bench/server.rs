@@ -134,6 +134,25 @@ impl Server {
 
     /// A server with Lodge's default limits, plus `extra`.
     pub async fn start_with_defaults(extra: &[&str]) -> Result<Server> {
+        let token = format!("bench-{}", lodge_model::id::secret_hex());
+        Self::start_with_token(extra, token).await
+    }
+
+    /// Another replica of this server on the same store (`store_args`), with no node of its
+    /// own, that takes the same admin token.
+    pub async fn start_replica(&self, store_args: &[&str]) -> Result<Server> {
+        let mut args = vec![
+            "--flows-per-source",
+            "1000000",
+            "--max-processes-per-app",
+            "1000000",
+            "--no-local-node",
+        ];
+        args.extend_from_slice(store_args);
+        Self::start_with_token(&args, self.token.clone()).await
+    }
+
+    async fn start_with_token(extra: &[&str], token: String) -> Result<Server> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = std::env::temp_dir().join(format!(
             "lodge-bench-{}-{}",
@@ -144,7 +163,6 @@ impl Server {
         let api_port = free_port()?;
         let ping_port = free_port()?;
         let (lo, hi) = port_window();
-        let token = format!("bench-{}", lodge_model::id::secret_hex());
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
@@ -454,6 +472,17 @@ impl Server {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
+    /// Stop a replica (it has no processes of its own) and remove its data.
+    pub fn stop_replica(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        self.armed = false;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
     /// Kill the server (pretend processes leave nothing behind) and remove its data.
     pub fn kill(self) {
         // Dropping an armed server kills it and removes its data.
@@ -462,6 +491,16 @@ impl Server {
 }
 
 impl Setup {
+    /// The same app, through another replica.
+    pub fn via(&self, replica: &Server) -> Result<Setup> {
+        let ctx = replica.ctx()?;
+        Ok(Setup {
+            api: Arc::new(ctx.api),
+            app_id: self.app_id.clone(),
+            url: replica.url.clone(),
+        })
+    }
+
     pub async fn create_room(&self, region: &str) -> Result<Value> {
         self.api
             .post(
