@@ -37,6 +37,8 @@ enum Command {
     /// Nodes: list, inspect, drain; join tokens for new ones.
     #[command(subcommand)]
     Nodes(cli::nodes::NodesCmd),
+    /// The control-plane replicas sharing this Lodge's store, and which runs the singletons.
+    Replicas,
     /// Pack, upload and build a game server, then create a deployment.
     Deploy(cli::DeployArgs),
     /// Applications.
@@ -146,6 +148,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokens(cmd) => client(g, async |c| cli::tokens(c, cmd).await),
         Command::Orgs(cmd) => client(g, async |c| cli::orgs(c, cmd).await),
         Command::Nodes(cmd) => client(g, async |c| cli::nodes::nodes(c, cmd).await),
+        Command::Replicas => client(g, async |c| cli::replicas::list(c).await),
         Command::Agent(args) => match runtime().and_then(|rt| rt.block_on(agent::run(args))) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

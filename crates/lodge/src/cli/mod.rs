@@ -5,6 +5,7 @@ pub mod api;
 pub mod deploy;
 pub mod nodes;
 pub mod pack;
+pub mod replicas;
 mod table;
 
 use std::path::PathBuf;
