@@ -246,8 +246,15 @@ impl Control {
         if let Some(org) = self.store.orgs().await?.into_iter().next() {
             return Ok(self.default_org.get_or_init(|| org).clone());
         }
+        // Replicas starting together on an empty database agree on one default org: the first
+        // to record its id wins, and every one of them inserts that org (once).
+        let candidate = lodge_model::id::org_id();
+        let org_id = self
+            .store
+            .setting_or_insert("default-org", &candidate)
+            .await?;
         let org = Org {
-            org_id: lodge_model::id::org_id(),
+            org_id,
             name: "default".into(),
             created_at: self.now(),
         };
