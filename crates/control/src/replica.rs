@@ -161,7 +161,7 @@ impl Control {
     }
 
     /// Whether this replica holds the singletons' lease (taking or renewing it now).
-    pub(crate) async fn lead(&self) -> bool {
+    pub async fn lead(&self) -> bool {
         let now = self.now();
         let ttl = lodge_model::clock::millis(LEASE_TTL);
         match self

@@ -7,7 +7,13 @@ use super::api::Result;
 use super::table::{s, Table};
 use super::Ctx;
 
-const HEAD: [&str; 5] = ["REPLICA ID", "ADDRESS", "STARTED", "LAST SEEN", "SINGLETONS"];
+const HEAD: [&str; 5] = [
+    "REPLICA ID",
+    "ADDRESS",
+    "STARTED",
+    "LAST SEEN",
+    "SINGLETONS",
+];
 
 fn row(r: &Value) -> Vec<String> {
     vec![

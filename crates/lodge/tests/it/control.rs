@@ -500,3 +500,63 @@ async fn node_loss_follows_the_clock() {
         .status
         .is_terminal());
 }
+
+/// Two replicas on one store: the singletons run on one at a time; when its holder stops
+/// renewing, the lease moves once it expires, and the new holder counts a node's silence from
+/// when it took over (a node had the whole period to reach it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn singletons_run_on_one_replica_and_move_when_it_dies() {
+    let dir = TempDir::new("lease");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
+    let clock = ManualClock::new(1_000_000);
+    let a = setup(store.clone(), Arc::new(clock.clone()), &dir.0, 1, false).await;
+    let b = Control::new(
+        store.clone(),
+        Arc::new(clock.clone()),
+        ControlConfig::new(dir.0.clone()),
+    );
+    a.control.set_draining(&a.caller, "n1", true).await.unwrap();
+    let mut n = Node::local(
+        "r1".into(),
+        "r1.example".into(),
+        Some(vec![Region::Frankfurt]),
+        0,
+    );
+    n.remote = true;
+    n.last_seen_at = Some(clock.now_ms());
+    n.cpu = 1.0;
+    n.memory_mb = 1024.0;
+    store.put_node(&n).await.unwrap();
+    let room = a
+        .control
+        .create_room(&a.caller, &a.app_id, params(Region::Frankfurt), None)
+        .await
+        .unwrap();
+    let pid = room.process_id.unwrap();
+
+    assert!(a.control.lead().await, "the first to ask leads");
+    assert!(!b.lead().await, "one holder at a time");
+    clock.advance_ms(10_000);
+    assert!(a.control.lead().await, "its holder renews it");
+    assert!(!b.lead().await);
+    // a dies (stops renewing); its lease expires 15 s after its last renewal.
+    clock.advance_ms(14_000);
+    assert!(!b.lead().await, "not expired yet");
+    clock.advance_ms(2_000);
+    assert!(b.lead().await, "expired: it moves");
+    assert!(
+        !a.control.lead().await,
+        "the old holder does not take it back"
+    );
+
+    // r1 was last heard 26 s ago; b took over just now, so it waits the whole period from here.
+    let lost_after = std::time::Duration::from_secs(300);
+    clock.advance_ms(290_000);
+    assert!(b.lead().await);
+    assert!(
+        b.judge_lost_nodes(lost_after).await.unwrap().is_empty(),
+        "within the grace"
+    );
+    clock.advance_ms(11_000);
+    assert_eq!(b.judge_lost_nodes(lost_after).await.unwrap(), vec![pid]);
+}
