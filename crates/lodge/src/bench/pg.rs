@@ -28,8 +28,9 @@ async fn admin(url: &str, sql: &str) -> Result<()> {
 }
 
 impl Schema {
-    pub async fn create(url: &str) -> Result<Schema> {
-        let name = format!("lodge_bench_{}", std::process::id());
+    /// A new schema, `tag` telling apart the schemas of one run.
+    pub async fn create(url: &str, tag: &str) -> Result<Schema> {
+        let name = format!("lodge_bench_{}_{tag}", std::process::id());
         admin(
             url,
             &format!(
