@@ -47,7 +47,10 @@ pub enum FetchError {
 /// Fetches builds into `<data_dir>/builds/<build_id>/bundle`.
 #[derive(Debug)]
 pub struct Fetcher {
-    control_url: String,
+    /// The control plane's replicas (one URL, or several); a download that cannot reach one
+    /// tries the next.
+    control_urls: Vec<String>,
+    next_url: std::sync::atomic::AtomicUsize,
     credential: String,
     builds_dir: PathBuf,
     client: reqwest::Client,
@@ -68,9 +71,15 @@ const FETCH_ATTEMPTS: u32 = 5;
 const STALL: Duration = Duration::from_secs(30);
 
 impl Fetcher {
+    /// `control_url`: the control plane's URL, or several replicas' separated by commas.
     pub fn new(control_url: &str, credential: &str, data_dir: &Path) -> Self {
         Self {
-            control_url: control_url.trim_end_matches('/').to_string(),
+            control_urls: control_url
+                .split(',')
+                .map(|u| u.trim().trim_end_matches('/').to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
+            next_url: std::sync::atomic::AtomicUsize::new(0),
             credential: credential.to_string(),
             builds_dir: data_dir.join("builds"),
             client: reqwest::Client::builder()
@@ -201,12 +210,23 @@ impl Fetcher {
             .map_err(io)?;
         let part = self.builds_dir.join(format!("{build_id}.part"));
         let mut have = tokio::fs::metadata(&part).await.map_or(0, |m| m.len());
-        let url = format!("{}{}", self.control_url, artifact_path(build_id));
+        let turn = self.next_url.load(std::sync::atomic::Ordering::Relaxed);
+        let base = self
+            .control_urls
+            .get(turn % self.control_urls.len().max(1))
+            .map_or("", String::as_str);
+        let url = format!("{base}{}", artifact_path(build_id));
         let mut req = self.client.get(&url).bearer_auth(&self.credential);
         if have > 0 {
             req = req.header("range", format!("bytes={have}-"));
         }
-        let mut resp = req.send().await.map_err(|e| http(e.to_string()))?;
+        let mut resp = req.send().await.map_err(|e| {
+            // The next attempt asks another replica (every replica serves every artifact,
+            // byte for byte the same, so a part fetched from one resumes from another).
+            self.next_url
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            http(e.to_string())
+        })?;
         let status = resp.status();
         if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             // The part already holds it all (a fetch cut before it was verified), or the

@@ -17,7 +17,8 @@ use crate::serve::DataDirLock;
 
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
-    /// The control plane's API URL, `http://HOST:PORT`.
+    /// The control plane's API URL, `http://HOST:PORT`; or several replicas' URLs separated by
+    /// commas, tried in turn whenever the connection to one is lost.
     #[arg(long, env = "LODGE_CONTROL_PLANE")]
     pub control_plane: String,
     /// A token from `lodge nodes join-token` (needed only for the first start).
@@ -87,9 +88,39 @@ fn save(path: &Path, saved: &Saved) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Join through the first replica that answers; a refusal is the answer of all of them.
+async fn join_any(
+    urls: &[String],
+    token: &str,
+    info: &NodeInfo,
+    fleet: Option<&str>,
+) -> Result<Joined, String> {
+    let mut last = String::new();
+    for u in urls {
+        match dial::join(u, token, info, fleet).await {
+            Ok(j) => return Ok(j),
+            Err(e @ dial::DialError::Refused(_)) => return Err(e.to_string()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
 pub async fn run(args: AgentArgs) -> Result<(), String> {
     crate::serve::init_tracing();
-    let url = args.control_plane.trim_end_matches('/').to_string();
+    let urls: Vec<String> = args
+        .control_plane
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let url = urls
+        .first()
+        .cloned()
+        .ok_or("--control-plane: give the control plane's URL")?;
+    for u in &urls {
+        dial::authority(u).map_err(|e| e.to_string())?;
+    }
     let authority = dial::authority(&url).map_err(|e| e.to_string())?;
     let data_dir = crate::node::prepare_data_dir(&args.data_dir)?;
     let _lock = DataDirLock::acquire(&data_dir)?;
@@ -110,7 +141,14 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let joined = match saved {
-        Some(s) if s.control_plane == url => s.joined,
+        // Joined through any of these replicas: they share one database.
+        Some(s)
+            if s.control_plane
+                .split(',')
+                .any(|u| urls.contains(&u.to_string())) =>
+        {
+            s.joined
+        }
         _ => {
             let token = args.join_token.as_deref().ok_or_else(|| {
                 format!(
@@ -118,13 +156,11 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
                     args.region
                 )
             })?;
-            let joined = dial::join(&url, token, &info, args.fleet.as_deref())
-                .await
-                .map_err(|e| e.to_string())?;
+            let joined = join_any(&urls, token, &info, args.fleet.as_deref()).await?;
             save(
                 &cred_path,
                 &Saved {
-                    control_plane: url.clone(),
+                    control_plane: urls.join(","),
                     joined: joined.clone(),
                 },
             )?;
@@ -139,20 +175,31 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         .and_then(|mut a| a.next())
         .ok_or_else(|| format!("cannot resolve {authority}"))?;
     let fetcher = Arc::new(
-        lodge_link::artifacts::Fetcher::new(&url, &joined.credential, &data_dir)
+        lodge_link::artifacts::Fetcher::new(&urls.join(","), &joined.credential, &data_dir)
             .with_cache_limit((args.build_cache_gb.max(0.0) * (1u64 << 30) as f64) as u64),
     );
     let cfg = n.agent_config(&joined.node_id, &data_dir, api_addr, Some(fetcher))?;
-    let (cp, cred) = (url.clone(), joined.credential.clone());
+    // Each attempt after a failure goes to the next replica: a node reconnects through
+    // whichever is alive.
+    let (cps, cred) = (Arc::new(urls.clone()), joined.credential.clone());
+    let turn = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let dial = move || {
-        let (cp, cred) = (cp.clone(), cred.clone());
-        async move { dial::connect(&cp, &cred).await }
+        let (cps, cred, turn) = (cps.clone(), cred.clone(), turn.clone());
+        async move {
+            let i = turn.load(std::sync::atomic::Ordering::Relaxed);
+            let cp = &cps[i % cps.len()];
+            let connected = dial::connect(cp, &cred).await;
+            if connected.is_err() {
+                turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            connected
+        }
     };
     let (agent, _client) = crate::node::start_agent(cfg, Some(info), dial).await?;
     let _ping = crate::ping::spawn(n.ping_port).await;
     tracing::info!(
         node_id = %joined.node_id,
-        control_plane = %url,
+        control_plane = %urls.join(","),
         region = %args.region,
         public_host = %n.public_host,
         ports = %format!("{}-{}", n.port_range.0, n.port_range.1),
