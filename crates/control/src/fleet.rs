@@ -316,7 +316,7 @@ impl Control {
             })
             .await?
             .ok_or_else(|| Error::NotFound(format!("Node not found: {node_id}")))?;
-        self.forget_nodes();
+        self.nodes_changed().await;
         tracing::info!(%node_id, status = status.as_str(), "node status changed");
         self.settle_drained().await?;
         self.node_view(caller, node_id).await

@@ -264,6 +264,9 @@ impl Control {
                 if let Err(e) = control.fail_orphaned_builds().await {
                     tracing::warn!(error = %e, "cannot judge builds left running");
                 }
+                if let Err(e) = control.prune_rate_windows().await {
+                    tracing::warn!(error = %e, "cannot prune ended rate-limit windows");
+                }
             }
         })
     }

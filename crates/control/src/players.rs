@@ -195,7 +195,7 @@ impl Control {
         // Player ids cost nothing (anonymous login mints one per call): the source address and
         // the app bound lobby creation too, before the per-player count in the store. Every
         // attempt counts, refused or not, so hammering gains nothing.
-        self.count_lobby_attempt(&app.app_id, new.source)?;
+        self.count_lobby_attempt(&app.app_id, new.source).await?;
         let limit = self.cfg.lobby_rate_limit;
         if let Some(oldest) = self
             .store
@@ -231,7 +231,11 @@ impl Control {
 
     /// Count a lobby creation against the per-source and per-app windows; 429 naming the
     /// limit when either is full.
-    fn count_lobby_attempt(&self, app_id: &str, source: Option<std::net::IpAddr>) -> Result<()> {
+    async fn count_lobby_attempt(
+        &self,
+        app_id: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<()> {
         let now = self.now();
         let window = self.cfg.lobby_rate_window.as_millis() as i64;
         let mut checks = vec![(
@@ -250,7 +254,7 @@ impl Control {
             );
         }
         for (key, max, who) in checks {
-            if let Err(retry) = self.lobby_windows.hit(&key, now, window, max) {
+            if let Err(retry) = self.hit_window(&key, now, window, max).await? {
                 return Err(Error::RateLimited(
                     format!(
                         "{who} created {max} lobbies of this app in the last {} s (the lobby limit per {}); try again in {retry} s",
@@ -260,6 +264,36 @@ impl Control {
                     retry,
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Count one event against a window: in memory on the embedded store (one replica), in
+    /// the store when replicas share it, so that they count together. `Err(retry after s)`
+    /// when the window is full.
+    async fn hit_window(
+        &self,
+        key: &str,
+        now: lodge_model::Millis,
+        window: i64,
+        max: u32,
+    ) -> Result<std::result::Result<(), u64>> {
+        if !self.store.shared() {
+            return Ok(self.lobby_windows.hit(key, now, window, max));
+        }
+        Ok(match self.store.hit_window(key, now, window, max).await? {
+            None => Ok(()),
+            Some(start) => Err(((start + window - now + 999) / 1000).max(1) as u64),
+        })
+    }
+
+    /// Forget rate-limit windows that ended (the singletons' work on a shared store).
+    pub(crate) async fn prune_rate_windows(&self) -> Result<()> {
+        if self.store.shared() {
+            let window = self.cfg.lobby_rate_window.as_millis() as i64;
+            self.store
+                .prune_windows(self.now().saturating_sub(window))
+                .await?;
         }
         Ok(())
     }

@@ -60,6 +60,9 @@ impl ReplicaState {
     }
 }
 
+/// The hint that a node's status changed.
+const NODES_CHANGED: &str = "nodes";
+
 /// A line of a wake-up hint: `wake NODE PROCESS`.
 fn wake_line(node_id: &str, process_id: &str) -> String {
     format!("wake {node_id} {process_id}")
@@ -226,9 +229,29 @@ impl Control {
         }
     }
 
-    /// A hint from another replica: wake the sessions it names that are held here.
+    /// A node's status changed through this replica: every replica reads the nodes afresh
+    /// for its next placement (the hint goes before this returns, so a request that follows
+    /// through another replica finds it there).
+    pub(crate) async fn nodes_changed(&self) {
+        self.forget_nodes();
+        if self.store.shared() {
+            if let Err(e) = self.store.send_hint(NODES_CHANGED).await {
+                tracing::warn!(error = %e, "cannot tell the other replicas that a node changed");
+            }
+        }
+    }
+
+    /// A hint from another replica: wake the sessions it names that are held here, forget
+    /// the nodes as last read if they changed (or if hints may have been lost).
     fn take_hint(&self, hint: &str) {
+        if hint.is_empty() {
+            self.forget_nodes();
+        }
         for line in hint.lines() {
+            if line == NODES_CHANGED {
+                self.forget_nodes();
+                continue;
+            }
             let mut words = line.split(' ');
             if let (Some("wake"), Some(node), Some(process)) =
                 (words.next(), words.next(), words.next())

@@ -191,6 +191,12 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     }
     let data_dir = crate::node::prepare_data_dir(&args.data_dir)?;
     let _data_dir_lock = DataDirLock::acquire(&data_dir)?;
+    if args.no_local_node {
+        // No node locks it down here: the database, builds and admin token are root's alone
+        // (with a local node, the node does, and lets game users traverse to their builds).
+        lodge_agent::users::protect_data_dir(&data_dir)
+            .map_err(|e| format!("cannot restrict {}: {e}", data_dir.display()))?;
+    }
     let store = open_store(&args.store, &data_dir).await?;
     let mut cfg = ControlConfig::new(data_dir.clone());
     cfg.admin_token = std::env::var("LODGE_ADMIN_TOKEN")

@@ -49,6 +49,20 @@ pub trait Coordination: Send + Sync {
     /// racing writers wins, and every caller gets the winner's value).
     async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String>;
 
+    /// Count one event for `key` in fixed windows of `window_ms` (a window starts with the
+    /// first event after the previous one ended): `None` if it was counted, `Some(start of the
+    /// current window)` if `max` were counted in it already. Atomic, so replicas counting
+    /// together never let more than `max` through.
+    async fn hit_window(
+        &self,
+        key: &str,
+        now: Millis,
+        window_ms: i64,
+        max: u32,
+    ) -> Result<Option<Millis>>;
+    /// Forget the windows that started before `before`; returns how many.
+    async fn prune_windows(&self, before: Millis) -> Result<u64>;
+
     /// Store part `part` of the blob `key` (replacing it if present).
     async fn put_blob_part(&self, key: &str, part: u32, data: &[u8]) -> Result<()>;
     async fn blob_part(&self, key: &str, part: u32) -> Result<Option<Vec<u8>>>;

@@ -273,6 +273,54 @@ async fn coordination_between_replicas(b: &dyn Backend) {
         seen.first().unwrap()
     );
 
+    // A window of 1,000 ms taking 5: 16 racers across two handles, 5 get through.
+    let mut hits = Vec::new();
+    for i in 0..16 {
+        let store = if i % 2 == 0 { s.clone() } else { s2.clone() };
+        hits.push(tokio::spawn(async move {
+            store
+                .hit_window("source 1.2.3.4", 10_000, 1_000, 5)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut through = 0;
+    for t in hits {
+        match t.await.unwrap() {
+            None => through += 1,
+            Some(start) => assert_eq!(start, 10_000, "the window's start, for Retry-After"),
+        }
+    }
+    assert_eq!(through, 5, "replicas count together");
+    assert_eq!(
+        s.hit_window("source 1.2.3.4", 10_999, 1_000, 5)
+            .await
+            .unwrap(),
+        Some(10_000)
+    );
+    assert_eq!(
+        s.hit_window("other", 10_999, 1_000, 5).await.unwrap(),
+        None,
+        "keys apart"
+    );
+    assert_eq!(
+        s2.hit_window("source 1.2.3.4", 11_000, 1_000, 5)
+            .await
+            .unwrap(),
+        None,
+        "a new window"
+    );
+    assert_eq!(
+        s.prune_windows(10_999).await.unwrap(),
+        0,
+        "none started before"
+    );
+    assert_eq!(
+        s.prune_windows(11_000).await.unwrap(),
+        1,
+        "the one that started before goes"
+    );
+
     let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     s.put_blob_part("build/b1/part", 2, &bytes).await.unwrap();
     s.put_blob_part("build/b1/part", 1, b"one").await.unwrap();

@@ -125,6 +125,47 @@ impl Coordination for PostgresStore {
             .ok_or_else(|| crate::StoreError::Backend(format!("setting {key} vanished")))
     }
 
+    async fn hit_window(
+        &self,
+        key: &str,
+        now: Millis,
+        window_ms: i64,
+        max: u32,
+    ) -> Result<Option<Millis>> {
+        // One conditional upsert: the row lock orders racing replicas, and the WHERE sees the
+        // count as the previous one left it.
+        let counted = self
+            .exec(
+                "INSERT INTO rate_windows (key, window_start, count) VALUES ($1, $2, 1)
+                 ON CONFLICT (key) DO UPDATE SET
+                   count = CASE WHEN rate_windows.window_start <= $2 - $3 THEN 1 ELSE rate_windows.count + 1 END,
+                   window_start = CASE WHEN rate_windows.window_start <= $2 - $3 THEN $2 ELSE rate_windows.window_start END
+                 WHERE rate_windows.window_start <= $2 - $3 OR rate_windows.count < $4",
+                &[&key, &now, &window_ms, &super::int(max)],
+            )
+            .await?;
+        if counted == 1 {
+            return Ok(None);
+        }
+        Ok(self
+            .rows(
+                "SELECT window_start FROM rate_windows WHERE key = $1",
+                &[&key],
+            )
+            .await?
+            .first()
+            .map(|r| r.get::<_, i64>(0))
+            .or(Some(now)))
+    }
+
+    async fn prune_windows(&self, before: Millis) -> Result<u64> {
+        self.exec(
+            "DELETE FROM rate_windows WHERE window_start < $1",
+            &[&before],
+        )
+        .await
+    }
+
     async fn put_blob_part(&self, key: &str, part: u32, data: &[u8]) -> Result<()> {
         self.exec(
             "INSERT INTO blobs (key, part, data) VALUES ($1, $2, $3)

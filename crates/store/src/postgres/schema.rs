@@ -244,14 +244,16 @@ CREATE TABLE fleets (
 );
 "#,
     // Coordination between replicas: who is alive, singletons' leases (unlogged: a lease is
-    // worth nothing after a crash of the database), a shared secret, and blobs every replica
-    // reads (stored as they come: uploads and artifacts are compressed already).
+    // worth nothing after a crash of the database), a shared secret, blobs every replica
+    // reads (stored as they come: uploads and artifacts are compressed already), and the
+    // counters of rate limits that every replica must count together.
     r#"
 CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE UNLOGGED TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at BIGINT NOT NULL);
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE blobs (key TEXT NOT NULL, part INTEGER NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (key, part));
 ALTER TABLE blobs ALTER COLUMN data SET STORAGE EXTERNAL;
+CREATE TABLE rate_windows (key TEXT PRIMARY KEY, window_start BIGINT NOT NULL, count INTEGER NOT NULL);
 "#,
 ];
 

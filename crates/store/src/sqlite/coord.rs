@@ -117,6 +117,54 @@ impl Coordination for SqliteStore {
         .await
     }
 
+    async fn hit_window(
+        &self,
+        key: &str,
+        now: Millis,
+        window_ms: i64,
+        max: u32,
+    ) -> Result<Option<Millis>> {
+        let key = key.to_string();
+        self.write(move |c| {
+            let counted = c
+                .run(
+                    "INSERT INTO rate_windows (key, window_start, count) VALUES (?1, ?2, 1)
+                 ON CONFLICT (key) DO UPDATE SET
+                   count = CASE WHEN rate_windows.window_start <= ?2 - ?3 THEN 1 ELSE rate_windows.count + 1 END,
+                   window_start = CASE WHEN rate_windows.window_start <= ?2 - ?3 THEN ?2 ELSE rate_windows.window_start END
+                 WHERE rate_windows.window_start <= ?2 - ?3 OR rate_windows.count < ?4",
+                    params![key, now, window_ms, max],
+                )
+                .map_err(backend)?;
+            if counted == 1 {
+                return Ok(None);
+            }
+            let start: Option<Millis> = c
+                .one(
+                    "SELECT window_start FROM rate_windows WHERE key = ?1",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            Ok(start.or(Some(now)))
+        })
+        .await
+    }
+
+    async fn prune_windows(&self, before: Millis) -> Result<u64> {
+        self.write(move |c| {
+            let n = c
+                .run(
+                    "DELETE FROM rate_windows WHERE window_start < ?1",
+                    params![before],
+                )
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn put_blob_part(&self, key: &str, part: u32, data: &[u8]) -> Result<()> {
         let (key, data) = (key.to_string(), data.to_vec());
         self.write(move |c| {
