@@ -146,7 +146,7 @@ test('deploy honours ignore files and --from-latest keeps settings', async () =>
     assert.match(first.stderr, new RegExp(`packed ${expected.length} files`));
     // What was uploaded: the server unpacks each build under <data-dir>/builds/<buildId>/bundle.
     const { buildId } = JSON.parse(first.stdout);
-    assert.deepEqual(listFiles(path.join(lodge.dataDir, 'builds', buildId, 'bundle')), expected);
+    assert.deepEqual(listFiles(path.join(lodge.buildDir(buildId), 'bundle')), expected);
     const second = await cli(['deploy', dir, '--app-id', appId, '--from-latest', '--build-tag', 'v2', '--json']);
     const d = JSON.parse(second.stdout);
     assert.equal(d.roomsPerProcess, 3, 'copied from the latest deployment');

@@ -31,6 +31,7 @@ import {
   streamText,
   sleep,
   expectHttpError,
+  TEARDOWN_TIMEOUT_MS,
 } from '../lib/lodge.js';
 
 const run = promisify(execFile);
@@ -135,7 +136,7 @@ function containerLodge(extraArgs = []) {
     },
     { timeout: 60_000 },
   );
-  after(() => lodge.teardown(), { timeout: 30_000 });
+  after(() => lodge.teardown(), { timeout: Math.max(30_000, TEARDOWN_TIMEOUT_MS) });
   return ctx;
 }
 

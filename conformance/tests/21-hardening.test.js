@@ -348,18 +348,25 @@ for (const isolation of ['auto', 'none']) {
     test('each process runs as its own user, reads and writes only what is its own', async () => {
       const sdk = lodge.sdk();
       const orgId = await lodge.orgId();
-      const servePid = lodge.child.pid;
+      // The one box: lodge serve is the node, its data dir holds everything. Replicas mode
+      // (LODGE_TEST_REPLICAS): the region's `lodge agent` is the node, with the processes and
+      // its node credential in its data dir; the admin token is in the replicas' data dirs.
+      const node = lodge.nodeFor(REGION);
+      const servePid = node.pid;
       const lodgeUid = uidOf(servePid);
       const dataDir = lodge.dataDir;
+      const nodeDir = node.dataDir;
       const adminToken = path.join(dataDir, 'admin-token');
       const db = path.join(dataDir, 'lodge.db');
       // On PostgreSQL (LODGE_TEST_STORE) there is no database file to protect.
       const secrets = TEST_STORE ? [adminToken] : [adminToken, db];
       for (const f of secrets) assert.ok(fs.statSync(f).isFile(), `${f} exists (so EACCES means refused)`);
+      const nodeSecrets = nodeDir === dataDir ? [] : [path.join(nodeDir, 'node-credential.json')];
+      for (const f of nodeSecrets) assert.ok(fs.statSync(f).isFile(), `${f} exists (so EACCES means refused)`);
 
       const { build } = await uploadBuild(sdk, orgId, await makeBundle(PROBE_DIR), { buildTag: 'probe' });
       assert.equal(build.status, 'succeeded');
-      const bundleDir = path.join(dataDir, 'builds', build.buildId, 'bundle');
+      const bundleDir = path.join(lodge.buildDir(build.buildId), 'bundle');
       assert.ok(fs.statSync(path.join(bundleDir, 'probe.py')).isFile(), `the bundle is at ${bundleDir}`);
 
       const app = await sdk.appsV2.createApp({ appName: uniqueName('probe'), authConfiguration: { anonymous: {} } }, orgId);
@@ -393,7 +400,7 @@ for (const isolation of ['auto', 'none']) {
           assert.ok(me.groups.every((g) => g === me.gid), `no supplementary groups (${me.groups})`);
           // Its bundle, mounted read-only beside its HOME, outside the data dir.
           assert.equal(me.cwd, path.join(path.dirname(me.home), 'bundle'), 'runs in its bundle');
-          assert.ok(!me.cwd.startsWith(dataDir), `${me.cwd} is outside the data dir`);
+          assert.ok(!me.cwd.startsWith(dataDir) && !me.cwd.startsWith(nodeDir), `${me.cwd} is outside the data dir`);
 
           for (const name of ['PROBE_CANARY', 'LODGE_ADMIN_TOKEN', 'RUST_LOG', 'NO_COLOR']) {
             assert.ok(!me.envNames.includes(name), `Lodge's ${name} is not in the game's environment`);
@@ -413,7 +420,7 @@ for (const isolation of ['auto', 'none']) {
           assert.equal(me.write.tmpdir, 'ok', `writing into TMPDIR ${me.tmpdir}`);
           assert.ok(me.marker, 'wrote its marker into HOME at start');
           for (const dir of [me.home, me.tmpdir]) {
-            assert.ok(path.isAbsolute(dir) && !dir.startsWith(dataDir) && dir !== '/root', `${dir} is a scratch dir`);
+            assert.ok(path.isAbsolute(dir) && !dir.startsWith(dataDir) && !dir.startsWith(nodeDir) && dir !== '/root', `${dir} is a scratch dir`);
             const st = fs.statSync(dir);
             assert.equal(st.uid, me.uid, `${dir} belongs to the game's user`);
             assert.equal(st.mode & 0o077, 0, `${dir} is private (mode ${(st.mode & 0o777).toString(8)})`);
@@ -428,21 +435,23 @@ for (const isolation of ['auto', 'none']) {
         // Each against the other, its own launch file and Lodge; the bundle by its absolute
         // path and its own environ are the controls that reading works at all.
         for (const [self, peer] of [[a, b], [b, a]]) {
-          const launch = path.join(dataDir, 'processes', self.processId, 'launch.json');
+          const launch = path.join(nodeDir, 'processes', self.processId, 'launch.json');
           assert.ok(fs.existsSync(launch), `${launch} exists`);
           const own = `/proc/${self.me.pid}/environ`;
           const theirs = `/proc/${peer.me.pid}/environ`;
           const script = path.join(self.me.cwd, 'probe.py');
           const r = await probe(self.info, {
-            read: [peer.me.marker, theirs, launch, script, own],
-            list: [peer.me.home, path.join(dataDir, 'processes')],
+            read: [peer.me.marker, theirs, launch, script, own, ...nodeSecrets],
+            list: [peer.me.home, path.join(nodeDir, 'processes'), nodeDir],
             signal: [peer.me.pid, servePid, self.me.parent, self.me.pid],
           });
           assert.equal(r.read[peer.me.marker], 'EACCES', "reading the other process's HOME");
           assert.equal(r.read[theirs], 'EACCES', "reading the other process's environment");
           assert.equal(r.read[launch], 'EACCES', 'reading its own launch file');
           assert.equal(r.list[peer.me.home], 'EACCES', "listing the other process's HOME");
-          assert.equal(r.list[path.join(dataDir, 'processes')], 'EACCES', "listing Lodge's process dirs");
+          assert.equal(r.list[path.join(nodeDir, 'processes')], 'EACCES', "listing Lodge's process dirs");
+          assert.equal(r.list[nodeDir], 'EACCES', "listing the node's data dir");
+          for (const f of nodeSecrets) assert.equal(r.read[f], 'EACCES', `reading ${f}`);
           assert.equal(r.signal[String(peer.me.pid)], 'EPERM', 'signalling the other process');
           assert.equal(r.signal[String(servePid)], 'EPERM', 'signalling lodge serve');
           assert.equal(r.signal[String(self.me.parent)], 'EPERM', 'signalling its shim');

@@ -8,6 +8,9 @@
 // servers are counted from /proc: a game server is a process whose environment carries
 // HATHORA_PROCESS_ID=<id> and whose parent does not (the root of a game-server tree).
 //
+// In replicas mode (LODGE_TEST_REPLICAS) the kill -9 takes down every replica and every agent
+// at once, and the game servers are their agents'.
+//
 // Knobs: CRASH_SEED (default 22), CRASH_CYCLES (default 15).
 
 import { test } from 'node:test';
@@ -102,10 +105,10 @@ function gameServers(procs, appId, knownIds) {
   return trees;
 }
 
-/** `lodge shim <dataDir>/...` processes. */
-function shimsOf(procs, dataDir) {
+/** `lodge shim <dataDir>/...` processes, for any of `dataDirs` (the nodes' data dirs). */
+function shimsOf(procs, dataDirs) {
   return procs.filter(
-    (p) => p.cmdline[1] === 'shim' && (p.cmdline[2] ?? '').startsWith(dataDir + path.sep),
+    (p) => p.cmdline[1] === 'shim' && dataDirs.some((d) => (p.cmdline[2] ?? '').startsWith(d + path.sep)),
   );
 }
 
@@ -154,8 +157,8 @@ function readMaybe(file) {
 }
 
 /** What the data dir and /proc say about one process id (for a failure message). */
-function evidence(dataDir, processId, procs) {
-  const dir = path.join(dataDir, 'processes', processId);
+function evidence(lodge, processId, procs) {
+  const dir = lodge.processDir(processId);
   const lines = [`== process ${processId} (${dir})`];
   for (const f of ['state.json', 'shim.pid', 'pid', 'exit.json']) {
     lines.push(`-- ${f}: ${readMaybe(path.join(dir, f)).trim()}`);
@@ -179,8 +182,7 @@ function evidence(dataDir, processId, procs) {
  * How far the start of a process had got when Lodge died, from its files (stable once Lodge
  * is dead, but for what its shim writes itself).
  */
-function startPhase(dataDir, processId) {
-  const dir = path.join(dataDir, 'processes', processId);
+function startPhase(dir) {
   let state;
   try {
     state = JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8'));
@@ -215,7 +217,7 @@ test(
       for (const [id, roots] of trees) {
         maxPerId = Math.max(maxPerId, roots.length);
         if (roots.length > 1) {
-          violations.push(`${when}: ${roots.length} game servers for ${id}\n${evidence(lodge.dataDir, id, procs)}`);
+          violations.push(`${when}: ${roots.length} game servers for ${id}\n${evidence(lodge, id, procs)}`);
         }
       }
       return trees;
@@ -249,7 +251,7 @@ test(
         sample(`cycle ${cycles} before kill -9`);
         await lodge.kill9();
         for (const id of batch) {
-          const phase = startPhase(lodge.dataDir, id);
+          const phase = startPhase(lodge.processDir(id));
           phases[phase] = (phases[phase] ?? 0) + 1;
           phaseOf.set(id, phase);
         }
@@ -265,7 +267,10 @@ test(
       await waitFor(
         async () => {
           for (const id of (await listAllProcesses(sdk, appId)).keys()) knownIds.add(id);
-          for (const id of fs.readdirSync(path.join(lodge.dataDir, 'processes'))) knownIds.add(id);
+          for (const dir of lodge.nodeDataDirs) {
+            if (!fs.existsSync(path.join(dir, 'processes'))) continue;
+            for (const id of fs.readdirSync(path.join(dir, 'processes'))) knownIds.add(id);
+          }
           for (const id of knownIds) {
             const p = await sdk.processesV3.getProcess(id, appId);
             statuses.set(id, p.status);
@@ -324,7 +329,7 @@ test(
         const ids = new Set([...trees.keys(), ...statuses.keys()]);
         const details = [...ids]
           .filter((id) => problems.some((p) => p.includes(id)))
-          .map((id) => evidence(lodge.dataDir, id, procs));
+          .map((id) => evidence(lodge, id, procs));
         assert.fail(`${problems.join('\n')}\n${details.join('\n')}`);
       }
       assert.ok([...statuses.values()].includes('running'), 'some process survived the crashes running');
@@ -333,12 +338,15 @@ test(
       assert.deepEqual(await lodge.stop(), { code: 0, signal: null }, 'lodge exits 0 on SIGTERM');
       const stillRunning = gameServers(scanProc(), appId, knownIds);
       assert.ok(stillRunning.size > 0, 'game servers outlive a graceful stop of lodge');
-      const { stdout, stderr } = await withTimeout(
-        execFileAsync(LODGE_BIN, ['cleanup', '--data-dir', lodge.dataDir]),
-        60_000,
-        'lodge cleanup did not finish within 60 s',
-      );
-      console.log(`lodge cleanup: ${(stdout + stderr).trim()}`);
+      // Every node's data dir: the one box's, or in replicas mode every agent's.
+      for (const dir of lodge.nodeDataDirs) {
+        const { stdout, stderr } = await withTimeout(
+          execFileAsync(LODGE_BIN, ['cleanup', '--data-dir', dir]),
+          60_000,
+          'lodge cleanup did not finish within 60 s',
+        );
+        console.log(`lodge cleanup --data-dir ${dir}: ${(stdout + stderr).trim()}`);
+      }
 
       // SIGKILL is delivered at once, but an exiting process stays in /proc for a moment.
       let left = { games: [], shims: [], netns: [] };
@@ -347,7 +355,7 @@ test(
         left = {
           procs,
           games: [...gameServers(procs, appId, knownIds).values()].flat(),
-          shims: shimsOf(procs, lodge.dataDir),
+          shims: shimsOf(procs, lodge.nodeDataDirs),
           netns: netnsList().filter((n) => knownIds.has(n.replace(/^lodge-/, ''))),
         };
         return left.games.length + left.shims.length + left.netns.length === 0;
@@ -363,7 +371,7 @@ test(
         assert.fail(
           `left after lodge cleanup: game servers [${left.games.map((p) => p.pid)}], ` +
             `shims [${left.shims.map((p) => p.pid)}], namespaces [${left.netns}]\n` +
-            [...ids].map((id) => evidence(lodge.dataDir, id, left.procs)).join('\n'),
+            [...ids].map((id) => evidence(lodge, id, left.procs)).join('\n'),
         );
       }
       passed = true;
@@ -374,7 +382,7 @@ test(
       if (appId && lodge.dataDir) {
         const procs = scanProc();
         const games = [...gameServers(procs, appId, knownIds).values()].flat();
-        const shims = shimsOf(procs, lodge.dataDir);
+        const shims = shimsOf(procs, lodge.nodeDataDirs);
         for (const p of [...shims, ...games]) {
           console.error(`killing leftover pid ${p.pid} [${p.cmdline.join(' ')}]`);
           try {

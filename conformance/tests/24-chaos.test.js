@@ -4,11 +4,16 @@
 // seen over roomsPerProcess, each process's count equal to its active rooms, and at least
 // 99.9 % of operations succeed with retries. It runs on the embedded store and, in the second
 // pass of scripts/test, on PostgreSQL.
+//
+// In replicas mode (LODGE_TEST_REPLICAS) the whole Lodge never goes down: every 10 s one
+// replica (each in turn) is killed with kill -9 and started again, while the front sends the
+// stream to whichever replicas answer. Same checker; that operations needed retries is not
+// required then (a balancer routes around a dead replica), that every kill landed is.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { useLodge, sleep, uniqueName } from '../lib/lodge.js';
+import { useLodge, sleep, uniqueName, REPLICAS } from '../lib/lodge.js';
 
 /** The HTTP status of an SDK error; undefined when no answer came (the server was down). */
 const statusOf = (err) => (typeof err?.statusCode === 'number' ? err.statusCode : undefined);
@@ -18,6 +23,8 @@ const lodge = useLodge();
 const ROOMS_PER_PROCESS = 3;
 const WORKERS = 6;
 const KILLS = 5;
+/** Replicas mode: one replica killed every this often. */
+const REPLICA_KILL_EVERY_MS = 10_000;
 const REGIONS = ['Seattle', 'London'];
 /** How long one operation is retried before it counts as failed. */
 const RETRY_FOR_MS = 30_000;
@@ -49,7 +56,11 @@ async function withRetry(op, stats) {
   }
 }
 
-test('kill -9 and restart under a CreateRoom/DestroyRoom stream: nothing acknowledged is lost, nothing over-allocated', { timeout: 240_000 }, async () => {
+const TITLE = REPLICAS
+  ? 'kill -9 and restart of one replica at a time under a CreateRoom/DestroyRoom stream: nothing acknowledged is lost, nothing over-allocated'
+  : 'kill -9 and restart under a CreateRoom/DestroyRoom stream: nothing acknowledged is lost, nothing over-allocated';
+
+test(TITLE, { timeout: 240_000 }, async () => {
   const { appId } = await lodge.echoApp({ roomsPerProcess: ROOMS_PER_PROCESS });
   const sdk = () => lodge.sdk();
   const stats = { ok: 0, retried: 0, failed: 0, errors: [] };
@@ -122,8 +133,17 @@ test('kill -9 and restart under a CreateRoom/DestroyRoom stream: nothing acknowl
 
   const workers = Array.from({ length: WORKERS }, (_, w) => worker(w));
   const sampling = sampler();
+  const kills = []; // replicas mode: {replica, exit} of each kill
   try {
     for (let k = 0; k < KILLS; k++) {
+      if (REPLICAS) {
+        await sleep(REPLICA_KILL_EVERY_MS);
+        const replica = k % lodge.replicas.length;
+        kills.push({ replica, exit: await lodge.killReplica(replica) });
+        await sleep(200);
+        await lodge.startReplica(replica);
+        continue;
+      }
       await sleep(1500 + Math.random() * 1500);
       await lodge.kill9();
       await sleep(200);
@@ -140,7 +160,15 @@ test('kill -9 and restart under a CreateRoom/DestroyRoom stream: nothing acknowl
   const total = stats.ok + stats.failed;
   assert.ok(total >= 100, `enough operations ran to mean something (${total})`);
   assert.ok(stats.failed / total <= 0.001, `${stats.failed} of ${total} operations failed even with retries: ${stats.errors.slice(0, 3).join('; ')}`);
-  assert.ok(stats.retried > 0, 'some operations met a dead server and were retried (the kills landed)');
+  if (REPLICAS) {
+    assert.deepEqual(
+      kills.map((k) => k.exit?.signal),
+      Array(KILLS).fill('SIGKILL'),
+      `every kill landed on a running replica: ${JSON.stringify(kills)}`,
+    );
+  } else {
+    assert.ok(stats.retried > 0, 'some operations met a dead server and were retried (the kills landed)');
+  }
   assert.deepEqual(overAllocated, [], 'no process was ever seen holding more rooms than roomsPerProcess');
 
   const active = new Map();
@@ -169,5 +197,6 @@ test('kill -9 and restart under a CreateRoom/DestroyRoom stream: nothing acknowl
       assert.equal(p.roomsAllocated, live, `${processId}: its count matches its active rooms`);
     }
   }
-  console.log(`chaos: ${total} operations (${stats.retried} needed retries, ${stats.failed} failed), ${history.size} rooms, ${processes.size} processes, ${KILLS} kills`);
+  const killed = REPLICAS ? `${KILLS} kills of one replica (front: ${JSON.stringify(lodge.frontCounts())})` : `${KILLS} kills`;
+  console.log(`chaos: ${total} operations (${stats.retried} needed retries, ${stats.failed} failed), ${history.size} rooms, ${processes.size} processes, ${killed}`);
 });
