@@ -16,7 +16,14 @@ use crate::{ApiResult, AppState, Body, Dev};
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/lodge/v1/replicas", get(list))
-        .route(PEER_CALL_PATH, post(node_call))
+        // PEER_CALL_PATH, written out for the route table's checks.
+        .route("/lodge/v1/replica/node-call", post(node_call))
+}
+
+#[test]
+fn the_peer_call_route_is_where_replicas_post() {
+    let served = include_str!("replicas.rs");
+    assert!(served.contains(&format!("(\"{PEER_CALL_PATH}\", post(node_call))")));
 }
 
 async fn list(State(s): State<AppState>, Dev(c): Dev) -> ApiResult<Json<serde_json::Value>> {

@@ -1,13 +1,14 @@
 //! Tests only: the route table as written in the source, `(path, methods)` per `.route(...)`,
 //! so that the scope rule and the OpenAPI document can be checked against every route.
 
-const SOURCES: [&str; 6] = [
+const SOURCES: [&str; 7] = [
     include_str!("handlers.rs"),
     include_str!("legacy.rs"),
     include_str!("players.rs"),
     include_str!("lodge_routes.rs"),
     include_str!("nodes.rs"),
     include_str!("fleets.rs"),
+    include_str!("replicas.rs"),
 ];
 
 pub fn routes() -> Vec<(String, Vec<&'static str>)> {

@@ -61,13 +61,15 @@ mod tests {
             || path.starts_with("/uploads/")
             // A join token or a node credential, not a developer token.
             || path.starts_with("/lodge/v1/node/")
+            // The replicas' shared secret.
+            || path.starts_with("/lodge/v1/replica/")
             || path.contains("/connectioninfo/")
             || (path.starts_with("/lobby/") && !path.contains("/setState/"))
     }
 
     #[test]
     fn every_developer_route_maps_to_a_scope_or_admin() {
-        let admin_only = ["/metrics", "/lodge/v1/orgs"];
+        let admin_only = ["/metrics", "/lodge/v1/orgs", "/lodge/v1/replicas"];
         for path in route_patterns() {
             let mapped = required(&Method::GET, &path).is_some();
             assert!(
