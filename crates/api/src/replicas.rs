@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use lodge_control::peer::{PeerCall, PEER_CALL_PATH, PEER_SECRET_HEADER};
+use lodge_control::peer::{PeerCall, PEER_SECRET_HEADER};
 use lodge_model::node::LinkResult;
 use lodge_model::protocol::NodeReply;
 use serde_json::json;
@@ -22,6 +22,7 @@ pub fn routes() -> Router<AppState> {
 
 #[test]
 fn the_peer_call_route_is_where_replicas_post() {
+    use lodge_control::peer::PEER_CALL_PATH;
     let served = include_str!("replicas.rs");
     assert!(served.contains(&format!("(\"{PEER_CALL_PATH}\", post(node_call))")));
 }
