@@ -241,6 +241,15 @@ impl Control {
         }
     }
 
+    /// As [`Self::nodes_changed`], the hint batched with the others (many nodes connecting
+    /// at once after an outage make one hint, not one each).
+    pub(crate) fn nodes_changed_soon(&self) {
+        self.forget_nodes();
+        if let Some(tx) = self.replica.hints.get() {
+            let _ = tx.send(NODES_CHANGED.to_string());
+        }
+    }
+
     /// A hint from another replica: wake the sessions it names that are held here, forget
     /// the nodes as last read if they changed (or if hints may have been lost).
     fn take_hint(&self, hint: &str) {

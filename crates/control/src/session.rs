@@ -208,6 +208,8 @@ impl Control {
             (welcome, proto.epoch, inbox)
         };
         let mut inbox = inbox;
+        // It may take work now: placements anywhere read the nodes afresh.
+        self.nodes_changed_soon();
         tracing::info!(%node_id, epoch, "node connected");
         let result = self
             .run_session(&remote, epoch, welcome, &mut reader, &mut w, &mut inbox)
