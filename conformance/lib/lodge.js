@@ -238,13 +238,23 @@ export class Lodge {
     this.isolation = isolation;
     this.extraEnv = env;
     this.adminToken = `lodge-test-${crypto.randomBytes(16).toString('hex')}`;
-    this.child = null;
-    this.exited = null;
+    /** The one box's `lodge serve` (a Member, as a replica is; made at the first start). */
+    this.box = null;
     this.failed = false;
     this.dataDir = null;
     /** Replicas mode: the `lodge serve --no-local-node` replicas and the `lodge agent`s. */
     this.replicas = null;
     this.agents = null;
+  }
+
+  /** The one box's running server process (null when it is not running). */
+  get child() {
+    return this.box?.child ?? null;
+  }
+
+  /** The one box's last exit: resolves with {code, signal}. */
+  get exited() {
+    return this.box?.exited ?? null;
   }
 
   get url() {
@@ -285,27 +295,11 @@ export class Lodge {
       ...(this.storeArgs ?? []),
       ...this.extraArgs,
     ];
-    const logFd = fs.openSync(this.logFile, 'a');
-    fs.writeSync(logFd, `\n=== ${new Date().toISOString()} ${LODGE_BIN} ${args.join(' ')}\n`);
-    const child = spawn(LODGE_BIN, args, { env: this.#env(), stdio: ['ignore', logFd, logFd] });
-    fs.closeSync(logFd);
-    this.child = child;
-    running.add(this);
-    this.exited = new Promise((resolve) => {
-      const gone = (result) => {
-        running.delete(this);
-        if (this.child === child) this.child = null;
-        resolve(result);
-      };
-      child.once('exit', (code, signal) => gone({ code, signal }));
-      child.once('error', (err) => {
-        fs.appendFileSync(this.logFile, `spawn error: ${err.stack}\n`);
-        gone({ code: null, signal: null, error: err });
-      });
-    });
+    this.box ??= new Member('lodge', this.logFile);
+    const child = this.box.spawn(args, this.#env());
 
     try {
-      await waitReady(this, child, this.url, 'lodge');
+      await waitReady(this.box, child, this.url, 'lodge');
     } catch (err) {
       this.failed = true; // teardown prints the log
       throw err;
@@ -347,25 +341,13 @@ export class Lodge {
       if (failed) throw failed.reason;
       return combinedExit(results.map((r) => r.value));
     }
-    const child = this.child;
-    if (!child) return null;
-    child.kill('SIGTERM');
-    try {
-      return await withTimeout(this.exited, timeoutMs);
-    } catch {
-      child.kill('SIGKILL');
-      await this.exited;
-      throw new Error(`lodge did not exit within ${timeoutMs} ms of SIGTERM`);
-    }
+    return this.box ? this.box.stop(timeoutMs) : null;
   }
 
   /** SIGKILL, then waits for the exit. */
   async kill9() {
     if (this.replicas) return combinedExit(await Promise.all(this.#members().map((m) => m.kill9())));
-    const child = this.child;
-    if (!child) return null;
-    child.kill('SIGKILL');
-    return this.exited;
+    return this.box ? this.box.kill9() : null;
   }
 
   /** Starts the server again on the same data dir and ports (stopping it first if it runs). */

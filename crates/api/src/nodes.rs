@@ -42,6 +42,7 @@ pub(crate) fn node_json(v: &NodeView) -> serde_json::Value {
         "embedded": !n.remote,
         "reachable": v.reachable,
         "connected": v.connected,
+        "replicaId": n.replica,
         "cpu": n.cpu,
         "memoryMB": n.memory_mb,
         "portCapacity": n.port_capacity,

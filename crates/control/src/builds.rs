@@ -13,6 +13,10 @@ use tokio::sync::mpsc;
 
 use crate::{Caller, Control, Error, Result};
 
+/// On a shared store, a build whose runner's record is older than this is failed (the runner
+/// is gone and can never finish it).
+pub const BUILD_RUNNER_GONE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Lines of a running build's log.
 pub type BuildLog = mpsc::Receiver<String>;
 
@@ -492,14 +496,33 @@ impl Control {
             };
             if status == BuildStatus::Failed {
                 control.reclaim_failed(&build.build_id).await;
+            } else if control.shares_files() {
+                // The uploaded archive served only this run; the artifact is what nodes get.
+                let key = crate::shared::archive_key(&build.build_id);
+                if let Err(e) = control.store.delete_blobs(&key).await {
+                    tracing::warn!(build_id = %build.build_id, error = %e, "cannot delete the build's shared archive");
+                }
             }
             build.status = status;
             build.runner = None;
             build.image_size = size;
             build.content_hash = hash;
             build.finished_at = Some(control.now());
-            if let Err(e) = control.store.update_build(&build).await {
-                tracing::error!(build_id = %build.build_id, error = %e, "cannot record build result");
+            // Only over `running`: a build another replica judged orphaned (this one looked
+            // gone for a while) stays failed rather than flipping back.
+            match control
+                .store
+                .update_build_if(&build, BuildStatus::Running)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(build_id = %build.build_id, "build was judged failed while it ran; its result is dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(build_id = %build.build_id, error = %e, "cannot record build result");
+                }
             }
             tracing::info!(build_id = %build.build_id, status = %status, "build finished");
         });
@@ -648,10 +671,16 @@ impl Control {
     /// Builds left `running` by a replica that is gone (killed mid-build; on the embedded
     /// store, any earlier run of this server) can never finish: mark them failed.
     pub async fn fail_orphaned_builds(&self) -> Result<usize> {
+        // A runner is given longer than a replica's ordinary judgement: failing a build that
+        // still runs (its replica slow to write its record) costs the developer a rebuild.
         let alive: Vec<String> = if self.shares_files() {
-            self.live_replicas()
+            let now = self.now();
+            let gone = lodge_model::clock::millis(BUILD_RUNNER_GONE_AFTER);
+            self.store
+                .replicas()
                 .await?
                 .into_iter()
+                .filter(|r| now.saturating_sub(r.seen_at) < gone)
                 .map(|r| r.replica_id)
                 .collect()
         } else {

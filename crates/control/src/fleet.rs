@@ -265,6 +265,18 @@ impl Control {
     pub async fn list_nodes(&self, caller: &Caller) -> Result<Vec<NodeView>> {
         require_instance_admin(caller, "manage nodes")?;
         let usage = self.store.node_usage().await?;
+        // On a shared store a node's session may be held by another replica: it is connected
+        // when that replica is alive and the session wrote the node's heartbeat recently.
+        let others: Vec<String> = if self.store.shared() {
+            self.live_replicas()
+                .await?
+                .into_iter()
+                .map(|r| r.replica_id)
+                .filter(|id| id != self.replica_id())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut out = Vec::new();
         for node in self.store.nodes().await? {
             let u = usage
@@ -275,7 +287,10 @@ impl Control {
             let remote = self.remote_if_known(&node.node_id);
             out.push(NodeView {
                 reachable: self.heard_recently(&node),
-                connected: remote.as_ref().is_some_and(|r| r.connected()) || !node.remote,
+                connected: remote.as_ref().is_some_and(|r| r.connected())
+                    || !node.remote
+                    || (node.replica.as_ref().is_some_and(|r| others.contains(r))
+                        && self.heard_recently(&node)),
                 last_heard: remote.map(|r| r.last_heard()).max(node.last_seen_at),
                 live_processes: u.live_processes,
                 ports_in_use: u.ports,

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lodge_model::node::NodeLink;
 use lodge_model::spec::{AgentEvent, ProcessSpec};
@@ -236,9 +237,11 @@ impl Control {
 
     /// Run the reconcile loop until the control plane is dropped.
     pub fn spawn_reconciler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        self.spawn_lease();
         let weak = Arc::downgrade(self);
         let interval = self.cfg.reap_interval;
         tokio::spawn(async move {
+            let mut last_tidy: Option<tokio::time::Instant> = None;
             loop {
                 tokio::time::sleep(interval).await;
                 let Some(control) = weak.upgrade() else {
@@ -248,26 +251,41 @@ impl Control {
                 if let Err(e) = control.sweep_retention().await {
                     tracing::warn!(error = %e, "retention sweep failed");
                 }
-                // The rest is for one replica at a time.
-                if !control.lead().await {
-                    continue;
+                // The rest is for the lease's holder only, checked before every step.
+                if control.leads() {
+                    if let Err(e) = control.reap_idle().await {
+                        tracing::warn!(error = %e, "idle reaper pass failed");
+                    }
                 }
-                if let Err(e) = control.reap_idle().await {
-                    tracing::warn!(error = %e, "idle reaper pass failed");
+                if control.leads() {
+                    if let Err(e) = control.judge_lost_nodes(control.cfg.node_lost_after).await {
+                        tracing::warn!(error = %e, "node-loss judgement failed");
+                    }
                 }
-                if let Err(e) = control.judge_lost_nodes(control.cfg.node_lost_after).await {
-                    tracing::warn!(error = %e, "node-loss judgement failed");
+                if control.leads() {
+                    if let Err(e) = control.settle_drained().await {
+                        tracing::warn!(error = %e, "cannot settle drained nodes");
+                    }
                 }
-                if let Err(e) = control.settle_drained().await {
-                    tracing::warn!(error = %e, "cannot settle drained nodes");
-                }
-                if let Err(e) = control.fail_orphaned_builds().await {
-                    tracing::warn!(error = %e, "cannot judge builds left running");
-                }
-                if let Err(e) = control.prune_rate_windows().await {
-                    tracing::warn!(error = %e, "cannot prune ended rate-limit windows");
+                // Tidying up after replicas that are gone: on a shared store, once a minute.
+                let due = last_tidy.is_none_or(|t| t.elapsed() >= TIDY_EVERY);
+                if control.store.shared() && due && control.leads() {
+                    last_tidy = Some(tokio::time::Instant::now());
+                    if let Err(e) = control.fail_orphaned_builds().await {
+                        tracing::warn!(error = %e, "cannot judge builds left running");
+                    }
+                    if let Err(e) = control.prune_rate_windows().await {
+                        tracing::warn!(error = %e, "cannot prune ended rate-limit windows");
+                    }
+                    if let Err(e) = control.prune_replicas().await {
+                        tracing::warn!(error = %e, "cannot forget replicas long gone");
+                    }
                 }
             }
         })
     }
 }
+
+/// How often the lease's holder tidies up after replicas that are gone (their builds, their
+/// records, ended rate-limit windows).
+const TIDY_EVERY: Duration = Duration::from_secs(60);

@@ -5,8 +5,8 @@
 //! session's own periodic comparison as the safety net); and reaches a node attached to another
 //! replica through that replica ([`crate::peer::PeerNode`]).
 //!
-//! On the embedded store there is one replica: the lease is always its own and no hint is ever
-//! sent, so the one-box path does exactly what it did before.
+//! On the embedded store there is one replica: the lease is always its own (nothing written)
+//! and no hint is ever sent, so the one-box path does exactly what it did before.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -22,9 +22,17 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A replica whose record is older than this is gone: nobody forwards to it, and what it was
 /// running (builds) can never finish.
 pub const REPLICA_GONE_AFTER: Duration = Duration::from_secs(10);
+/// A gone replica's record is deleted this long after it was last refreshed.
+const REPLICA_FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
 /// The singletons' lease: taken or renewed on every reconcile pass, so it outlives a few missed
 /// passes, and moves to another replica this long after its holder died.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How often the holder renews the lease (its own task, whatever the singletons are doing).
+pub const LEASE_RENEW: Duration = Duration::from_secs(5);
+/// A holder stops running singletons this long before its lease would expire, as measured
+/// from before the renewal was sent: a slow renewal or a little clock skew between replicas
+/// never leaves two holders at once.
+const LEASE_MARGIN: Duration = Duration::from_secs(3);
 const SINGLETONS: &str = "singletons";
 /// The secret replicas show each other when one forwards a call to a node (made by the first
 /// replica that needs it, stored in the database, never shown to anyone else).
@@ -38,6 +46,8 @@ pub(crate) struct ReplicaState {
     secret: tokio::sync::OnceCell<String>,
     /// Since when this replica holds the singletons' lease (0: it does not).
     leading_since: AtomicI64,
+    /// Until when (this replica's clock) it may act as the holder without renewing.
+    lease_until: AtomicI64,
     /// Wake-ups for nodes attached elsewhere, sent as hints in batches.
     hints: OnceLock<mpsc::UnboundedSender<String>>,
     pub(crate) http: reqwest::Client,
@@ -50,6 +60,7 @@ impl ReplicaState {
             address: OnceLock::new(),
             secret: tokio::sync::OnceCell::new(),
             leading_since: AtomicI64::new(0),
+            lease_until: AtomicI64::new(0),
             hints: OnceLock::new(),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(3))
@@ -148,6 +159,19 @@ impl Control {
             .collect())
     }
 
+    /// Forget the records of replicas gone for an hour (each start is a new replica; the
+    /// records of the dead ones only serve to judge what they left behind).
+    pub(crate) async fn prune_replicas(&self) -> Result<()> {
+        let now = self.now();
+        let forget = lodge_model::clock::millis(REPLICA_FORGOTTEN_AFTER);
+        for r in self.store.replicas().await? {
+            if now.saturating_sub(r.seen_at) >= forget {
+                self.store.delete_replica(&r.replica_id).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// For operators: the live replicas, and whether each runs the singletons now.
     pub async fn list_replicas(&self, caller: &crate::Caller) -> Result<Vec<(Replica, bool)>> {
         crate::tokens::require_instance_admin(caller, "list replicas")?;
@@ -163,8 +187,12 @@ impl Control {
             .collect())
     }
 
-    /// Whether this replica holds the singletons' lease (taking or renewing it now).
+    /// Take or renew the singletons' lease now; whether this replica holds it. On the embedded
+    /// store there is one replica, which always does (and nothing is written).
     pub async fn lead(&self) -> bool {
+        if !self.store.shared() {
+            return true;
+        }
         let now = self.now();
         let ttl = lodge_model::clock::millis(LEASE_TTL);
         match self
@@ -173,6 +201,10 @@ impl Control {
             .await
         {
             Ok(true) => {
+                self.replica.lease_until.store(
+                    now + ttl - lodge_model::clock::millis(LEASE_MARGIN),
+                    Ordering::Release,
+                );
                 if self
                     .replica
                     .leading_since
@@ -189,13 +221,40 @@ impl Control {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew the singletons' lease");
-                self.step_down();
-                false
+                // It may still hold it until its deadline passes; it does not claim more.
+                self.leads()
             }
         }
     }
 
+    /// Whether this replica may run a singleton's step now: it holds the lease and its last
+    /// renewal is recent enough (checked before every step, so a holder that cannot reach
+    /// the store stops before another replica can take over).
+    pub fn leads(&self) -> bool {
+        !self.store.shared() || self.now() < self.replica.lease_until.load(Ordering::Acquire)
+    }
+
+    /// Keep the lease renewed (or keep trying to take it) every [`LEASE_RENEW`], until the
+    /// control plane is dropped. Nothing to do on the embedded store.
+    pub(crate) fn spawn_lease(self: &Arc<Self>) {
+        if !self.store.shared() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(control) = weak.upgrade() else {
+                    return;
+                };
+                control.lead().await;
+                drop(control);
+                tokio::time::sleep(LEASE_RENEW).await;
+            }
+        });
+    }
+
     fn step_down(&self) {
+        self.replica.lease_until.store(0, Ordering::Release);
         if self.replica.leading_since.swap(0, Ordering::AcqRel) != 0 {
             tracing::info!(replica = %self.replica.id, "this replica no longer runs the singletons");
         }

@@ -143,12 +143,26 @@ impl Control {
         }
         let org = self.bootstrap().await?;
         // A previous admin token whose file was lost (deleted, or a crash before it was
-        // written) is revoked, so that its name is free and it cannot be used any more.
-        for old in self.store.tokens(&org.org_id).await? {
-            if old.name == "admin"
-                && old.created_by == "lodge"
-                && old.status == OrgTokenStatus::Active
-            {
+        // written) is revoked, so that its name is free and it cannot be used any more. Not on
+        // a shared store: there another replica's data dir holds it, and revoking it would
+        // lock that replica's operator out; this replica's token is one more (listed, and
+        // revocable, like any other).
+        let minted_before = self
+            .store
+            .tokens(&org.org_id)
+            .await?
+            .into_iter()
+            .filter(|t| {
+                t.name == "admin" && t.created_by == "lodge" && t.status == OrgTokenStatus::Active
+            });
+        if self.store.shared() {
+            if minted_before.count() > 0 {
+                tracing::info!(
+                    "another replica minted an admin token; this one mints its own (copy a replica's admin-token file, or set LODGE_ADMIN_TOKEN, to share one)"
+                );
+            }
+        } else {
+            for old in minted_before {
                 self.store
                     .revoke_token(&org.org_id, &old.org_token_id)
                     .await?;

@@ -237,6 +237,12 @@ impl Fetcher {
             ));
         }
         if !status.is_success() {
+            // A replica that cannot serve it now (overloaded, its database unreachable, a
+            // proxy in front of it failing): the next attempt asks another.
+            if status.is_server_error() {
+                self.next_url
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
             return Err(http(
                 body["message"]
@@ -261,7 +267,12 @@ impl Fetcher {
             .open(&part)
             .await
             .map_err(io)?;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| http(e.to_string()))? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            // Cut mid-body (the replica died): resume from another.
+            self.next_url
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            http(e.to_string())
+        })? {
             file.write_all(&chunk).await.map_err(io)?;
         }
         file.flush().await.map_err(io)?;

@@ -71,10 +71,11 @@ fn row(n: &Value) -> Vec<String> {
         s(&n["liveProcesses"]),
         format!("{}/{}", s(&n["portsInUse"]), s(&n["portCapacity"])),
         s(&n["lastHeardAt"]),
+        s(&n["replicaId"]),
     ]
 }
 
-const HEAD: [&str; 7] = [
+const HEAD: [&str; 8] = [
     "NODE ID",
     "HOST",
     "REGIONS",
@@ -82,6 +83,7 @@ const HEAD: [&str; 7] = [
     "PROCESSES",
     "PORTS",
     "LAST HEARD",
+    "REPLICA",
 ];
 
 pub async fn nodes(ctx: &Ctx, cmd: NodesCmd) -> Result<()> {

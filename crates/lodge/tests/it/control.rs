@@ -501,13 +501,36 @@ async fn node_loss_follows_the_clock() {
         .is_terminal());
 }
 
-/// Two replicas on one store: the singletons run on one at a time; when its holder stops
-/// renewing, the lease moves once it expires, and the new holder counts a node's silence from
-/// when it took over (a node had the whole period to reach it).
+/// The one box is the only replica: it always runs the singletons, without a lease to write.
+#[tokio::test]
+async fn the_one_box_always_leads() {
+    let dir = TempDir::new("solo");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
+    let control = Control::new(
+        store.clone(),
+        Arc::new(ManualClock::new(1_000_000)),
+        ControlConfig::new(dir.0.clone()),
+    );
+    assert!(control.leads());
+    assert!(control.lead().await);
+    assert_eq!(
+        store.lease_holder("singletons", 1_000_000).await.unwrap(),
+        None
+    );
+}
+
+/// Two replicas on one PostgreSQL schema: the singletons run on one at a time; when its
+/// holder stops renewing, the lease moves once it expires, and the new holder counts a node's
+/// silence from when it took over (a node had the whole period to reach it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn singletons_run_on_one_replica_and_move_when_it_dies() {
     let dir = TempDir::new("lease");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap());
+    let schema = crate::store::PgSchema::new().await;
+    let store: Arc<dyn Store> = Arc::new(
+        lodge_store::PostgresStore::connect(&schema.url())
+            .await
+            .unwrap(),
+    );
     let clock = ManualClock::new(1_000_000);
     let a = setup(store.clone(), Arc::new(clock.clone()), &dir.0, 1, false).await;
     let b = Control::new(
@@ -536,11 +559,20 @@ async fn singletons_run_on_one_replica_and_move_when_it_dies() {
 
     assert!(a.control.lead().await, "the first to ask leads");
     assert!(!b.lead().await, "one holder at a time");
+    assert!(a.control.leads() && !b.leads());
     clock.advance_ms(10_000);
     assert!(a.control.lead().await, "its holder renews it");
     assert!(!b.lead().await);
-    // a dies (stops renewing); its lease expires 15 s after its last renewal.
-    clock.advance_ms(14_000);
+    // a dies (stops renewing); its lease expires 15 s after its last renewal, and it stops
+    // acting as the holder a margin before that.
+    clock.advance_ms(11_000);
+    assert!(a.control.leads(), "within its renewal's deadline");
+    clock.advance_ms(1_000);
+    assert!(
+        !a.control.leads(),
+        "past it: no more singleton steps without a renewal"
+    );
+    clock.advance_ms(2_000);
     assert!(!b.lead().await, "not expired yet");
     clock.advance_ms(2_000);
     assert!(b.lead().await, "expired: it moves");

@@ -363,6 +363,12 @@ async fn coordination_between_replicas(b: &dyn Backend) {
                 Some(""),
                 "a (re)connected listener says so"
             );
+            // A Lodge on another schema of the same database is not heard (NOTIFY channels
+            // are per database): its hint, sent first, is not what arrives.
+            let elsewhere = PgSchema::new().await;
+            let other: Arc<dyn Store> =
+                Arc::new(PostgresStore::connect(&elsewhere.url()).await.unwrap());
+            other.send_hint("another schema's").await.unwrap();
             // Another handle's hint arrives; a long one is cut to what NOTIFY takes.
             s2.send_hint("n1 p1").await.unwrap();
             s2.send_hint(&"x".repeat(10_000)).await.unwrap();

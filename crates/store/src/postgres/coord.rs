@@ -15,7 +15,32 @@ use super::{pg, PostgresStore};
 use crate::codec::to_json;
 use crate::{Coordination, Result, MAX_HINT};
 
-const CHANNEL: &str = "lodge_hints";
+/// The NOTIFY channel of a schema's Lodge: `lodge_hints` on `public`, else with the schema's
+/// name (a hash of it when the name would pass PostgreSQL's 63-byte identifier limit).
+pub(crate) fn channel_of(schema: &str) -> String {
+    if schema == "public" {
+        return "lodge_hints".into();
+    }
+    let clean: String = schema
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = format!("lodge_hints_{clean}");
+    if name.len() <= 63 && clean == schema {
+        return name;
+    }
+    // FNV-1a: the same on every replica whatever its build (std's hasher is not stable).
+    let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("lodge_hints_{hash:016x}")
+}
 /// How often the listener checks that its connection still answers.
 const LISTENER_CHECK: Duration = Duration::from_secs(5);
 
@@ -91,17 +116,21 @@ impl Coordination for PostgresStore {
         while !hint.is_char_boundary(end) {
             end -= 1;
         }
-        self.exec("SELECT pg_notify($1, $2)", &[&CHANNEL, &&hint[..end]])
-            .await?;
+        self.exec(
+            "SELECT pg_notify($1, $2)",
+            &[&self.channel.as_str(), &&hint[..end]],
+        )
+        .await?;
         Ok(())
     }
 
     fn hints(&self) -> Option<mpsc::Receiver<String>> {
         let (tx, rx) = mpsc::channel(4096);
         let cfg = self.cfg.clone();
+        let channel = self.channel.clone();
         tokio::spawn(async move {
             while !tx.is_closed() {
-                if let Err(e) = listen(&cfg, &tx).await {
+                if let Err(e) = listen(&cfg, &channel, &tx).await {
                     tracing::warn!(error = %e, "the hints' listener lost PostgreSQL; reconnecting");
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -214,7 +243,11 @@ impl Coordination for PostgresStore {
 }
 
 /// Hear hints on a connection of our own until it fails or nobody listens.
-async fn listen(cfg: &tokio_postgres::Config, tx: &mpsc::Sender<String>) -> Result<()> {
+async fn listen(
+    cfg: &tokio_postgres::Config,
+    channel: &str,
+    tx: &mpsc::Sender<String>,
+) -> Result<()> {
     let (client, mut conn) = cfg.connect(NoTls).await.map_err(pg)?;
     let (heard_tx, mut heard) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -232,7 +265,7 @@ async fn listen(cfg: &tokio_postgres::Config, tx: &mpsc::Sender<String>) -> Resu
     });
     let result = async {
         client
-            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .batch_execute(&format!("LISTEN \"{channel}\""))
             .await
             .map_err(pg)?;
         // Whatever was sent while this listener was away is lost: an empty hint tells the
@@ -241,6 +274,8 @@ async fn listen(cfg: &tokio_postgres::Config, tx: &mpsc::Sender<String>) -> Resu
         let mut check = tokio::time::interval(LISTENER_CHECK);
         loop {
             tokio::select! {
+                // Nobody listens any more (the control plane is gone): close the connection.
+                () = tx.closed() => return Ok(()),
                 hint = heard.recv() => match hint {
                     Some(h) => {
                         if tx.send(h).await.is_err() {

@@ -33,6 +33,9 @@ pub struct PostgresStore {
     cfg: tokio_postgres::Config,
     /// Placements into existing processes and freed rooms, committed in batches.
     batch: batch::Batcher,
+    /// The NOTIFY channel of this store's schema (channels are per database, and several
+    /// Lodges may share one database, a schema each).
+    channel: String,
 }
 
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -127,6 +130,7 @@ impl PostgresStore {
             cfg,
             batch: batch::Batcher::start(pool.clone()),
             pool,
+            channel: String::new(),
         };
         let mut client = store.pool.get().await.map_err(|e| {
             let why = match e {
@@ -139,8 +143,16 @@ impl PostgresStore {
             StoreError::Backend(format!("cannot reach PostgreSQL at {}: {why}", redact(url)))
         })?;
         schema::migrate(&mut client).await?;
+        let schema: String = client
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
         drop(client);
-        Ok(store)
+        Ok(Self {
+            channel: coord::channel_of(&schema),
+            ..store
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
