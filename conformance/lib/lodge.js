@@ -417,10 +417,18 @@ export class Lodge {
     return this.agents.find((a) => a.region === region)?.pingPort;
   }
 
-  /** Where the server unpacked a build (replicas mode: on the replica that took the upload). */
+  /**
+   * Where the server unpacked a build. In replicas mode the upload's parts, its assembly and
+   * RunBuild may each have gone to a different replica, so several may have a directory for
+   * it: the one with the unpacked `bundle` is the replica that ran it.
+   */
   buildDir(buildId) {
     const dirs = (this.replicas ?? [this]).map((r) => path.join(r.dataDir, 'builds', buildId));
-    return dirs.find((d) => fs.existsSync(d)) ?? dirs[0];
+    return (
+      dirs.find((d) => fs.existsSync(path.join(d, 'bundle')))
+      ?? dirs.find((d) => fs.existsSync(d))
+      ?? dirs[0]
+    );
   }
 
   /** Stops the server, kills leftover game-server processes, prints the log if needed. */
