@@ -1549,3 +1549,37 @@ async fn migrate_copies_a_one_box_store_into_postgres() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("rooms        2"));
 }
+
+/// The embedded store checkpoints its WAL (on a thread of its own; the writer never does):
+/// the WAL is reused after each checkpoint, so writes in rounds leave it about one round long
+/// rather than as long as all of them together, which is what a store that never checkpoints
+/// leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_wal_is_checkpointed() {
+    let dir = TempDir::new("wal");
+    let store = SqliteStore::open(&dir.0.join("lodge.db")).unwrap();
+    let wal = dir.0.join("lodge.db-wal");
+    const ROUNDS: usize = 4;
+    const PER_ROUND: usize = 500;
+    let mut sizes = Vec::new();
+    for round in 0..ROUNDS {
+        for i in 0..PER_ROUND {
+            let org = Org {
+                org_id: format!("org-{round}-{i}"),
+                name: format!("org {round} {i}"),
+                created_at: 0,
+            };
+            store.put_org(&org).await.unwrap();
+        }
+        // The file's length is its high-water mark: a reused WAL does not grow.
+        sizes.push(std::fs::metadata(&wal).unwrap().len());
+        // Longer than the checkpointer's pace (one per 200 ms at most).
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    }
+    let (first, last) = (sizes[0], sizes[ROUNDS - 1]);
+    assert!(
+        last < 2 * first,
+        "the WAL grew round after round ({sizes:?} bytes): it is not checkpointed"
+    );
+    assert_eq!(store.orgs().await.unwrap().len(), ROUNDS * PER_ROUND);
+}

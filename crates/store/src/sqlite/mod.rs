@@ -1,6 +1,7 @@
 //! The embedded store: one SQLite file in WAL mode. Writes go to one writer thread that commits
-//! every pending write in one transaction (group commit, `writer.rs`); reads run on their own
-//! read-only connections beside it.
+//! every pending write in one transaction (group commit, `writer.rs`); WAL checkpoints run on
+//! a thread of their own (`checkpoint.rs`); reads run on their own read-only connections
+//! beside them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -13,6 +14,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{from_json, to_json, RoomDoc};
 use crate::{EndedProcess, NodeUsage, PlaceTarget, ProcessQuery, Result, Store, StoreError};
 
+mod checkpoint;
 mod coord;
 mod schema;
 mod writer;
@@ -93,7 +95,7 @@ impl SqliteStore {
             readers.push(Mutex::new(r));
         }
         Ok(Self {
-            writer: Writer::start(conn)?,
+            writer: Writer::start(conn, path)?,
             readers,
             next_reader: std::sync::atomic::AtomicUsize::new(0),
             scratch: None,

@@ -6,12 +6,14 @@
 //! waits for every other request's commit in turn.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
+use std::path::Path;
+use std::sync::mpsc::{self, SyncSender};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+use super::checkpoint::Checkpointer;
 use crate::{Result, StoreError};
 
 /// The most writes one transaction takes; more wait for the next.
@@ -78,18 +80,25 @@ fn in_savepoint<T>(conn: &Connection, op: impl FnOnce(&Connection) -> Result<T>)
 pub(super) struct Writer {
     tx: Option<mpsc::Sender<Box<dyn Pending>>>,
     thread: Option<JoinHandle<()>>,
+    checkpointer: Checkpointer,
 }
 
 impl Writer {
-    pub(super) fn start(conn: Connection) -> Result<Self> {
+    /// Take the write connection of the database at `path` (checkpoints run beside it).
+    pub(super) fn start(conn: Connection, path: &Path) -> Result<Self> {
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(crate::sqlite::backend)?;
+        let checkpointer = Checkpointer::start(path)?;
+        let nudge = checkpointer.nudger();
         let (tx, rx) = mpsc::channel::<Box<dyn Pending>>();
         let thread = std::thread::Builder::new()
             .name("lodge-store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, nudge))
             .map_err(crate::sqlite::backend)?;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
+            checkpointer,
         })
     }
 
@@ -123,6 +132,8 @@ impl Writer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // After the writer: its last commits are checkpointed too.
+        self.checkpointer.stop();
     }
 }
 
@@ -132,7 +143,11 @@ impl Drop for Writer {
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Box<dyn Pending>>) {
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Box<dyn Pending>>,
+    nudge: Option<SyncSender<()>>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -155,6 +170,10 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Box<dyn Pending>>) {
             Ok(()) => {
                 for p in batch {
                     p.finish(Ok(()));
+                }
+                if let Some(n) = &nudge {
+                    // Full means a checkpoint is already due; it covers this commit.
+                    let _ = n.try_send(());
                 }
             }
             Err(e) => {
