@@ -24,8 +24,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const REPLICA_GONE_AFTER: Duration = Duration::from_secs(10);
 /// A gone replica's record is deleted this long after it was last refreshed.
 const REPLICA_FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
-/// The singletons' lease: taken or renewed on every reconcile pass, so it outlives a few missed
-/// passes, and moves to another replica this long after its holder died.
+/// The singletons' lease: renewed every [`LEASE_RENEW`] by a task of its own, so it outlives a
+/// missed renewal or two, and moves to another replica this long after its holder died.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// How often the holder renews the lease (its own task, whatever the singletons are doing).
 pub const LEASE_RENEW: Duration = Duration::from_secs(5);
@@ -222,6 +222,12 @@ impl Control {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew the singletons' lease");
                 // It may still hold it until its deadline passes; it does not claim more.
+                // Past the deadline it has stepped down: taking the lease again later starts
+                // a new period (node silence is counted afresh, as after a takeover, since
+                // nodes could not record their heartbeats either while the store was away).
+                if !self.leads() {
+                    self.step_down();
+                }
                 self.leads()
             }
         }

@@ -145,43 +145,53 @@ impl Control {
         // A previous admin token whose file was lost (deleted, or a crash before it was
         // written) is revoked, so that its name is free and it cannot be used any more. Not on
         // a shared store: there another replica's data dir holds it, and revoking it would
-        // lock that replica's operator out; this replica's token is one more (listed, and
-        // revocable, like any other).
-        let minted_before = self
+        // lock that replica's operator out; this replica's token is one more, named after the
+        // replica (listed, and revocable, like any other).
+        let minted_before: Vec<OrgToken> = self
             .store
             .tokens(&org.org_id)
             .await?
             .into_iter()
             .filter(|t| {
                 t.name == "admin" && t.created_by == "lodge" && t.status == OrgTokenStatus::Active
-            });
-        if self.store.shared() {
-            if minted_before.count() > 0 {
-                tracing::info!(
-                    "another replica minted an admin token; this one mints its own (copy a replica's admin-token file, or set LODGE_ADMIN_TOKEN, to share one)"
-                );
-            }
-        } else {
-            for old in minted_before {
+            })
+            .collect();
+        let shared = self.store.shared();
+        let own_name = || {
+            let id = self.replica_id();
+            format!("admin-{}", &id[id.len().saturating_sub(8)..])
+        };
+        let mut name = "admin".to_string();
+        if !shared {
+            for old in &minted_before {
                 self.store
                     .revoke_token(&org.org_id, &old.org_token_id)
                     .await?;
             }
+        } else if !minted_before.is_empty() {
+            name = own_name();
+            tracing::info!(%name, "another replica minted the admin token; this one mints its own (copy a replica's admin-token file, or set LODGE_ADMIN_TOKEN, to share one)");
         }
         let secret = id::org_token_secret();
-        let token = OrgToken {
+        let mut token = OrgToken {
             org_token_id: id::org_token_id(),
             org_id: org.org_id,
-            name: "admin".into(),
+            name,
             status: OrgTokenStatus::Active,
             last_four_chars_of_key: last_four(&secret),
             created_at: self.now(),
             created_by: "lodge".into(),
             scopes: Some(serde_json::json!("admin")),
         };
-        self.store
-            .insert_token(&token, &hash_secret(&secret))
-            .await?;
+        let hash = hash_secret(&secret);
+        if let Err(e) = self.store.insert_token(&token, &hash).await {
+            // Replicas starting together on an empty database: another took "admin" first.
+            if !shared || token.name != "admin" {
+                return Err(e.into());
+            }
+            token.name = own_name();
+            self.store.insert_token(&token, &hash).await?;
+        }
         write_private(path, &secret)?;
         Ok(Some(secret))
     }

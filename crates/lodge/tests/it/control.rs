@@ -592,3 +592,64 @@ async fn singletons_run_on_one_replica_and_move_when_it_dies() {
     clock.advance_ms(11_000);
     assert_eq!(b.judge_lost_nodes(lost_after).await.unwrap(), vec![pid]);
 }
+
+/// A minted admin token: on the one box a lost file means a new token and the old one revoked;
+/// on a shared store a replica without the file mints its own and leaves the others' valid
+/// (revoking them would lock the other replicas' operators out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_minted_by_replicas_stay_valid() {
+    let dir = TempDir::new("admin");
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    // The one box.
+    let solo = Control::new(
+        Arc::new(SqliteStore::open(&dir.0.join("db")).unwrap()),
+        clock.clone(),
+        ControlConfig::new(dir.0.clone()),
+    );
+    let file = dir.0.join("admin-token");
+    let first = solo.ensure_admin_token(&file).await.unwrap().unwrap();
+    assert_eq!(solo.ensure_admin_token(&file).await.unwrap(), None, "kept");
+    std::fs::remove_file(&file).unwrap();
+    let second = solo.ensure_admin_token(&file).await.unwrap().unwrap();
+    assert!(solo.authenticate(Some(second.as_str())).await.is_ok());
+    assert!(
+        solo.authenticate(Some(first.as_str())).await.is_err(),
+        "a lost file's token is revoked"
+    );
+
+    // Two replicas on one schema, each with a data dir of its own.
+    let schema = crate::store::PgSchema::new().await;
+    let store: Arc<dyn Store> = Arc::new(
+        lodge_store::PostgresStore::connect(&schema.url())
+            .await
+            .unwrap(),
+    );
+    let a = Control::new(
+        store.clone(),
+        clock.clone(),
+        ControlConfig::new(dir.0.join("a")),
+    );
+    let b = Control::new(store, clock, ControlConfig::new(dir.0.join("b")));
+    std::fs::create_dir_all(dir.0.join("a")).unwrap();
+    std::fs::create_dir_all(dir.0.join("b")).unwrap();
+    let of_a = a
+        .ensure_admin_token(&dir.0.join("a/admin-token"))
+        .await
+        .unwrap()
+        .unwrap();
+    let of_b = b
+        .ensure_admin_token(&dir.0.join("b/admin-token"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(of_a, of_b);
+    for (who, token) in [("a", &of_a), ("b", &of_b)] {
+        for c in [&a, &b] {
+            let caller = c
+                .authenticate(Some(token.as_str()))
+                .await
+                .unwrap_or_else(|e| panic!("replica {who}'s admin token is refused: {e}"));
+            assert!(caller.instance_admin);
+        }
+    }
+}
