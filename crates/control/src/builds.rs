@@ -674,13 +674,9 @@ impl Control {
         // A runner is given longer than a replica's ordinary judgement: failing a build that
         // still runs (its replica slow to write its record) costs the developer a rebuild.
         let alive: Vec<String> = if self.shares_files() {
-            let now = self.now();
-            let gone = lodge_model::clock::millis(BUILD_RUNNER_GONE_AFTER);
-            self.store
-                .replicas()
+            self.replicas_seen_within(BUILD_RUNNER_GONE_AFTER)
                 .await?
                 .into_iter()
-                .filter(|r| now.saturating_sub(r.seen_at) < gone)
                 .map(|r| r.replica_id)
                 .collect()
         } else {

@@ -148,8 +148,13 @@ impl Control {
 
     /// The other replicas that are alive, as the store last heard of them.
     pub async fn live_replicas(&self) -> Result<Vec<Replica>> {
+        self.replicas_seen_within(REPLICA_GONE_AFTER).await
+    }
+
+    /// The replicas whose record was refreshed within `window`.
+    pub(crate) async fn replicas_seen_within(&self, window: Duration) -> Result<Vec<Replica>> {
         let now = self.now();
-        let gone = lodge_model::clock::millis(REPLICA_GONE_AFTER);
+        let gone = lodge_model::clock::millis(window);
         Ok(self
             .store
             .replicas()
