@@ -859,14 +859,16 @@ class Member {
     this.child = null;
     this.exited = null;
     this.startedAt = 0;
+    /** The executable: another binary on the same data dir is how an upgrade is tested. */
+    this.bin = LODGE_BIN;
   }
 
   /** Starts `lodge ARGS`, appending to its log (0600: it may hold a minted admin token). */
   spawn(args, env) {
     if (this.child) throw new Error(`${this.name} is already running`);
     const logFd = fs.openSync(this.logFile, 'a', 0o600);
-    fs.writeSync(logFd, `\n=== ${new Date().toISOString()} ${LODGE_BIN} ${args.join(' ')}\n`);
-    const child = spawn(LODGE_BIN, args, { env, stdio: ['ignore', logFd, logFd] });
+    fs.writeSync(logFd, `\n=== ${new Date().toISOString()} ${this.bin} ${args.join(' ')}\n`);
+    const child = spawn(this.bin, args, { env, stdio: ['ignore', logFd, logFd] });
     fs.closeSync(logFd);
     this.child = child;
     this.startedAt = Date.now();

@@ -10,7 +10,6 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import crypto from 'node:crypto';
 import dgram from 'node:dgram';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -30,89 +29,10 @@ import {
   streamText,
   expectHttpError,
 } from '../lib/lodge.js';
+import { Net } from '../lib/net.js';
 
 const root = process.getuid?.() === 0;
 const LOST_AFTER_S = 20;
-
-const ip = (...args) => execFileSync('ip', args, { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
-const tryIp = (...args) => {
-  try {
-    ip(...args);
-  } catch {
-    // already gone
-  }
-};
-
-/** A /24 on 10.213.N.0 that no route of this machine uses. */
-function freeSubnet() {
-  const routes = ip('-4', 'route', 'show');
-  for (let i = 0; i < 50; i++) {
-    const n = crypto.randomInt(1, 255);
-    if (!routes.includes(`10.213.${n}.`)) return `10.213.${n}`;
-  }
-  throw new Error('no free 10.213.N.0/24');
-}
-
-/** The bridge and the namespaces ("hosts"), removed in `after`, also after a failure. */
-class Net {
-  constructor() {
-    this.id = crypto.randomBytes(2).toString('hex');
-    this.subnet = freeSubnet();
-    this.bridge = `lcbr${this.id}`;
-    this.hosts = [];
-    ip('link', 'add', this.bridge, 'type', 'bridge');
-    ip('addr', 'add', `${this.gateway}/24`, 'dev', this.bridge);
-    ip('link', 'set', this.bridge, 'up');
-  }
-
-  get gateway() {
-    return `${this.subnet}.1`;
-  }
-
-  addHost(i) {
-    const ns = `lch${this.id}${i}`;
-    const outer = `lcv${this.id}${i}`;
-    const inner = `lcp${this.id}${i}`;
-    const addr = `${this.subnet}.${10 + i}`;
-    ip('netns', 'add', ns);
-    this.hosts.push({ ns, outer, addr });
-    ip('link', 'add', outer, 'type', 'veth', 'peer', 'name', inner);
-    ip('link', 'set', inner, 'netns', ns);
-    ip('link', 'set', outer, 'master', this.bridge, 'up');
-    ip('-n', ns, 'addr', 'add', `${addr}/24`, 'dev', inner);
-    ip('-n', ns, 'link', 'set', inner, 'up');
-    ip('-n', ns, 'link', 'set', 'lo', 'up');
-    ip('-n', ns, 'route', 'add', 'default', 'via', this.gateway);
-    return { ns, outer, addr };
-  }
-
-  /** Cut (or restore) one host's cable. */
-  setLink(host, up) {
-    ip('link', 'set', host.outer, up ? 'up' : 'down');
-  }
-
-  teardown() {
-    for (const h of this.hosts) {
-      // Whatever still runs in the namespace (game servers outlive agents by design).
-      let pids = '';
-      try {
-        pids = ip('netns', 'pids', h.ns).trim();
-      } catch {
-        // no such namespace
-      }
-      for (const pid of pids.split('\n').filter(Boolean)) {
-        try {
-          process.kill(Number(pid), 'SIGKILL');
-        } catch {
-          // gone
-        }
-      }
-      tryIp('link', 'del', h.outer);
-      tryIp('netns', 'del', h.ns);
-    }
-    tryIp('link', 'del', this.bridge);
-  }
-}
 
 /**
  * One `lodge agent` in a namespace. With `isolation: 'netns'` it runs under `nsenter --net`,
@@ -262,7 +182,7 @@ function udpStream(host, port, everyMs = 20) {
 
 test('a fleet of three agents in two regions, and its faults', { skip: !root && 'needs root (network namespaces)', timeout: 300_000 }, async (t) => {
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'lodge-cluster-'));
-  net = new Net();
+  net = new Net('lc', '10.213');
   const hosts = [0, 1, 2].map((i) => net.addHost(i));
   // A failing subtest has the logs printed at the end.
   const sub = (name, fn) =>

@@ -10,6 +10,9 @@ when that variable is set. Every message is echoed back unchanged, except:
               except secrets (names with SECRET, TOKEN, PASSWORD, KEY or
               CREDENTIAL): those answer "refused", as a game server must
               never hand its app secret to a player
+  peer        reply with the address and port the message came from, as the
+              game server sees it (a player's own address through Lodge's
+              kernel forwarding)
   auth TOKEN  verify a player token (from Lodge's AuthV1 login) with the app
               secret, as a game server should before trusting a player; reply
               "player ID NAME" or "denied REASON"
@@ -64,12 +67,14 @@ def verify_player(token):
         return None, "malformed token"
 
 
-def respond(message):
-    """Return (reply bytes, exit afterwards?) for one received message."""
+def respond(message, addr):
+    """Return (reply bytes, exit afterwards?) for one received message from addr."""
     newline = b"\n" if message.endswith(b"\n") else b""
     command = message.rstrip(b"\r\n")
     if command == b"exit":
         return b"bye" + newline, True
+    if command == b"peer":
+        return f"{addr[0]}:{addr[1]}".encode("ascii") + newline, False
     if command.startswith(b"env "):
         name = command[4:].decode("utf-8", "replace").strip()
         if any(word in name.upper() for word in SECRET_WORDS):
@@ -88,7 +93,7 @@ def respond(message):
 def serve_udp(sock):
     while True:
         data, addr = sock.recvfrom(65535)
-        reply, leave = respond(data)
+        reply, leave = respond(data, addr)
         sock.sendto(reply, addr)
         if leave:
             log("exit requested over udp; bye")
@@ -105,7 +110,7 @@ def serve_tcp_connection(conn, addr, label):
                 break
             if not data:
                 break
-            reply, leave = respond(data)
+            reply, leave = respond(data, addr)
             try:
                 conn.sendall(reply)
             except OSError:

@@ -53,14 +53,16 @@ pub(crate) async fn end_process_dir(dir: &Path, cfg_group: &str) -> bool {
     was_alive
 }
 
-/// End everything a Lodge left on this machine for `data_dir` (its node state there): every
-/// game server still running (containers through their runtime), their network namespaces and
-/// cgroups, the bridge and the cgroup parents. For a stopped Lodge only: an operator's
+/// End everything a Lodge left on this machine for `data_dir` (its node state there): its
+/// nftables table, every game server still running (containers through their runtime), their
+/// network namespaces and cgroups, the bridge and the cgroup parents. For a stopped Lodge only: an operator's
 /// uninstall, and test teardown. Returns how many processes it ended.
 pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
     let cfg_group = format!("lodge-{instance}");
     let bridge = format!("lodge{}", &instance[..instance.len().min(8)]);
     let mut ended = 0;
+    // Players are cut off first: nothing forwards to what is about to end.
+    crate::forwarding::remove(data_dir, instance).await;
     let Ok(entries) = std::fs::read_dir(data_dir.join("processes")) else {
         return 0;
     };

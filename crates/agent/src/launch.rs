@@ -25,7 +25,7 @@ impl Agent {
         target: SocketAddr,
         udp: bool,
         counters: &Arc<Counters>,
-    ) -> std::io::Result<(u16, Route)> {
+    ) -> std::io::Result<(u16, PublicPort)> {
         let (lo, hi) = self.cfg.port_range;
         let span = u32::from(hi - lo) + 1;
         for _ in 0..span {
@@ -64,7 +64,7 @@ impl Agent {
         spec: &ProcessSpec,
         dir: &Path,
         counters: &Arc<Counters>,
-    ) -> std::io::Result<(LocalState, Waiter, Vec<Route>)> {
+    ) -> std::io::Result<(LocalState, Waiter, Vec<PublicPort>)> {
         let t0 = Instant::now();
         std::fs::create_dir_all(dir)?;
         let _ = std::fs::remove_file(dir.join(shim::EXIT));
@@ -209,6 +209,7 @@ impl Agent {
                     transport_type: p.transport_type,
                 });
             }
+            self.install_ports(&spec.process_id, &routes).await?;
             let netns_path = state
                 .netns
                 .as_ref()
@@ -351,9 +352,7 @@ impl Agent {
         let waiter = match result {
             Ok(w) => w,
             Err(e) => {
-                for r in routes {
-                    r.close().await;
-                }
+                lodge_proxy::close_all(routes).await;
                 self.release(&state).await;
                 return Err(e);
             }

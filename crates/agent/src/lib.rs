@@ -6,6 +6,7 @@
 mod cleanup;
 pub mod client;
 pub mod driver;
+mod forwarding;
 mod launch;
 pub mod logs;
 pub mod metrics;
@@ -31,7 +32,7 @@ use async_trait::async_trait;
 use lodge_artifact::{bundle, image};
 use lodge_model::spec::{AgentEvent, ExitInfo, ProcessSpec};
 use lodge_model::{Clock, ContainerPort, ExposedPort, SystemClock, TransportType};
-use lodge_proxy::{Counters, Protocol, Route};
+use lodge_proxy::{kernel, Counters, Protocol, PublicPort, Route};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Notify;
@@ -58,6 +59,20 @@ pub enum Isolation {
     Netns,
 }
 
+/// Who forwards the public ports of isolated processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    /// The kernel when it can (root, netns isolation, nftables), else Lodge's userspace proxy.
+    Auto,
+    /// The kernel, or the node does not start.
+    Kernel,
+    /// Lodge's userspace proxy, always.
+    Userspace,
+}
+
+/// How often the kernel's counters of forwarded ports are read into each process's counters.
+const KERNEL_ACCOUNTING: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node_id: String,
@@ -67,6 +82,11 @@ pub struct AgentConfig {
     pub proxy_ip: IpAddr,
     pub port_range: (u16, u16),
     pub isolation: Isolation,
+    /// Who forwards the public ports of isolated processes (without isolation: the proxy).
+    pub forwarding: Forwarding,
+    /// Packets per second one source address may send to the public ports, enforced by the
+    /// kernel (kernel forwarding only; 0: no limit).
+    pub source_packet_rate: u32,
     pub bind_timeout: Duration,
     pub stop_grace: Duration,
     /// The API address, for `LODGE_API_URL`.
@@ -107,6 +127,15 @@ impl AgentConfig {
     pub fn cgroup_group(&self) -> String {
         format!("lodge-{}", self.instance)
     }
+    /// The node's nftables table (kernel forwarding).
+    pub fn nft_table(&self) -> String {
+        nft_table(&self.instance)
+    }
+}
+
+/// The nftables table of the node of installation `instance`.
+pub fn nft_table(instance: &str) -> String {
+    format!("lodge_{}", &instance[..instance.len().min(8)])
 }
 
 struct Running {
@@ -114,6 +143,8 @@ struct Running {
     counters: Arc<Counters>,
     stop: Arc<Notify>,
     stop_requested: Arc<AtomicBool>,
+    /// Its public ports the kernel forwards (their counters are read into `counters`).
+    kernel_ports: Vec<kernel::Entry>,
 }
 
 impl Running {
@@ -144,6 +175,10 @@ pub struct Agent {
     link: Arc<dyn ControlLink>,
     clock: Arc<dyn Clock>,
     network: Option<sys::Network>,
+    /// The node's nftables table, when the kernel forwards public ports.
+    forwarder: Option<Arc<kernel::Forwarder>>,
+    /// Packets the kernel's per-source rate limit dropped (read with the counters).
+    rate_limited: std::sync::atomic::AtomicU64,
     running: Mutex<HashMap<String, Running>>,
     reserved: Mutex<Reservations>,
     wake: Notify,
@@ -177,6 +212,7 @@ impl Agent {
             }
             Isolation::None => None,
         };
+        let forwarder = forwarding::start(&cfg, network.as_ref()).await?;
         let driver: Arc<dyn driver::Driver> = if cfg.fake_processes {
             Arc::new(driver::Pretend)
         } else {
@@ -188,6 +224,8 @@ impl Agent {
             link,
             clock: Arc::new(SystemClock),
             network,
+            forwarder,
+            rate_limited: Default::default(),
             running: Mutex::default(),
             reserved: Mutex::default(),
             wake: Notify::new(),
@@ -219,6 +257,9 @@ impl Agent {
                 }
             }
         }
+        if agent.forwarder.is_some() {
+            agent.spawn_kernel_accounting();
+        }
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
             let mut last_full: Option<Instant> = None;
@@ -232,8 +273,10 @@ impl Agent {
                     }
                     _ => {
                         // Ready once a whole pass ran (what survived a restart is re-adopted).
-                        if agent.reconcile().await {
-                            agent.ready.store(true, Ordering::Release);
+                        if agent.reconcile().await && !agent.ready.swap(true, Ordering::AcqRel) {
+                            // Whatever is forwarded for no process of this node (one that
+                            // ended while Lodge was down) is removed now that all are adopted.
+                            agent.sweep_forwarding().await;
                         }
                         last_full = Some(Instant::now());
                     }
@@ -332,6 +375,9 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        if let Some(f) = &self.forwarder {
+            let _ = kernel::delete_table(f.table()).await;
+        }
         if let Some(net) = &self.network {
             let _ = net.remove_bridge().await;
         }

@@ -20,10 +20,22 @@ impl lodge_model::node::NodeLink for Agent {
 
     fn flows(&self) -> lodge_model::node::FlowTotals {
         let f = &self.cfg.flows;
+        // Kernel-forwarded flows are connection-tracking entries, read into each process's
+        // counters; the userspace proxy's are its own.
+        let kernel: u64 = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|r| !r.kernel_ports.is_empty())
+            .map(|r| r.counters.active())
+            .sum();
         lodge_model::node::FlowTotals {
-            active: u64::try_from(f.active()).unwrap_or(u64::MAX),
+            active: u64::try_from(f.active()).unwrap_or(u64::MAX) + kernel,
             max: u64::try_from(f.max_flows()).unwrap_or(u64::MAX),
             refused: f.refused.load(Ordering::Relaxed),
+            kernel_forwarding: self.forwarder.is_some(),
+            rate_limited: self.rate_limited.load(Ordering::Relaxed),
         }
     }
 

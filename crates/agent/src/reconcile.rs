@@ -112,6 +112,7 @@ impl Agent {
                 counters: Arc::default(),
                 stop: Arc::new(Notify::new()),
                 stop_requested: Arc::new(AtomicBool::new(spec.stop)),
+                kernel_ports: Vec::new(),
             };
             if spec.stop {
                 handle.stop.notify_one();

@@ -272,14 +272,12 @@ impl Agent {
         spec: &ProcessSpec,
         dir: &Path,
         state: Option<LocalState>,
-        routes: Vec<Route>,
+        routes: Vec<PublicPort>,
         exit: ExitInfo,
         failed: bool,
     ) {
         // The ports are free before they are released for another process.
-        for r in routes {
-            r.close().await;
-        }
+        lodge_proxy::close_all(routes).await;
         let (mut exit, mut failed) = (exit, failed);
         if let Some(state) = &state {
             // A container runtime reports a signal death as 128 + the signal.
@@ -404,6 +402,12 @@ impl Agent {
                     }
                 }
             }
+            // Kernel forwarding outlived the restart; installing again is a no-op that keeps
+            // the counters, and puts back whatever a crash left half done.
+            if let Err(e) = self.install_ports(&spec.process_id, &routes).await {
+                tracing::warn!(process_id = %spec.process_id, error = %e, "cannot forward the public ports again");
+            }
+            self.refresh_kernel_counts().await;
             return Adopt::Live(Box::new(state), routes);
         }
         // The shim is gone. If its game server somehow lives on, it is unsupervised: end it.
@@ -428,22 +432,36 @@ impl Agent {
         &self,
         t: &Target,
         counters: &Arc<Counters>,
-    ) -> std::io::Result<Route> {
+    ) -> std::io::Result<PublicPort> {
         let proto = if t.udp { Protocol::Udp } else { Protocol::Tcp };
+        let public = SocketAddr::new(self.cfg.proxy_ip, t.public_port);
+        if let (Some(forwarder), SocketAddr::V4(target)) = (&self.forwarder, t.target) {
+            // Held, not forwarded yet: `install_ports` adds the whole process's ports at once.
+            return Ok(PublicPort::Kernel {
+                entry: kernel::Entry {
+                    public_port: t.public_port,
+                    protocol: proto,
+                    target,
+                },
+                forwarder: forwarder.clone(),
+                hold: kernel::Placeholder::bind(public)?,
+            });
+        }
         lodge_proxy::open(
-            SocketAddr::new(self.cfg.proxy_ip, t.public_port),
+            public,
             t.target,
             proto,
             counters.clone(),
             self.cfg.flows.clone(),
         )
         .await
+        .map(PublicPort::Userspace)
     }
 }
 
 pub(crate) enum Adopt {
     Fresh,
-    Live(Box<LocalState>, Vec<Route>),
+    Live(Box<LocalState>, Vec<PublicPort>),
     Ended(ExitInfo),
 }
 

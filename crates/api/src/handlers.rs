@@ -260,20 +260,27 @@ pub(crate) async fn metrics_text(State(s): State<AppState>) -> ApiResult<Respons
             );
         }
     }
-    let _ = writeln!(out, "# HELP lodge_process_bytes_total Bytes proxied per process.\n# TYPE lodge_process_bytes_total counter\n{bytes}");
+    let _ = writeln!(out, "# HELP lodge_process_bytes_total Bytes between players and each process (kernel-forwarded or proxied).\n# TYPE lodge_process_bytes_total counter\n{bytes}");
     let _ = writeln!(
         out,
         "# HELP lodge_player_flows Players' UDP sessions and TCP connections on the node's public ports.\n# TYPE lodge_player_flows gauge\n\
          # HELP lodge_player_flows_max The node's cap on them (descriptor limit less the API's reserve).\n# TYPE lodge_player_flows_max gauge\n\
-         # HELP lodge_player_flows_refused_total Flows refused at the node's or a source's cap.\n# TYPE lodge_player_flows_refused_total counter"
+         # HELP lodge_player_flows_refused_total Flows refused at the node's or a source's cap.\n# TYPE lodge_player_flows_refused_total counter\n\
+         # HELP lodge_node_kernel_forwarding 1 when the kernel (nftables) forwards the node's public ports, 0 when Lodge's userspace proxy does.\n# TYPE lodge_node_kernel_forwarding gauge\n\
+         # HELP lodge_player_packets_rate_limited_total Packets the kernel dropped at the per-source packet-rate limit.\n# TYPE lodge_player_packets_rate_limited_total counter"
     );
     for agent in s.control.agents() {
         let flows = agent.flows();
         let node = agent.node_id();
         let _ = writeln!(
             out,
-            "lodge_player_flows{{node=\"{node}\"}} {}\nlodge_player_flows_max{{node=\"{node}\"}} {}\nlodge_player_flows_refused_total{{node=\"{node}\"}} {}",
-            flows.active, flows.max, flows.refused
+            "lodge_player_flows{{node=\"{node}\"}} {}\nlodge_player_flows_max{{node=\"{node}\"}} {}\nlodge_player_flows_refused_total{{node=\"{node}\"}} {}\n\
+             lodge_node_kernel_forwarding{{node=\"{node}\"}} {}\nlodge_player_packets_rate_limited_total{{node=\"{node}\"}} {}",
+            flows.active,
+            flows.max,
+            flows.refused,
+            u8::from(flows.kernel_forwarding),
+            flows.rate_limited
         );
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())

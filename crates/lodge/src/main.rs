@@ -169,7 +169,7 @@ fn main() -> std::process::ExitCode {
             let done = runtime().and_then(|rt| rt.block_on(serve::cleanup(&data_dir)));
             match done {
                 Ok(n) => {
-                    println!("ended {n} game server process(es); removed their namespaces, cgroups and the bridge");
+                    println!("ended {n} game server process(es); removed their namespaces, cgroups, the bridge and the node's nftables table");
                     std::process::ExitCode::SUCCESS
                 }
                 Err(e) => {

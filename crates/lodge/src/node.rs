@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use lodge_agent::client::NodeClient;
-use lodge_agent::{Agent, AgentConfig, Isolation};
+use lodge_agent::{Agent, AgentConfig, Forwarding, Isolation};
 use lodge_link::dial::DialError;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -21,6 +21,16 @@ pub enum IsolationArg {
     Netns,
     /// Shared host network; processes bind `$PORT`.
     None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ForwardingArg {
+    /// The kernel (nftables) for isolated processes when it can, else the userspace proxy.
+    Auto,
+    /// The kernel, or the node does not start (needs root, netns isolation and nftables).
+    Kernel,
+    /// Lodge's userspace proxy.
+    Userspace,
 }
 
 /// The node's flags.
@@ -38,6 +48,14 @@ pub struct NodeArgs {
     /// Process isolation.
     #[arg(long, env = "LODGE_ISOLATION", value_enum, default_value_t = IsolationArg::Auto)]
     pub isolation: IsolationArg,
+    /// Who forwards public ports to isolated processes: the kernel keeps players connected
+    /// while Lodge restarts and adds no latency; the userspace proxy needs no nftables.
+    #[arg(long, env = "LODGE_FORWARDING", value_enum, default_value_t = ForwardingArg::Auto)]
+    pub forwarding: ForwardingArg,
+    /// Packets per second one source address may send to the node's public ports, over all of
+    /// them; the excess is dropped by the kernel (kernel forwarding; 0: no limit).
+    #[arg(long, env = "LODGE_SOURCE_PACKET_RATE", default_value_t = 5000)]
+    pub source_packet_rate: u32,
     /// Seconds a new process has to bind its default port.
     #[arg(long, env = "LODGE_BIND_TIMEOUT", default_value_t = 100.0)]
     pub bind_timeout: f64,
@@ -168,6 +186,12 @@ impl NodeArgs {
             proxy_ip: self.proxy_bind,
             port_range: self.port_range,
             isolation,
+            forwarding: match self.forwarding {
+                ForwardingArg::Auto => Forwarding::Auto,
+                ForwardingArg::Kernel => Forwarding::Kernel,
+                ForwardingArg::Userspace => Forwarding::Userspace,
+            },
+            source_packet_rate: self.source_packet_rate,
             bind_timeout: secs(self.bind_timeout, "bind-timeout")?,
             stop_grace: secs(self.stop_grace, "stop-grace")?,
             api_addr,

@@ -106,6 +106,12 @@ pub struct FlowTotals {
     pub active: u64,
     pub max: u64,
     pub refused: u64,
+    /// Whether the kernel forwards the node's public ports (else Lodge's userspace proxy).
+    #[serde(default)]
+    pub kernel_forwarding: bool,
+    /// Packets the kernel's per-source rate limit dropped on the node's public ports.
+    #[serde(default)]
+    pub rate_limited: u64,
 }
 
 /// A point of a series: unix seconds and a value.

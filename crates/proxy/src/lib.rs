@@ -1,4 +1,6 @@
-//! The data plane: every public port forwards to one process port, over TCP or UDP.
+//! The data plane: every public port forwards to one process port, over TCP or UDP, either
+//! by the kernel ([`kernel`]: nftables DNAT into the process's network namespace) or by
+//! Lodge's own sockets (this file's [`Route`], for processes without a namespace of their own).
 //!
 //! A [`Route`] owns its listener and every connection or UDP session it accepted; dropping it
 //! closes them all, which is how a process's ports are released when it ends. Counters are per
@@ -15,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinSet};
+
+mod conntrack;
+pub mod kernel;
 
 /// How long a UDP session lives without traffic.
 pub const UDP_SESSION_TTL: Duration = Duration::from_secs(60);
@@ -150,7 +155,7 @@ impl Drop for ActiveGuard {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -185,6 +190,66 @@ impl Drop for Route {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// A public port of a process, whoever forwards it.
+#[derive(Debug)]
+pub enum PublicPort {
+    /// Lodge's sockets copy every datagram and byte; closed when dropped.
+    Userspace(Route),
+    /// The kernel forwards it. Dropping this (Lodge stops) leaves the forwarding in place, so
+    /// players stay connected; [`close_all`] removes it.
+    Kernel {
+        entry: kernel::Entry,
+        forwarder: Arc<kernel::Forwarder>,
+        hold: kernel::Placeholder,
+    },
+}
+
+impl PublicPort {
+    pub fn public_port(&self) -> u16 {
+        match self {
+            PublicPort::Userspace(r) => r.public.port(),
+            PublicPort::Kernel { entry, .. } => entry.public_port,
+        }
+    }
+}
+
+/// Stop forwarding these ports and wait until each is free for another process: userspace
+/// routes close every flow; kernel ports are removed in one transaction per table, with their
+/// tracked flows.
+pub async fn close_all(ports: Vec<PublicPort>) {
+    let mut kernel: Vec<(
+        Arc<kernel::Forwarder>,
+        Vec<kernel::Entry>,
+        Vec<kernel::Placeholder>,
+    )> = Vec::new();
+    for p in ports {
+        match p {
+            PublicPort::Userspace(r) => r.close().await,
+            PublicPort::Kernel {
+                entry,
+                forwarder,
+                hold,
+            } => match kernel
+                .iter_mut()
+                .find(|(f, _, _)| Arc::ptr_eq(f, &forwarder))
+            {
+                Some((_, entries, holds)) => {
+                    entries.push(entry);
+                    holds.push(hold);
+                }
+                None => kernel.push((forwarder, vec![entry], vec![hold])),
+            },
+        }
+    }
+    for (forwarder, entries, holds) in kernel {
+        if let Err(e) = forwarder.remove(&entries).await {
+            tracing::warn!(error = %e, table = forwarder.table(), "cannot remove forwarded ports");
+        }
+        // The placeholders go last: the port is not offered to anyone while still forwarded.
+        drop(holds);
     }
 }
 

@@ -184,6 +184,8 @@ async fn sim_nodes(http: &Http, n: usize, region: &str, dir: &Path) -> Result<Ve
             proxy_ip: [127, 0, 0, 1].into(),
             port_range: (40000, 40000),
             isolation: Isolation::None,
+            forwarding: lodge_agent::Forwarding::Userspace,
+            source_packet_rate: 0,
             bind_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(1),
             api_addr: api,

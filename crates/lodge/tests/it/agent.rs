@@ -141,6 +141,8 @@ async fn node_in(
         proxy_ip: "127.0.0.1".parse().unwrap(),
         port_range: port_range(),
         isolation,
+        forwarding: lodge_agent::Forwarding::Auto,
+        source_packet_rate: 5000,
         bind_timeout,
         stop_grace: Duration::from_secs(2),
         api_addr: "127.0.0.1:5634".parse().unwrap(),
