@@ -188,11 +188,11 @@ impl Agent {
                     total.active += c.active;
                 }
             }
-            let c = &r.counters;
-            c.bytes_in.store(total.bytes_in, Ordering::Relaxed);
-            c.bytes_out.store(total.bytes_out, Ordering::Relaxed);
-            c.total_connections.store(total.flows, Ordering::Relaxed);
-            c.active_connections.store(total.active, Ordering::Relaxed);
+            let k = &r.counters.kernel;
+            k.bytes_in.store(total.bytes_in, Ordering::Relaxed);
+            k.bytes_out.store(total.bytes_out, Ordering::Relaxed);
+            k.flows.store(total.flows, Ordering::Relaxed);
+            k.active.store(total.active, Ordering::Relaxed);
         }
     }
 

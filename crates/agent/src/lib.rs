@@ -151,9 +151,9 @@ impl Running {
     fn stats(&self) -> ProcessStats {
         ProcessStats {
             active_connections: self.counters.active(),
-            total_connections: self.counters.total_connections.load(Ordering::Relaxed),
-            bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
-            bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
+            total_connections: self.counters.total_connections(),
+            bytes_in: self.counters.bytes_in(),
+            bytes_out: self.counters.bytes_out(),
         }
     }
 }

@@ -28,7 +28,7 @@ impl lodge_model::node::NodeLink for Agent {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter(|r| !r.kernel_ports.is_empty())
-            .map(|r| r.counters.active())
+            .map(|r| r.counters.kernel.active.load(Ordering::Relaxed))
             .sum();
         lodge_model::node::FlowTotals {
             active: u64::try_from(f.active()).unwrap_or(u64::MAX) + kernel,

@@ -244,14 +244,14 @@ impl Agent {
             let mut last_cpu = tokio::task::spawn_blocking(move || sys::tree_usage(pid).cpu_ns)
                 .await
                 .unwrap_or(0);
-            let mut last_egress = counters.bytes_out.load(Ordering::Relaxed);
+            let mut last_egress = counters.bytes_out();
             let mut last_at = Instant::now();
             loop {
                 tokio::time::sleep(interval).await;
                 let usage = tokio::task::spawn_blocking(move || sys::tree_usage(pid))
                     .await
                     .unwrap_or_default();
-                let egress = counters.bytes_out.load(Ordering::Relaxed);
+                let egress = counters.bytes_out();
                 let sample = metrics::Sample {
                     at_ms: clock.now_ms(),
                     interval_ms: last_at.elapsed().as_millis() as u64,

@@ -191,7 +191,7 @@ fn holds_socket(pid: u32, inodes: &[u64]) -> bool {
 }
 
 /// Every live descendant of `root`.
-fn descendants(root: u32) -> Vec<u32> {
+pub fn descendants(root: u32) -> Vec<u32> {
     let parents = proc_parents();
     parents
         .keys()

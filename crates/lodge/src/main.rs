@@ -65,7 +65,7 @@ enum Command {
     #[command(subcommand)]
     Orgs(cli::OrgsCmd),
     /// End every game server a stopped Lodge left running for a data dir (they outlive Lodge
-    /// by design), with their network namespaces, cgroups and bridge.
+    /// by design), with their network namespaces, cgroups, bridge and nftables table.
     Cleanup {
         #[arg(long, env = "LODGE_DATA_DIR", default_value = "./lodge-data")]
         data_dir: std::path::PathBuf,

@@ -185,7 +185,7 @@ impl Forwarder {
         let limit = match self.setup.source_packet_rate {
             0 => String::new(),
             r => format!(
-                "add rule ip {t} guard ct direction original meta l4proto . th dport @public \
+                "add rule ip {t} guard meta l4proto . th dport @public ct direction original \
                  update @sources {{ ip saddr limit rate over {r}/second burst {b} packets }} \
                  counter name flood_dropped drop\n",
                 b = r.saturating_mul(2)
@@ -213,11 +213,11 @@ impl Forwarder {
              flush chain ip {t} masquerade_local\n\
              flush chain ip {t} forward_guard\n\
              {limit}\
-             add rule ip {t} guard ct direction original meta l4proto . th dport @public counter name meta l4proto . th dport map @bytes_in\n\
-             add rule ip {t} guard ct state new meta l4proto . th dport @public counter name meta l4proto . th dport map @flows\n\
+             add rule ip {t} guard meta l4proto . th dport @public ct direction original counter name meta l4proto . th dport map @bytes_in\n\
+             add rule ip {t} guard meta l4proto . th dport @public ct state new counter name meta l4proto . th dport map @flows\n\
              add rule ip {t} guard iifname \"{br}\" ct direction reply ct status dnat counter name meta l4proto . ip saddr . th sport map @bytes_out\n\
-             add rule ip {t} local_out ct direction original {to_us} meta l4proto . th dport @public counter name meta l4proto . th dport map @bytes_in\n\
-             add rule ip {t} local_out ct state new {to_us} meta l4proto . th dport @public counter name meta l4proto . th dport map @flows\n\
+             add rule ip {t} local_out meta l4proto . th dport @public ct direction original {to_us} counter name meta l4proto . th dport map @bytes_in\n\
+             add rule ip {t} local_out meta l4proto . th dport @public ct state new {to_us} counter name meta l4proto . th dport map @flows\n\
              add rule ip {t} dnat_in {to_us} dnat ip to meta l4proto . th dport map @ports\n\
              add rule ip {t} dnat_out {to_us} dnat ip to meta l4proto . th dport map @ports\n\
              add rule ip {t} masquerade_local oifname \"{br}\" ip saddr 127.0.0.0/8 masquerade\n\

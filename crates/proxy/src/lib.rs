@@ -130,11 +130,36 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     /// Datagrams from new peers dropped because the port had `MAX_UDP_SESSIONS` already.
     pub dropped: AtomicU64,
+    /// What the kernel counted on the process's kernel-forwarded ports (read periodically).
+    pub kernel: KernelCounts,
+}
+
+/// The kernel's counts of a process's forwarded ports, as last read.
+#[derive(Debug, Default)]
+pub struct KernelCounts {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub flows: AtomicU64,
+    pub active: AtomicU64,
 }
 
 impl Counters {
+    /// Live flows over every port of the process, however forwarded.
     pub fn active(&self) -> u64 {
-        self.active_connections.load(Ordering::Relaxed)
+        self.active_connections.load(Ordering::Relaxed) + self.kernel.active.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed) + self.kernel.bytes_in.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.load(Ordering::Relaxed) + self.kernel.bytes_out.load(Ordering::Relaxed)
+    }
+
+    /// Flows ever set up.
+    pub fn total_connections(&self) -> u64 {
+        self.total_connections.load(Ordering::Relaxed) + self.kernel.flows.load(Ordering::Relaxed)
     }
 }
 

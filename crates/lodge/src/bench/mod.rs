@@ -15,6 +15,7 @@ mod echo;
 mod net;
 mod nodes;
 mod pg;
+mod placement;
 mod server;
 
 use std::net::SocketAddr;
@@ -423,6 +424,39 @@ async fn cold_rooms(s: &Setup, n: usize) -> Result<Vec<f64>> {
 
 // --- proxy -----------------------------------------------------------------------------------
 
+/// One way to reach an echo server, and what runs on the server side of it (to pin).
+struct Path {
+    name: String,
+    udp: SocketAddr,
+    tcp: SocketAddr,
+    servers: Vec<u32>,
+    /// The path its "added" round trip is measured against (its own index for the baselines).
+    baseline: usize,
+}
+
+/// The kernel-forwarded room of a `lodge serve` with netns isolation: its public ports on
+/// loopback, and the same ports inside the process's namespace (routed, without NAT).
+async fn kernel_paths(server: &Server, s: &Setup) -> Result<(SocketAddr, SocketAddr, SocketAddr, SocketAddr, u32)> {
+    let (_, room, _) = room_to_active(s, "London").await?;
+    let info = s.connection_info(&room).await?;
+    let port = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as u16;
+    let udp: SocketAddr = ([127, 0, 0, 1], port(&info["exposedPort"]["port"])).into();
+    let tcp: SocketAddr = ([127, 0, 0, 1], port(&info["additionalExposedPorts"][0]["port"])).into();
+    let state = server
+        .process_states()
+        .into_iter()
+        .next()
+        .ok_or("the kernel-forwarded process has no state")?;
+    let inner = |i: usize| -> Result<SocketAddr> {
+        state["targets"][i]["target"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| "the process state names no target".to_string())
+    };
+    let game = state["gamePid"].as_u64().unwrap_or(0) as u32;
+    Ok((udp, tcp, inner(0)?, inner(1)?, game))
+}
+
 async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let direct_port = server::free_port()?;
@@ -431,6 +465,7 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| e.to_string())?;
+    let direct_pid = direct.id().unwrap_or(0);
     let direct_addr: SocketAddr = ([127, 0, 0, 1], direct_port).into();
     if !net::wait_udp(direct_addr, Duration::from_secs(10)) {
         return Err("the direct echo server did not start".into());
@@ -445,15 +480,74 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
         .as_u64()
         .unwrap_or(0) as u16;
     let lodge_tcp: SocketAddr = ([127, 0, 0, 1], lodge_tcp_port).into();
+    let proxied_games: Vec<u32> = server
+        .process_states()
+        .iter()
+        .filter_map(|st| st["gamePid"].as_u64().map(|p| p as u32))
+        .collect();
     let nginx = server::Nginx::start(direct_port).await;
-    // (name, UDP address, TCP address)
-    let mut targets: Vec<(String, SocketAddr, SocketAddr)> = vec![
-        ("direct to the game server".into(), direct_addr, direct_addr),
-        ("through Lodge's proxy".into(), lodge_addr, lodge_tcp),
+    let mut paths = vec![
+        Path {
+            name: "direct to the game server".into(),
+            udp: direct_addr,
+            tcp: direct_addr,
+            servers: vec![direct_pid],
+            baseline: 0,
+        },
+        Path {
+            name: "through Lodge's proxy".into(),
+            udp: lodge_addr,
+            tcp: lodge_tcp,
+            servers: [vec![server.pid()], proxied_games].concat(),
+            baseline: 0,
+        },
     ];
     match &nginx {
-        Ok(n) => targets.push(("through nginx stream proxy".into(), n.addr, n.addr)),
+        Ok(n) => paths.push(Path {
+            name: "through nginx stream proxy".into(),
+            udp: n.addr,
+            tcp: n.addr,
+            servers: vec![n.pid(), direct_pid],
+            baseline: 0,
+        }),
         Err(e) => println!("\n(nginx comparison skipped: {e})"),
+    }
+    // Kernel forwarding: a second Lodge with netns isolation (root only).
+    let kernel = if lodge_agent::sys::is_root() {
+        match Server::start(&["--isolation", "netns", "--forwarding", "kernel"]).await {
+            Ok(k) => match k.setup_with_tcp(10).await {
+                Ok(ks) => Some((k, ks)),
+                Err(e) => {
+                    println!("\n(kernel forwarding skipped: {e})");
+                    None
+                }
+            },
+            Err(e) => {
+                println!("\n(kernel forwarding skipped: {e})");
+                None
+            }
+        }
+    } else {
+        println!("\n(kernel forwarding skipped: needs root)");
+        None
+    };
+    if let Some((k, ks)) = &kernel {
+        let (udp, tcp, inner_udp, inner_tcp, game) = kernel_paths(k, ks).await?;
+        let base = paths.len();
+        paths.push(Path {
+            name: "direct into a process's namespace (routed, no NAT)".into(),
+            udp: inner_udp,
+            tcp: inner_tcp,
+            servers: vec![game],
+            baseline: base,
+        });
+        paths.push(Path {
+            name: "through the kernel (nftables DNAT)".into(),
+            udp,
+            tcp,
+            servers: vec![game],
+            baseline: base,
+        });
     }
 
     let (n_rtt, secs, many) = if args.quick {
@@ -462,11 +556,11 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
         (20_000, 2.0, 1000)
     };
     let mut t1 = Table::new(
-        "Proxy: UDP round trip, 100-byte datagrams, one client",
-        &["path", "p50", "p99", "p99.9", "p50 vs direct"],
+        "Proxy: UDP round trip, 100-byte datagrams, one client, by CPU placement (same CPU: client and server side on CPU 0; split: client on 0, server side on 1)",
+        &["path", "placement", "p50", "p99", "p99.9", "p50 vs its direct path", "added p50"],
     );
     let mut t2 = Table::new(
-        "Proxy: throughput",
+        "Proxy: throughput (unpinned)",
         &[
             "path",
             "UDP datagrams/s (≤0.1% loss)",
@@ -475,7 +569,7 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
         ],
     );
     let mut t3 = Table::new(
-        &format!("Proxy: {many} concurrent UDP clients, one datagram each every 50 ms"),
+        &format!("Proxy: {many} concurrent UDP clients, one datagram each every 50 ms (unpinned)"),
         &[
             "path",
             "p50",
@@ -485,24 +579,37 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
             "loss",
         ],
     );
-    let mut direct_p50 = f64::NAN;
-    for (name, addr, tcp) in &targets {
-        let (addr, tcp) = (*addr, *tcp);
-        let rtts = tokio::task::spawn_blocking(move || net::udp_rtts(addr, n_rtt, 100))
+    for placement in placement::Placement::all() {
+        let mut p50s: Vec<f64> = Vec::new();
+        for path in &paths {
+            let addr = path.udp;
+            placement.place_servers(&path.servers);
+            let rtts = tokio::task::spawn_blocking(move || {
+                placement.place_client();
+                let r = net::udp_rtts(addr, n_rtt, 100);
+                placement::Placement::Unpinned.place_client();
+                r
+            })
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        let p50 = median(&rtts);
-        if direct_p50.is_nan() {
-            direct_p50 = p50;
+            placement::Placement::release(&path.servers);
+            let p50 = median(&rtts);
+            p50s.push(p50);
+            let base = p50s.get(path.baseline).copied().unwrap_or(p50);
+            t1.row(vec![
+                path.name.clone(),
+                placement.label().into(),
+                us(p50),
+                us(pct(&rtts, 0.99)),
+                us(pct(&rtts, 0.999)),
+                ratio(p50, base),
+                format!("{:+.1} µs", p50 - base),
+            ]);
         }
-        t1.row(vec![
-            name.clone(),
-            us(p50),
-            us(pct(&rtts, 0.99)),
-            us(pct(&rtts, 0.999)),
-            ratio(p50, direct_p50),
-        ]);
+    }
+    for path in &paths {
+        let (addr, tcp) = (path.udp, path.tcp);
         let (cap, trial) = if args.quick {
             (40_000, 0.3)
         } else {
@@ -520,7 +627,7 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
             .await
             .map_err(|e| e.to_string())?;
         t2.row(vec![
-            name.clone(),
+            path.name.clone(),
             format!("{rate}"),
             format!("{:.0}", tput / 1e6),
             format!("{conns:.0}"),
@@ -529,7 +636,7 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
             .await
             .map_err(|e| e.to_string())?;
         t3.row(vec![
-            name.clone(),
+            path.name.clone(),
             us(median(&m.rtts)),
             us(pct(&m.rtts, 0.99)),
             us(median(&m.firsts)),
@@ -540,6 +647,9 @@ async fn proxy(args: &BenchArgs) -> Result<Vec<Table>> {
     drop(nginx);
     let _ = direct.kill().await;
     server.shutdown(&s).await;
+    if let Some((k, ks)) = kernel {
+        k.shutdown(&ks).await;
+    }
     Ok(vec![t1, t2, t3])
 }
 

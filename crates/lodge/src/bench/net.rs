@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// Round trips of `n` sequential `size`-byte datagrams, in microseconds (lost ones skipped).
 pub fn udp_rtts(target: SocketAddr, n: usize, size: usize) -> std::io::Result<Vec<f64>> {
-    let s = UdpSocket::bind("127.0.0.1:0")?;
+    let s = UdpSocket::bind("0.0.0.0:0")?;
     s.connect(target)?;
     s.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut out = Vec::with_capacity(n);
@@ -41,7 +41,7 @@ pub fn udp_rate(
     secs: f64,
     size: usize,
 ) -> std::io::Result<(u64, u64)> {
-    let s = UdpSocket::bind("127.0.0.1:0")?;
+    let s = UdpSocket::bind("0.0.0.0:0")?;
     s.connect(target)?;
     // A large receive buffer, so the client is not where packets are lost.
     let r = s.try_clone()?;
@@ -200,7 +200,7 @@ pub async fn udp_many(
 ) -> std::io::Result<ManyClients> {
     let mut sockets = Vec::with_capacity(clients);
     for _ in 0..clients {
-        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let s = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
         s.connect(target).await?;
         sockets.push(s);
     }
@@ -261,7 +261,7 @@ pub async fn udp_many(
 
 /// Wait until a UDP echo answers at `target`.
 pub fn wait_udp(target: SocketAddr, timeout: Duration) -> bool {
-    let Ok(s) = UdpSocket::bind("127.0.0.1:0") else {
+    let Ok(s) = UdpSocket::bind("0.0.0.0:0") else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(1)));

@@ -231,6 +231,18 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The node's record of each process it started (`processes/*/state.json`).
+    pub fn process_states(&self) -> Vec<serde_json::Value> {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("data").join("processes")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("state.json")).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect()
+    }
 }
 
 fn spawn_serve(
@@ -738,6 +750,11 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// The master process (its workers are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn start(target_port: u16) -> Result<Nginx> {
         let module = [
             "/usr/lib/nginx/modules/ngx_stream_module.so",
