@@ -23,7 +23,7 @@ impl Agent {
     pub(crate) async fn public_port(
         &self,
         target: SocketAddr,
-        udp: bool,
+        transport: TransportType,
         counters: &Arc<Counters>,
     ) -> std::io::Result<(u16, PublicPort)> {
         let (lo, hi) = self.cfg.port_range;
@@ -41,7 +41,8 @@ impl Agent {
             let t = Target {
                 public_port: candidate,
                 target,
-                udp,
+                udp: transport == TransportType::Udp,
+                tls: transport == TransportType::Tls,
             };
             match self.open_route(&t, counters).await {
                 Ok(route) => return Ok((candidate, route)),
@@ -194,13 +195,14 @@ impl Agent {
                 )?);
             }
             for (p, target) in spec.ports().zip(&targets) {
-                let udp = p.transport_type == TransportType::Udp;
-                let (public, route) = self.public_port(*target, udp, counters).await?;
+                let transport = p.transport_type;
+                let (public, route) = self.public_port(*target, transport, counters).await?;
                 routes.push(route);
                 state.targets.push(Target {
                     public_port: public,
                     target: *target,
-                    udp,
+                    udp: transport == TransportType::Udp,
+                    tls: transport == TransportType::Tls,
                 });
                 state.exposed.push(ExposedPort {
                     name: p.name.clone(),

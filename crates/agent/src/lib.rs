@@ -106,6 +106,8 @@ pub struct AgentConfig {
     pub game_users: bool,
     /// Caps on players' flows over all public ports of the node.
     pub flows: Arc<lodge_proxy::FlowLimits>,
+    /// The certificate `tls` ports present (`None`: the node offers no tls ports).
+    pub tls: Option<lodge_proxy::tls::Identity>,
     /// Where builds come from when this node does not share the control plane's data dir (a
     /// joined agent); `None` reads them from `data_dir`.
     pub fetcher: Option<Arc<lodge_link::artifacts::Fetcher>>,

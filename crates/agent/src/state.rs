@@ -40,6 +40,9 @@ pub(crate) struct Target {
     pub(crate) public_port: u16,
     pub(crate) target: SocketAddr,
     pub(crate) udp: bool,
+    /// A `tls` port: the node terminates TLS and forwards plain TCP.
+    #[serde(default)]
+    pub(crate) tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -435,6 +435,21 @@ impl Agent {
     ) -> std::io::Result<PublicPort> {
         let proto = if t.udp { Protocol::Udp } else { Protocol::Tcp };
         let public = SocketAddr::new(self.cfg.proxy_ip, t.public_port);
+        if t.tls {
+            // TLS is terminated here whoever forwards the other ports.
+            let identity = self.cfg.tls.as_ref().ok_or_else(|| {
+                std::io::Error::other("this node has no TLS certificate for tls ports")
+            })?;
+            return lodge_proxy::open_tls(
+                public,
+                t.target,
+                identity,
+                counters.clone(),
+                self.cfg.flows.clone(),
+            )
+            .await
+            .map(PublicPort::Userspace);
+        }
         if let (Some(forwarder), SocketAddr::V4(target)) = (&self.forwarder, t.target) {
             // Held, not forwarded yet: `install_ports` adds the whole process's ports at once.
             return Ok(PublicPort::Kernel {

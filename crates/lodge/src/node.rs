@@ -56,6 +56,14 @@ pub struct NodeArgs {
     /// them; the excess is dropped by the kernel (kernel forwarding; 0: no limit).
     #[arg(long, env = "LODGE_SOURCE_PACKET_RATE", default_value_t = 5000)]
     pub source_packet_rate: u32,
+    /// PEM certificate chain that `tls` ports present to players (with --tls-key); without
+    /// both, a self-signed certificate for --public-host is made at first start and kept in
+    /// `<data-dir>/tls/`.
+    #[arg(long, env = "LODGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LODGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Seconds a new process has to bind its default port.
     #[arg(long, env = "LODGE_BIND_TIMEOUT", default_value_t = 100.0)]
     pub bind_timeout: f64,
@@ -165,6 +173,24 @@ impl NodeArgs {
         })
     }
 
+    /// What `tls` ports present: the operator's certificate, or one made for --public-host.
+    fn tls_identity(&self, data_dir: &Path) -> Result<Option<lodge_proxy::tls::Identity>, String> {
+        if self.fake_processes {
+            return Ok(None);
+        }
+        let id = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => lodge_proxy::tls::Identity::from_files(cert, key),
+            _ => lodge_proxy::tls::Identity::self_signed(&data_dir.join("tls"), &self.public_host),
+        }
+        .map_err(|e| e.to_string())?;
+        tracing::info!(
+            certificate = %id.source,
+            sha256 = %id.fingerprint,
+            "tls ports terminate TLS with this certificate"
+        );
+        Ok(Some(id))
+    }
+
     /// The agent's configuration for a node `node_id` keeping its state in `data_dir`.
     pub fn agent_config(
         &self,
@@ -201,6 +227,7 @@ impl NodeArgs {
             oci_runtime,
             fake_processes: self.fake_processes,
             game_users: lodge_agent::sys::is_root() && !self.fake_processes,
+            tls: self.tls_identity(data_dir)?,
             flows: Arc::new(lodge_proxy::FlowLimits::for_descriptors(
                 raise_nofile(),
                 FD_RESERVE,

@@ -20,6 +20,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 mod conntrack;
 pub mod kernel;
+pub mod tls;
 
 /// How long a UDP session lives without traffic.
 pub const UDP_SESSION_TTL: Duration = Duration::from_secs(60);
@@ -287,11 +288,34 @@ pub async fn open(
     counters: Arc<Counters>,
     limits: Arc<FlowLimits>,
 ) -> io::Result<Route> {
+    open_with(public, target, protocol, None, counters, limits).await
+}
+
+/// Start terminating TLS on `public` with `identity`, forwarding plain TCP to `target`.
+pub async fn open_tls(
+    public: SocketAddr,
+    target: SocketAddr,
+    identity: &tls::Identity,
+    counters: Arc<Counters>,
+    limits: Arc<FlowLimits>,
+) -> io::Result<Route> {
+    let acceptor = Some(identity.acceptor.clone());
+    open_with(public, target, Protocol::Tcp, acceptor, counters, limits).await
+}
+
+async fn open_with(
+    public: SocketAddr,
+    target: SocketAddr,
+    protocol: Protocol,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    counters: Arc<Counters>,
+    limits: Arc<FlowLimits>,
+) -> io::Result<Route> {
     let (tx, rx) = oneshot::channel();
     let task = match protocol {
         Protocol::Tcp => {
             let listener = TcpListener::bind(public).await?;
-            tokio::spawn(tcp_accept_loop(listener, target, counters, limits, rx))
+            tokio::spawn(tcp_accept_loop(listener, target, tls, counters, limits, rx))
         }
         Protocol::Udp => {
             let socket = bind_udp(public)?;
@@ -338,6 +362,7 @@ fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 async fn tcp_accept_loop(
     listener: TcpListener,
     target: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     counters: Arc<Counters>,
     limits: Arc<FlowLimits>,
     mut shutdown: oneshot::Receiver<()>,
@@ -362,10 +387,15 @@ async fn tcp_accept_loop(
                         }
                     };
                     let counters = counters.clone();
+                    let tls = tls.clone();
                     conns.spawn(async move {
                         let _permit = permit;
                         let _guard = ActiveGuard::new(&counters);
-                        if let Err(e) = tcp_pipe(client, target, &counters).await {
+                        let ended = match tls {
+                            None => tcp_pipe(client, target, &counters).await,
+                            Some(acceptor) => tls_pipe(acceptor, client, target, &counters).await,
+                        };
+                        if let Err(e) = ended {
                             tracing::debug!(%peer, %target, error = %e, "tcp flow ended with error");
                         }
                     });
@@ -390,6 +420,26 @@ async fn tcp_pipe(client: TcpStream, target: SocketAddr, counters: &Counters) ->
     let outbound = copy_counted(&mut ur, &mut cw, &counters.bytes_out);
     // A clean end of one direction is passed on as a half-close and the other carries on; an
     // error in either (a reset) ends both, so no socket outlives its peer.
+    tokio::try_join!(inbound, outbound).map(|_| ())
+}
+
+/// A TLS client: the handshake (bounded in time), then plain TCP to the process.
+async fn tls_pipe(
+    acceptor: tokio_rustls::TlsAcceptor,
+    client: TcpStream,
+    target: SocketAddr,
+    counters: &Counters,
+) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let tls = tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(client))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let upstream = TcpStream::connect(target).await?;
+    upstream.set_nodelay(true)?;
+    let (mut cr, mut cw) = tokio::io::split(tls);
+    let (mut ur, mut uw) = upstream.into_split();
+    let inbound = copy_counted(&mut cr, &mut uw, &counters.bytes_in);
+    let outbound = copy_counted(&mut ur, &mut cw, &counters.bytes_out);
     tokio::try_join!(inbound, outbound).map(|_| ())
 }
 

@@ -196,6 +196,7 @@ async fn sim_nodes(http: &Http, n: usize, region: &str, dir: &Path) -> Result<Ve
             fake_processes: true,
             game_users: false,
             flows: Default::default(),
+            tls: None,
             fetcher: Some(Arc::new(lodge_link::artifacts::Fetcher::new(
                 &http.url,
                 &joined.credential,

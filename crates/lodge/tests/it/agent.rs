@@ -153,6 +153,7 @@ async fn node_in(
         fake_processes: false,
         game_users: lodge_agent::sys::is_root(),
         flows: Default::default(),
+        tls: None,
         fetcher: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
