@@ -998,6 +998,19 @@ class FrontHandle {
 // ---------------------------------------------------------------------------
 // Builds and deployments
 
+/**
+ * The key Lodge derives from a node's data dir (FNV-1a of its real path, 24 bits, hex): its
+ * bridge (`lodge<key>`), nftables table (`lodge_<key>`) and namespaces (`lodge-<key>-N`).
+ */
+export function instanceKey(dataDir) {
+  let h = 0xcbf29ce484222325n;
+  // A removed data dir (after teardown) keys by its path as given.
+  for (const b of Buffer.from(fs.existsSync(dataDir) ? fs.realpathSync(dataDir) : dataDir)) {
+    h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  }
+  return (h & 0xffffffn).toString(16).padStart(6, '0');
+}
+
 export function uniqueName(prefix) {
   return `${prefix}-${crypto.randomBytes(4).toString('hex')}`;
 }

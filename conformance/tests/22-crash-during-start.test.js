@@ -20,7 +20,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 
-import { Lodge, LODGE_BIN, sleep, waitFor, withTimeout } from '../lib/lodge.js';
+import { Lodge, LODGE_BIN, instanceKey, sleep, waitFor, withTimeout } from '../lib/lodge.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -110,6 +110,12 @@ function shimsOf(procs, dataDirs) {
   return procs.filter(
     (p) => p.cmdline[1] === 'shim' && dataDirs.some((d) => (p.cmdline[2] ?? '').startsWith(d + path.sep)),
   );
+}
+
+/** Whether network namespace `name` is one of this Lodge's: a process's, or made ahead. */
+function ownsNetns(lodge, knownIds, name) {
+  if (knownIds.has(name.replace(/^lodge-/, ''))) return true;
+  return lodge.nodeDataDirs.some((dir) => name.startsWith(`lodge-${instanceKey(dir)}-`));
 }
 
 function netnsList() {
@@ -356,7 +362,7 @@ test(
           procs,
           games: [...gameServers(procs, appId, knownIds).values()].flat(),
           shims: shimsOf(procs, lodge.nodeDataDirs),
-          netns: netnsList().filter((n) => knownIds.has(n.replace(/^lodge-/, ''))),
+          netns: netnsList().filter((n) => ownsNetns(lodge, knownIds, n)),
         };
         return left.games.length + left.shims.length + left.netns.length === 0;
       };
@@ -391,7 +397,7 @@ test(
             // already gone
           }
         }
-        for (const ns of netnsList().filter((n) => knownIds.has(n.replace(/^lodge-/, '')))) {
+        for (const ns of netnsList().filter((n) => ownsNetns(lodge, knownIds, n))) {
           console.error(`deleting leftover network namespace ${ns}`);
           try {
             execFileSync('ip', ['netns', 'del', ns]);

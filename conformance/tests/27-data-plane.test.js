@@ -24,6 +24,7 @@ import {
   waitFor,
   waitActive,
   streamText,
+  instanceKey,
 } from '../lib/lodge.js';
 import { Net } from '../lib/net.js';
 
@@ -213,7 +214,7 @@ test('lodge cleanup removes the nftables table, the namespaces and the veths', {
   const table = tables()
     .split('\n')
     .map((l) => l.trim().split(' ').at(-1))
-    .find((name) => name && fs.existsSync(lodge.dataDir) && name === tableOf(lodge.dataDir));
+    .find((name) => name && fs.existsSync(lodge.dataDir) && name === `lodge_${instanceKey(lodge.dataDir)}`);
   assert.ok(table, `the node's table is in ${tables()}`);
 
   assert.deepEqual(await lodge.stop(), { code: 0, signal: null });
@@ -221,13 +222,6 @@ test('lodge cleanup removes the nftables table, the namespaces and the veths', {
   assert.ok(!tables().includes(table), `no ${table} in ${tables()}`);
   assert.ok(!execFileSync('ip', ['netns', 'list']).toString().includes(state.netns.name), 'no namespace');
   assert.ok(!execFileSync('ip', ['-o', 'link']).toString().includes(state.netns.veth), 'no veth');
+  const prefix = `lodge-${instanceKey(lodge.dataDir)}-`;
+  assert.ok(!execFileSync('ip', ['netns', 'list']).toString().includes(prefix), 'no namespace made ahead is left');
 });
-
-/** The node's table name: `lodge_` and the instance key of its data dir (FNV-1a, 24 bits). */
-function tableOf(dataDir) {
-  let h = 0xcbf29ce484222325n;
-  for (const b of Buffer.from(fs.realpathSync(dataDir))) {
-    h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
-  }
-  return `lodge_${(h & 0xffffffn).toString(16).padStart(6, '0')}`;
-}

@@ -80,6 +80,8 @@ pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
         sys::signal(shim_pid, libc::SIGKILL);
         ended += 1;
     }
+    // Namespaces made ahead for processes that never came.
+    let _ = crate::nspool::remove_unclaimed(&data_dir.join("processes"), instance).await;
     let _ = std::fs::remove_dir_all(users::scratch_root(instance));
     let _ = tokio::process::Command::new("ip")
         .args(["link", "del", &bridge])

@@ -207,8 +207,8 @@ impl Agent {
         });
     }
 
-    /// Remove what the table forwards for no port reserved here (a process that ended while
-    /// Lodge was down, a crash between installing and recording).
+    /// Remove what the table forwards for no process of this node (one that ended while Lodge
+    /// was down, a crash between installing and recording).
     pub(crate) async fn sweep_forwarding(&self) {
         let Some(f) = &self.forwarder else { return };
         let installed = match f.installed().await {
@@ -218,11 +218,29 @@ impl Agent {
                 return;
             }
         };
+        // Adoption runs in each process's own task: a live process's ports may not be reserved
+        // yet, so its record on disk counts too.
+        let mut live = BTreeSet::new();
+        if let Ok(entries) = std::fs::read_dir(self.processes_dir()) {
+            for e in entries.flatten() {
+                let dir = e.path();
+                let Some(mut state) = std::fs::read(dir.join("state.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
+                else {
+                    continue;
+                };
+                recover_pids(&dir, &mut state);
+                if sys::alive(state.shim_pid, state.shim_start) {
+                    live.extend(state.targets.iter().map(|t| t.public_port));
+                }
+            }
+        }
         let stale: Vec<kernel::Entry> = {
             let r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
             installed
                 .into_iter()
-                .filter(|e| !r.ports.contains(&e.public_port))
+                .filter(|e| !r.ports.contains(&e.public_port) && !live.contains(&e.public_port))
                 .collect()
         };
         if stale.is_empty() {

@@ -101,41 +101,8 @@ impl Agent {
         let mut inner_ports: Vec<u16> = Vec::new();
         let mut targets = Vec::new();
         if let Some(net) = &self.network {
-            let index = {
-                let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-                // Round-robin, so an address just freed is the last to be used again.
-                let max = sys::Network::MAX_INDEX;
-                let start = r.ip_cursor;
-                let i = (0..max)
-                    .map(|k| (start + k) % max + 1)
-                    .find(|i| !r.ip_indexes.contains(i));
-                if let Some(i) = i {
-                    r.ip_cursor = i % max;
-                }
-                let i = i.ok_or_else(|| std::io::Error::other("no free address on the bridge"))?;
-                r.ip_indexes.insert(i);
-                i
-            };
-            let short: String = spec
-                .process_id
-                .chars()
-                .filter(|c| c.is_ascii_hexdigit())
-                .take(12)
-                .collect();
-            let ns = NsState {
-                name: format!("lodge-{}", spec.process_id),
-                veth: format!("lv{short}"),
-                index,
-            };
-            let ip = net.address(index);
-            if let Err(e) = net.create_namespace(&ns.name, &ns.veth, ip).await {
-                self.reserved
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .ip_indexes
-                    .remove(&index);
-                return Err(e);
-            }
+            let ns = self.take_namespace(net).await?;
+            let ip = net.address(ns.index);
             for p in spec.ports() {
                 inner_ports.push(p.port);
                 targets.push(SocketAddr::new(IpAddr::V4(ip), p.port));

@@ -11,6 +11,7 @@ mod launch;
 pub mod logs;
 pub mod metrics;
 mod node_link;
+mod nspool;
 pub mod oci;
 mod reconcile;
 pub mod shim;
@@ -177,6 +178,9 @@ pub struct Agent {
     link: Arc<dyn ControlLink>,
     clock: Arc<dyn Clock>,
     network: Option<sys::Network>,
+    /// Namespaces made ahead of demand (netns isolation).
+    ns_pool: Mutex<nspool::NsPool>,
+    pool_wake: Arc<Notify>,
     /// The node's nftables table, when the kernel forwards public ports.
     forwarder: Option<Arc<kernel::Forwarder>>,
     /// Packets the kernel's per-source rate limit dropped (read with the counters).
@@ -226,6 +230,8 @@ impl Agent {
             link,
             clock: Arc::new(SystemClock),
             network,
+            ns_pool: Mutex::default(),
+            pool_wake: Arc::new(Notify::new()),
             forwarder,
             rate_limited: Default::default(),
             running: Mutex::default(),
@@ -262,6 +268,18 @@ impl Agent {
         if agent.forwarder.is_some() {
             agent.spawn_kernel_accounting();
         }
+        if agent.network.is_some() && !agent.cfg.fake_processes {
+            // Before anything of this run makes a namespace: the slots of live processes are
+            // taken (adoption confirms or frees them), the rest of the last run's pool goes.
+            let claimed =
+                nspool::remove_unclaimed(&agent.processes_dir(), &agent.cfg.instance).await;
+            agent
+                .reserved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ip_indexes
+                .extend(claimed);
+        }
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
             let mut last_full: Option<Instant> = None;
@@ -279,6 +297,10 @@ impl Agent {
                             // Whatever is forwarded for no process of this node (one that
                             // ended while Lodge was down) is removed now that all are adopted.
                             agent.sweep_forwarding().await;
+                            // Namespaces are made ahead once every live one is known.
+                            if agent.network.is_some() && !agent.cfg.fake_processes {
+                                agent.spawn_ns_pool();
+                            }
                         }
                         last_full = Some(Instant::now());
                     }
@@ -377,6 +399,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        self.drain_ns_pool().await;
         if let Some(f) = &self.forwarder {
             let _ = kernel::delete_table(f.table()).await;
         }

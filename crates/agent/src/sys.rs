@@ -312,6 +312,23 @@ async fn run_batch(ns: Option<&str>, script: &str) -> io::Result<()> {
     }
 }
 
+/// Names of the machine's named network namespaces (`ip netns list`).
+pub async fn netns_names() -> Vec<String> {
+    let Ok(out) = tokio::process::Command::new("ip")
+        .args(["netns", "list"])
+        .stderr(Stdio::null())
+        .output()
+        .await
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
 /// A Linux bridge with a private IPv4 subnet; each isolated process gets a network namespace
 /// with a veth into it and one address.
 #[derive(Debug, Clone)]
@@ -327,6 +344,7 @@ impl Network {
     pub async fn ensure(bridge: &str, seed: u64) -> io::Result<Network> {
         if let Some(gw) = bridge_address(bridge).await? {
             run("ip", &["link", "set", bridge, "up"]).await?;
+            pin_mac(bridge).await?;
             return Ok(Network {
                 bridge: bridge.into(),
                 gateway: gw,
@@ -350,6 +368,7 @@ impl Network {
             )
             .await?;
             run("ip", &["link", "set", bridge, "up"]).await?;
+            pin_mac(bridge).await?;
             return Ok(Network {
                 bridge: bridge.into(),
                 gateway,
@@ -399,6 +418,20 @@ impl Network {
     pub async fn remove_bridge(&self) -> io::Result<()> {
         run("ip", &["link", "del", &self.bridge]).await
     }
+}
+
+/// Give the bridge its current MAC address for good. A bridge left to itself takes the lowest
+/// MAC of its ports, so a namespace joining or leaving could change the gateway's MAC under
+/// every other process (their neighbour entries go stale and their replies to players are
+/// dropped until they notice, seconds later).
+async fn pin_mac(bridge: &str) -> io::Result<()> {
+    let sys = format!("/sys/class/net/{bridge}");
+    // NET_ADDR_SET: the address was set, and the bridge keeps it.
+    if std::fs::read_to_string(format!("{sys}/addr_assign_type"))?.trim() == "3" {
+        return Ok(());
+    }
+    let mac = std::fs::read_to_string(format!("{sys}/address"))?;
+    run("ip", &["link", "set", "dev", bridge, "address", mac.trim()]).await
 }
 
 async fn bridge_address(bridge: &str) -> io::Result<Option<Ipv4Addr>> {

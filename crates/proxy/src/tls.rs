@@ -135,9 +135,15 @@ mod tests {
         let again = Identity::self_signed(&dir, "127.0.0.1").unwrap();
         assert_eq!(a.fingerprint, again.fingerprint, "kept across starts");
         let other = Identity::self_signed(&dir, "game.example.com").unwrap();
-        assert_ne!(a.fingerprint, other.fingerprint, "a new host gets a new certificate");
+        assert_ne!(
+            a.fingerprint, other.fingerprint,
+            "a new host gets a new certificate"
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("key.pem")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "the key is readable by its owner only");
         let wrong = Identity::from_files(&dir.join("cert.pem"), &dir.join("cert.pem"));
         assert!(wrong.is_err(), "a certificate is no key");

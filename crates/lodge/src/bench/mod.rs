@@ -436,12 +436,19 @@ struct Path {
 
 /// The kernel-forwarded room of a `lodge serve` with netns isolation: its public ports on
 /// loopback, and the same ports inside the process's namespace (routed, without NAT).
-async fn kernel_paths(server: &Server, s: &Setup) -> Result<(SocketAddr, SocketAddr, SocketAddr, SocketAddr, u32)> {
+async fn kernel_paths(
+    server: &Server,
+    s: &Setup,
+) -> Result<(SocketAddr, SocketAddr, SocketAddr, SocketAddr, u32)> {
     let (_, room, _) = room_to_active(s, "London").await?;
     let info = s.connection_info(&room).await?;
     let port = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as u16;
     let udp: SocketAddr = ([127, 0, 0, 1], port(&info["exposedPort"]["port"])).into();
-    let tcp: SocketAddr = ([127, 0, 0, 1], port(&info["additionalExposedPorts"][0]["port"])).into();
+    let tcp: SocketAddr = (
+        [127, 0, 0, 1],
+        port(&info["additionalExposedPorts"][0]["port"]),
+    )
+        .into();
     let state = server
         .process_states()
         .into_iter()

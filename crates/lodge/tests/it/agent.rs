@@ -341,6 +341,15 @@ impl Drop for Node {
     fn drop(&mut self) {
         kill_leftovers(&self.dir.0);
         self.crash();
+        if self.cfg.isolation == Isolation::Netns {
+            // Also after a failure: the namespaces (made ahead too), the nftables table, the bridge.
+            let _ = std::process::Command::new(env!("CARGO_BIN_EXE_lodge"))
+                .arg("cleanup")
+                .arg("--data-dir")
+                .arg(&self.dir.0)
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
         // The game users' scratch dirs live outside the data dir.
         let _ = std::fs::remove_dir_all(lodge_agent::users::scratch_root(&self.cfg.instance));
     }
@@ -522,6 +531,11 @@ async fn isolated_processes_bind_the_same_port() {
         return;
     }
     let mut n = node("netns", Isolation::Netns, Duration::from_secs(20)).await;
+    let bridge = n.cfg.bridge_name();
+    let bridge_mac =
+        || std::fs::read_to_string(format!("/sys/class/net/{bridge}/address")).unwrap();
+    // The gateway's MAC never changes under the processes, whatever joins or leaves.
+    let mac = bridge_mac();
     n.run(spec("iso-a", "b1", &[]));
     n.run(spec("iso-b", "b1", &[]));
     let mut ports = HashMap::new();
@@ -585,10 +599,58 @@ async fn isolated_processes_bind_the_same_port() {
             "the game server is in its memory cgroup"
         );
     }
+    // Each has a namespace of its own (one made ahead, or made for it), never the same one.
+    let netns_of = |id: &str| -> String {
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(n.dir.0.join(format!("processes/{id}/state.json"))).unwrap(),
+        )
+        .unwrap();
+        state["netns"]["name"].as_str().unwrap().to_string()
+    };
+    let (ns_a, ns_b) = (netns_of("iso-a"), netns_of("iso-b"));
+    assert_ne!(ns_a, ns_b);
+    let prefix = format!("lodge-{}-", &n.cfg.instance[..6]);
+    assert!(
+        ns_a.starts_with(&prefix) && ns_b.starts_with(&prefix),
+        "{ns_a} {ns_b}"
+    );
     n.stop("iso-a");
     n.stop("iso-b");
     n.exited("iso-a").await;
     n.exited("iso-b").await;
+    let netns_list = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        bridge_mac(),
+        mac,
+        "the bridge keeps its MAC as namespaces come and go"
+    );
+    let list = netns_list();
+    assert!(
+        !list.contains(&ns_a) && !list.contains(&ns_b),
+        "a process's namespace goes with it: {list:?}"
+    );
+    // Two starts within the rate window: namespaces wait ready for the next ones.
+    let mut ready = Vec::new();
+    for _ in 0..200 {
+        ready = netns_list()
+            .into_iter()
+            .filter(|ns| ns.starts_with(&prefix))
+            .collect();
+        if ready.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready.len() >= 2, "namespaces made ahead: {ready:?}");
 
     // Past its memory limit (64 MB here) the process is killed, and the reason says so.
     let mut hungry = spec("iso-oom", "b1", &[]);
@@ -599,14 +661,10 @@ async fn isolated_processes_bind_the_same_port() {
     let (exit, failed) = n.exited("iso-oom").await;
     assert!(failed, "{exit:?}");
     assert!(exit.reason.contains("out of memory"), "{exit:?}");
-    let netns = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap();
-    let list = String::from_utf8_lossy(&netns.stdout);
-    assert!(
-        !list.contains("lodge-iso-a") && !list.contains("lodge-iso-b"),
-        "{list}"
-    );
     n.agent.teardown_node().await;
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|ns| ns.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "no namespace outlives the node: {left:?}");
 }
