@@ -178,7 +178,6 @@ impl Agent {
                     transport_type: p.transport_type,
                 });
             }
-            self.install_ports(&spec.process_id, &routes).await?;
             let netns_path = state
                 .netns
                 .as_ref()
@@ -309,12 +308,23 @@ impl Agent {
                 .take()
                 .ok_or_else(|| std::io::Error::other("shim has no stdout"))?;
             let mut line = String::new();
-            tokio::io::BufReader::new(stdout)
-                .read_line(&mut line)
-                .await?;
+            let mut stdout = tokio::io::BufReader::new(stdout);
+            // The kernel's forwarding is put in place while the game server starts (it is
+            // there before the process is reported booted, and players hear of its ports).
+            let (installed, read) = tokio::join!(
+                self.install_ports(&spec.process_id, &routes),
+                stdout.read_line(&mut line)
+            );
+            read?;
             let game_pid: u32 = line.trim().parse().unwrap_or(0);
             state.game_pid = game_pid;
             write_state(dir, &state)?;
+            if let Err(e) = installed {
+                terminate(&state, libc::SIGKILL).await;
+                sys::signal(shim_pid, libc::SIGKILL);
+                let _ = child.wait().await;
+                return Err(e);
+            }
             Ok::<_, std::io::Error>(Waiter::Child(child))
         }
         .await;
