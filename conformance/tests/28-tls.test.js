@@ -62,7 +62,9 @@ test('a browser WebSocket reaches a wss:// game server through a tls port', asyn
   const { host, port } = info.exposedPort;
   const url = `wss://${host}:${port}/`;
 
-  const cert = path.join(lodge.nodeDataDirs[0], 'tls', 'cert.pem');
+  // The data dir of the node that runs the process (replicas mode has one per region).
+  const nodeDir = path.dirname(path.dirname(lodge.processDir(room.processId)));
+  const cert = path.join(nodeDir, 'tls', 'cert.pem');
   assert.ok(fs.existsSync(cert), 'the node made and kept a certificate');
   const ok = await browser(url, ['hello', 'peer'], { ca: cert });
   assert.equal(ok.error, undefined, `wss:// through the tls port: ${JSON.stringify(ok)}`);

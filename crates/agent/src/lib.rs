@@ -219,6 +219,12 @@ impl Agent {
             Isolation::None => None,
         };
         let forwarder = forwarding::start(&cfg, network.as_ref()).await?;
+        if network.is_some() && !cfg.fake_processes && sys::cgroup_attach_waits() {
+            tracing::info!(
+                "each new process's cgroup attach waits for an RCU grace period (~10 ms of its start); \
+                 `mount -o remount,favordynmods` on the cgroup2 mount removes that wait machine-wide (README, Isolation)"
+            );
+        }
         let driver: Arc<dyn driver::Driver> = if cfg.fake_processes {
             Arc::new(driver::Pretend)
         } else {

@@ -312,6 +312,26 @@ async fn run_batch(ns: Option<&str>, script: &str) -> io::Result<()> {
     }
 }
 
+/// Whether moving a process into a cgroup waits for an RCU grace period (about 7–15 ms on
+/// these VMs, most of an isolated process's start): true unless the cgroup2 hierarchy is
+/// mounted with `favordynmods`, which the operator may choose (it makes fork and exit a little
+/// dearer machine-wide; Lodge never changes it).
+pub fn cgroup_attach_waits() -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return false;
+    };
+    let cgroup2: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+        .collect();
+    !cgroup2.is_empty()
+        && !cgroup2.iter().any(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .is_some_and(|o| o.split(',').any(|o| o == "favordynmods"))
+        })
+}
+
 /// Names of the machine's named network namespaces (`ip netns list`).
 pub async fn netns_names() -> Vec<String> {
     let Ok(out) = tokio::process::Command::new("ip")
