@@ -445,13 +445,21 @@ impl Network {
 /// every other process (their neighbour entries go stale and their replies to players are
 /// dropped until they notice, seconds later).
 async fn pin_mac(bridge: &str) -> io::Result<()> {
-    let sys = format!("/sys/class/net/{bridge}");
-    // NET_ADDR_SET: the address was set, and the bridge keeps it.
-    if std::fs::read_to_string(format!("{sys}/addr_assign_type"))?.trim() == "3" {
-        return Ok(());
-    }
-    let mac = std::fs::read_to_string(format!("{sys}/address"))?;
-    run("ip", &["link", "set", "dev", bridge, "address", mac.trim()]).await
+    // Read through `ip`, not /sys: under `nsenter --net` /sys still shows the host's devices.
+    let out = tokio::process::Command::new("ip")
+        .args(["-j", "link", "show", "dev", bridge])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
+    let mac = links[0]["address"]
+        .as_str()
+        .ok_or_else(|| io::Error::other(format!("no MAC address for {bridge}")))?
+        .to_string();
+    // Setting the address it has is harmless, and from then on the bridge keeps it.
+    run("ip", &["link", "set", "dev", bridge, "address", &mac]).await
 }
 
 async fn bridge_address(bridge: &str) -> io::Result<Option<Ipv4Addr>> {
