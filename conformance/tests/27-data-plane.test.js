@@ -221,7 +221,8 @@ test('lodge cleanup removes the nftables table, the namespaces and the veths', {
   execFileSync(LODGE_BIN, ['cleanup', '--data-dir', lodge.dataDir], { stdio: 'ignore' });
   assert.ok(!tables().includes(table), `no ${table} in ${tables()}`);
   assert.ok(!execFileSync('ip', ['netns', 'list']).toString().includes(state.netns.name), 'no namespace');
-  assert.ok(!execFileSync('ip', ['-o', 'link']).toString().includes(state.netns.veth), 'no veth');
+  const links = execFileSync('ip', ['-o', 'link']).toString();
+  assert.ok(!links.split('\n').some((l) => l.split(':')[1]?.trim().split('@')[0] === state.netns.veth), 'no veth');
   const prefix = `lodge-${instanceKey(lodge.dataDir)}-`;
   assert.ok(!execFileSync('ip', ['netns', 'list']).toString().includes(prefix), 'no namespace made ahead is left');
 });

@@ -91,6 +91,13 @@ test('a browser WebSocket reaches a wss:// game server through a tls port', asyn
   const before = fs.readFileSync(cert, 'utf8');
   await lodge.restart();
   assert.equal(fs.readFileSync(cert, 'utf8'), before, 'the same certificate after a restart');
-  const again = await browser(url, ['after restart'], { ca: cert });
+  // Ready means adoption has begun; the tls port is open once the process is adopted.
+  const again = await waitFor(
+    async () => {
+      const r = await browser(url, ['after restart'], { ca: cert });
+      return r.error ? null : r;
+    },
+    { timeoutMs: 15_000, intervalMs: 200, what: 'wss:// through the tls port after the restart' },
+  );
   assert.deepEqual(again.got, ['after restart'], JSON.stringify(again));
 });

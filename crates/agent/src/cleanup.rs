@@ -62,7 +62,7 @@ pub async fn cleanup(data_dir: &Path, instance: &str) -> usize {
     let bridge = format!("lodge{}", &instance[..instance.len().min(8)]);
     let mut ended = 0;
     // Players are cut off first: nothing forwards to what is about to end.
-    crate::forwarding::remove(data_dir, instance).await;
+    crate::forwarding::remove(instance).await;
     let Ok(entries) = std::fs::read_dir(data_dir.join("processes")) else {
         return 0;
     };

@@ -5,16 +5,36 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// Where the interfaces whose forwarding Lodge turned on are recorded, so that `lodge cleanup`
-/// can turn them off again.
-const RECORD: &str = "forwarding.json";
-
+/// Interfaces whose IPv4 forwarding a Lodge turned on, for every Lodge of this network
+/// namespace (they share the interfaces): the last one to go turns them off again.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Record {
-    table: String,
-    /// Interfaces whose `forwarding` was 0 until Lodge set it (the bridge excepted).
     turned_on: Vec<String>,
+}
+
+/// `/run/lodge/forwarding-<network namespace inode>.json`.
+fn record_path() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
+    PathBuf::from(format!("/run/lodge/forwarding-{ns}.json"))
+}
+
+fn load_record() -> Record {
+    std::fs::read(record_path())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_record(record: &Record) -> std::io::Result<()> {
+    let path = record_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
+    std::fs::rename(tmp, path)
 }
 
 /// Set up kernel forwarding for the node, or say why the userspace proxy forwards instead.
@@ -32,10 +52,7 @@ pub(crate) async fn start(
         (Some(net), _) => Some(net),
     };
     let Some(net) = net.filter(|_| !cfg.fake_processes) else {
-        tracing::info!(
-            mode = "userspace",
-            "public ports are forwarded by Lodge's userspace proxy"
-        );
+        userspace(cfg).await;
         return Ok(None);
     };
     match setup(cfg, net).await {
@@ -49,6 +66,7 @@ pub(crate) async fn start(
             Ok(Some(Arc::new(f)))
         }
         Err(e) if cfg.forwarding == Forwarding::Auto => {
+            remove(&cfg.instance).await;
             tracing::warn!(
                 mode = "userspace",
                 error = %e,
@@ -58,6 +76,18 @@ pub(crate) async fn start(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The userspace proxy forwards: a table an earlier run left would still DNAT the ports the
+/// proxy now listens on, so it goes.
+async fn userspace(cfg: &AgentConfig) {
+    if !cfg.fake_processes && sys::is_root() {
+        remove(&cfg.instance).await;
+    }
+    tracing::info!(
+        mode = "userspace",
+        "public ports are forwarded by Lodge's userspace proxy"
+    );
 }
 
 async fn setup(cfg: &AgentConfig, net: &sys::Network) -> std::io::Result<kernel::Forwarder> {
@@ -74,27 +104,21 @@ async fn setup(cfg: &AgentConfig, net: &sys::Network) -> std::io::Result<kernel:
         return Err(std::io::Error::other("nft cannot run here"));
     }
     let ingress = kernel::ingress_interfaces(address)?;
-    let turned_on = kernel::enable_forwarding(&net.bridge, &ingress)?;
-    let path = cfg.data_dir.join(RECORD);
-    let mut record: Record = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    record.table = cfg.nft_table();
-    for i in turned_on.into_iter().filter(|i| *i != net.bridge) {
-        if !record.turned_on.contains(&i) {
-            record.turned_on.push(i);
-        }
-    }
-    std::fs::write(&path, serde_json::to_vec_pretty(&record)?)?;
-    // A host that routes already keeps routing; on one that does not, the interfaces players
-    // arrive on forward nothing but players' packets to processes.
-    let guarded = if kernel::host_is_router() {
+    let mut record = load_record();
+    // A host that routes already keeps routing. Otherwise the interfaces whose forwarding a
+    // Lodge turns on forward nothing but players' packets to processes; an interface someone
+    // else turned on is left as it was.
+    let guarded: Vec<String> = if kernel::host_is_router() {
         Vec::new()
     } else {
         ingress
+            .iter()
+            .filter(|i| record.turned_on.contains(i) || !kernel::forwarding_on(i))
+            .cloned()
+            .collect()
     };
-    kernel::Forwarder::ensure(
+    // The guard is in place before forwarding is turned on.
+    let forwarder = kernel::Forwarder::ensure(
         kernel::Setup {
             table: cfg.nft_table(),
             bridge: net.bridge.clone(),
@@ -103,29 +127,36 @@ async fn setup(cfg: &AgentConfig, net: &sys::Network) -> std::io::Result<kernel:
         },
         &guarded,
     )
-    .await
+    .await?;
+    for iface in ingress.iter().chain([&net.bridge]) {
+        if kernel::turn_forwarding_on(iface)? && *iface != net.bridge {
+            // Recorded at once: an error on the next interface leaves this one undoable.
+            record.turned_on.push(iface.clone());
+            save_record(&record)?;
+        }
+    }
+    kernel::allow_loopback_clients(&net.bridge)?;
+    Ok(forwarder)
 }
 
-/// `lodge cleanup`: remove the node's table and, when no other Lodge's table is left, turn off
-/// the forwarding Lodge turned on.
-pub(crate) async fn remove(data_dir: &Path, instance: &str) {
+/// Remove the node's table (`lodge cleanup`, teardown, a start without kernel forwarding) and,
+/// when no other Lodge's table is left here, turn off the forwarding Lodges turned on, unless
+/// the host has become a router meanwhile.
+pub(crate) async fn remove(instance: &str) {
     let table = nft_table(instance);
     if kernel::delete_table(&table).await.is_err() {
         return;
     }
-    let path = data_dir.join(RECORD);
-    let Some(record) = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-    else {
+    if kernel::other_lodge_tables(&table).await > 0 {
         return;
-    };
-    if kernel::other_lodge_tables(&table).await == 0 {
+    }
+    let record = load_record();
+    if !kernel::host_is_router() {
         for iface in &record.turned_on {
             let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"), "0");
         }
     }
-    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(record_path());
 }
 
 impl Agent {
@@ -170,6 +201,18 @@ impl Agent {
             .collect();
         let counts = match f.counts(&entries).await {
             Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Someone flushed the ruleset (a firewall reload): put the table back, and
+                // every running process's ports in it.
+                tracing::warn!(
+                    table = f.table(),
+                    "the nftables table is gone; setting it up again"
+                );
+                if let Err(e) = f.rebuild().await.and(f.install(&entries).await) {
+                    tracing::warn!(error = %e, "cannot set the nftables table up again");
+                }
+                return;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the kernel's counters");
                 return;
@@ -179,6 +222,14 @@ impl Agent {
             .store(counts.rate_limited, Ordering::Relaxed);
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         for r in running.values().filter(|r| !r.kernel_ports.is_empty()) {
+            // A process whose ports are being released keeps its last counts.
+            if !r
+                .kernel_ports
+                .iter()
+                .all(|e| counts.ports.contains_key(&e.public_port))
+            {
+                continue;
+            }
             let mut total = kernel::PortCounts::default();
             for e in &r.kernel_ports {
                 if let Some(c) = counts.ports.get(&e.public_port) {
@@ -252,6 +303,48 @@ impl Agent {
         );
         if let Err(e) = f.remove(&stale).await {
             tracing::warn!(error = %e, "cannot remove stale forwarded ports");
+        }
+    }
+
+    /// The kernel's entry for a target of a process, when the kernel forwards it.
+    pub(crate) fn kernel_entry(&self, t: &Target) -> Option<kernel::Entry> {
+        let (Some(_), SocketAddr::V4(target), false) = (&self.forwarder, t.target, t.tls) else {
+            return None;
+        };
+        Some(kernel::Entry {
+            public_port: t.public_port,
+            protocol: if t.udp { Protocol::Udp } else { Protocol::Tcp },
+            target,
+        })
+    }
+
+    /// A kernel-forwarded public port, with its placeholder socket when it could be bound.
+    pub(crate) fn kernel_port(
+        &self,
+        t: &Target,
+        hold: Option<kernel::Placeholder>,
+    ) -> Option<PublicPort> {
+        Some(PublicPort::Kernel {
+            entry: self.kernel_entry(t)?,
+            forwarder: self.forwarder.clone()?,
+            hold,
+        })
+    }
+
+    /// Stop forwarding the ports of a process that ended unsupervised (while Lodge was down,
+    /// or an orphan Lodge ended).
+    pub(crate) async fn forget_forwarding(&self, state: &LocalState) {
+        let Some(f) = &self.forwarder else { return };
+        let entries: Vec<kernel::Entry> = state
+            .targets
+            .iter()
+            .filter_map(|t| self.kernel_entry(t))
+            .collect();
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = f.remove(&entries).await {
+            tracing::warn!(error = %e, "cannot remove the forwarded ports of an ended process");
         }
     }
 

@@ -398,6 +398,28 @@ impl Agent {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Whether no game server of this node runs: none supervised, and none left unadopted
+    /// (a node stopped before its first pass still has its processes' records on disk).
+    pub fn nothing_runs(&self) -> bool {
+        if self.running_count() > 0 {
+            return false;
+        }
+        let Ok(entries) = std::fs::read_dir(self.processes_dir()) else {
+            return true;
+        };
+        !entries.flatten().any(|e| {
+            let dir = e.path();
+            let Some(mut state) = std::fs::read(dir.join("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
+            else {
+                return false;
+            };
+            recover_pids(&dir, &mut state);
+            sys::alive(state.shim_pid, state.shim_start)
+        })
+    }
+
     /// Remove the bridge and the cgroup parents (tests, uninstall; a node normally keeps them
     /// across restarts so that live processes stay reachable).
     pub async fn teardown_node(&self) {
@@ -406,8 +428,9 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         self.drain_ns_pool().await;
-        if let Some(f) = &self.forwarder {
-            let _ = kernel::delete_table(f.table()).await;
+        if self.forwarder.is_some() {
+            // The guard goes with the table: so does the forwarding it guarded.
+            forwarding::remove(&self.cfg.instance).await;
         }
         if let Some(net) = &self.network {
             let _ = net.remove_bridge().await;

@@ -3,8 +3,10 @@
 //! recent start rate asks for. Each is given to one process only and deleted when that
 //! process ends; the pool is refilled in the background.
 //!
-//! A namespace is named after its address slot (`lodge-<key>-<index>`, veth `lv<key>n<index>`),
-//! so whatever a previous run left in the pool is recognised and removed at the next start.
+//! A namespace is named after its node and address slot, with a tag of its own
+//! (`lodge-<key>-<index>-<tag>`, veth `lv<key><tag>`), so whatever a previous run left in the
+//! pool is recognised and removed at the next start, and no record of an earlier use of a slot
+//! names a later one.
 
 #[allow(unused_imports)]
 use super::*;
@@ -75,10 +77,20 @@ impl Agent {
             r.ip_indexes.insert(i);
             i
         };
+        // A name of its own for every use of a slot: a record of an earlier use of the same slot
+        // (a process that ended while Lodge was down) can never name, or delete, this one.
+        let tag = {
+            use ring::rand::SecureRandom;
+            let mut b = [0u8; 3];
+            ring::rand::SystemRandom::new()
+                .fill(&mut b)
+                .map_err(|_| std::io::Error::other("no randomness for a namespace name"))?;
+            format!("{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+        };
         let inst = &self.cfg.instance[..self.cfg.instance.len().min(6)];
         let ns = NsState {
-            name: format!("{}{index}", self.cfg.netns_prefix()),
-            veth: format!("lv{inst}n{index}"),
+            name: format!("{}{index}-{tag}", self.cfg.netns_prefix()),
+            veth: format!("lv{inst}{tag}"),
             index,
         };
         if let Err(e) = net

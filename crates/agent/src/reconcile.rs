@@ -75,6 +75,7 @@ impl Agent {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             end_process_dir(&dir, &self.cfg.cgroup_group()).await;
+            self.forget_forwarding(&state).await;
         }
     }
 

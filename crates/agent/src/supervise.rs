@@ -335,7 +335,12 @@ impl Agent {
         if let Some(oci) = &state.oci {
             oci::runtime(&oci.runtime, &oci.root, &["delete", "--force", &oci.id]).await;
         }
-        if let (Some(ns), Some(net)) = (&state.netns, &self.network) {
+        // Only a namespace that still exists is this process's to delete, and its slot to free.
+        let netns = state
+            .netns
+            .as_ref()
+            .filter(|ns| sys::netns_exists(&ns.name));
+        if let (Some(ns), Some(net)) = (netns, &self.network) {
             if let Err(e) = net.delete_namespace(&ns.name, &ns.veth).await {
                 tracing::warn!(error = %e, ns = %ns.name, "cannot delete network namespace");
             }
@@ -353,7 +358,7 @@ impl Agent {
         for t in &state.targets {
             r.ports.remove(&t.public_port);
         }
-        if let Some(ns) = &state.netns {
+        if let Some(ns) = netns {
             r.ip_indexes.remove(&ns.index);
         }
         if let Some(u) = &state.user {
@@ -376,7 +381,12 @@ impl Agent {
         {
             let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
             r.ports.extend(state.targets.iter().map(|t| t.public_port));
-            if let Some(ns) = &state.netns {
+            // A namespace that is gone holds no slot (a later process may have it now).
+            if let Some(ns) = state
+                .netns
+                .as_ref()
+                .filter(|ns| sys::netns_exists(&ns.name))
+            {
                 r.ip_indexes.insert(ns.index);
             }
             if let Some(u) = &state.user {
@@ -388,6 +398,7 @@ impl Agent {
         if state.shim_pid == 0 {
             // Lodge died after recording the start but before any shim existed: nothing ran,
             // so start it now instead of failing it.
+            self.forget_forwarding(&state).await;
             self.release(&state).await;
             let _ = std::fs::remove_file(dir.join("state.json"));
             return Adopt::Fresh;
@@ -398,7 +409,11 @@ impl Agent {
                 match self.open_route(t, counters).await {
                     Ok(r) => routes.push(r),
                     Err(e) => {
-                        tracing::warn!(process_id = %spec.process_id, port = t.public_port, error = %e, "cannot reopen public port")
+                        tracing::warn!(process_id = %spec.process_id, port = t.public_port, error = %e, "cannot reopen public port");
+                        // The kernel still forwards it: keep it, to be removed with the process.
+                        if let Some(port) = self.kernel_port(t, None) {
+                            routes.push(port);
+                        }
                     }
                 }
             }
@@ -414,6 +429,7 @@ impl Agent {
         if shim::read_exit(dir).is_none() && sys::alive(state.game_pid, None) {
             sys::signal_group(state.game_pid, libc::SIGKILL);
         }
+        self.forget_forwarding(&state).await;
         self.release(&state).await;
         let exit = match shim::read_exit(dir) {
             Some(e) => ExitInfo {
@@ -450,17 +466,12 @@ impl Agent {
             .await
             .map(PublicPort::Userspace);
         }
-        if let (Some(forwarder), SocketAddr::V4(target)) = (&self.forwarder, t.target) {
+        if self.kernel_entry(t).is_some() {
             // Held, not forwarded yet: `install_ports` adds the whole process's ports at once.
-            return Ok(PublicPort::Kernel {
-                entry: kernel::Entry {
-                    public_port: t.public_port,
-                    protocol: proto,
-                    target,
-                },
-                forwarder: forwarder.clone(),
-                hold: kernel::Placeholder::bind(public)?,
-            });
+            let hold = kernel::Placeholder::bind(public)?;
+            if let Some(port) = self.kernel_port(t, Some(hold)) {
+                return Ok(port);
+            }
         }
         lodge_proxy::open(
             public,

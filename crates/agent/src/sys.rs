@@ -332,6 +332,11 @@ pub fn cgroup_attach_waits() -> bool {
         })
 }
 
+/// Whether the named network namespace exists.
+pub fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
 /// Names of the machine's named network namespaces (`ip netns list`).
 pub async fn netns_names() -> Vec<String> {
     let Ok(out) = tokio::process::Command::new("ip")
@@ -406,8 +411,8 @@ impl Network {
     pub const MAX_INDEX: u32 = 1021;
 
     /// Create namespace `ns` with `eth0` at `ip`, its peer `veth` on the bridge.
+    /// `ns` and `veth` are new names (an existing namespace is never taken over or deleted).
     pub async fn create_namespace(&self, ns: &str, veth: &str, ip: Ipv4Addr) -> io::Result<()> {
-        let _ = self.delete_namespace(ns, veth).await;
         run("ip", &["netns", "add", ns]).await?;
         // The address may have belonged to an ended process: forget its old MAC, or packets
         // to the new namespace go to a dead veth until the neighbour entry times out.

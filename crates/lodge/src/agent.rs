@@ -206,7 +206,7 @@ pub async fn run(args: AgentArgs) -> Result<(), String> {
         "Lodge agent is running"
     );
     crate::serve::shutdown_signal().await;
-    if agent.running_count() == 0 {
+    if agent.nothing_runs() {
         agent.teardown_node().await;
         tracing::info!("shut down");
     } else {

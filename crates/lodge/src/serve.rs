@@ -313,7 +313,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     .await;
     control.leave_replicas().await;
     match agent {
-        Some(agent) if agent.running_count() == 0 => {
+        Some(agent) if agent.nothing_runs() => {
             // Nothing runs here: leave no bridge or cgroups behind.
             agent.teardown_node().await;
             tracing::info!("shut down");

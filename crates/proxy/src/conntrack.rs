@@ -12,16 +12,26 @@ const UDP_ACTIVE: u64 = crate::UDP_SESSION_TTL.as_secs();
 /// A peer the game server never answered counts this long.
 const UDP_UNREPLIED_ACTIVE: u64 = crate::UDP_UNREPLIED_TTL.as_secs();
 
-/// Forget every tracked flow whose reply comes from `target_ip` (a process's namespace), so
-/// that a port or address handed to another process carries none of the last one's players.
-/// Needs `conntrack` (conntrack-tools); without it the entries expire on their own.
-pub async fn forget(protocol: Protocol, public_port: u16, target_ip: Ipv4Addr) {
+/// Forget the tracked flows of one forwarded port (to `public_port`, answered from `target`),
+/// so that a port or address handed to another process carries none of the last one's
+/// players. Needs `conntrack` (conntrack-tools); without it the entries expire on their own.
+pub async fn forget(protocol: Protocol, public_port: u16, target: SocketAddrV4) {
     let p = match protocol {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
     };
     let run = tokio::process::Command::new("conntrack")
-        .args(["-D", "-p", p, "--reply-src", &target_ip.to_string()])
+        .args([
+            "-D",
+            "-p",
+            p,
+            "--orig-port-dst",
+            &public_port.to_string(),
+            "--reply-src",
+            &target.ip().to_string(),
+            "--reply-port-src",
+            &target.port().to_string(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -43,14 +53,40 @@ pub async fn active(
     if targets.is_empty() {
         return HashMap::new();
     }
+    let text = match tokio::fs::read_to_string("/proc/net/nf_conntrack").await {
+        Ok(t) => t,
+        // A kernel without the procfs listing: the same lines from conntrack-tools.
+        Err(_) => match listing().await {
+            Some(t) => t,
+            None => {
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!("cannot read connection tracking (no /proc/net/nf_conntrack, no conntrack): kernel-forwarded ports report no active players");
+                }
+                return HashMap::new();
+            }
+        },
+    };
     let targets = targets.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let text = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default();
-        let timeouts = UdpTimeouts::read();
-        count_active(&text, &targets, timeouts)
-    })
-    .await
-    .unwrap_or_default()
+    tokio::task::spawn_blocking(move || count_active(&text, &targets, UdpTimeouts::read()))
+        .await
+        .unwrap_or_default()
+}
+
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+async fn listing() -> Option<String> {
+    let run = tokio::process::Command::new("conntrack")
+        .arg("-L")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .ok()?
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -61,6 +61,8 @@ pub struct Setup {
 #[derive(Debug)]
 pub struct Forwarder {
     setup: Setup,
+    /// Interfaces whose forwarded packets are only players' (see [`Forwarder::ensure`]).
+    guarded: Vec<String>,
 }
 
 /// One public port forwarded by the kernel.
@@ -82,25 +84,29 @@ pub struct PortCounts {
     pub active: u64,
 }
 
-/// Turn on what kernel forwarding needs on this machine, and nothing global: IPv4 forwarding
-/// on the bridge and on the interfaces players arrive on (`net.ipv4.conf.<if>.forwarding`),
-/// and `route_localnet` on the bridge so that clients on this machine reach `127.0.0.1:<port>`.
-/// Returns the interfaces whose forwarding this call turned on.
-pub fn enable_forwarding(bridge: &str, ingress: &[String]) -> io::Result<Vec<String>> {
-    let mut turned_on = Vec::new();
-    for iface in ingress.iter().map(String::as_str).chain([bridge]) {
-        let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-        let before = std::fs::read_to_string(&path)?;
-        if before.trim() != "1" {
-            std::fs::write(&path, "1")?;
-            turned_on.push(iface.to_string());
-        }
+/// Whether IPv4 forwarding is on for `iface` (`net.ipv4.conf.<iface>.forwarding`).
+pub fn forwarding_on(iface: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))
+        .is_ok_and(|v| v.trim() == "1")
+}
+
+/// Turn IPv4 forwarding on for one interface (never globally); true if it was off.
+pub fn turn_forwarding_on(iface: &str) -> io::Result<bool> {
+    if forwarding_on(iface) {
+        return Ok(false);
     }
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"), "1")?;
+    Ok(true)
+}
+
+/// `route_localnet` on Lodge's bridge only, so that clients on this machine reach
+/// `127.0.0.1:<port>` (the table masquerades them; forged loopback packets from namespaces are
+/// dropped by its guard).
+pub fn allow_loopback_clients(bridge: &str) -> io::Result<()> {
     std::fs::write(
         format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"),
         "1",
-    )?;
-    Ok(turned_on)
+    )
 }
 
 /// Interfaces players may arrive on: every interface with an IPv4 address (or the one holding
@@ -154,8 +160,18 @@ impl Forwarder {
     /// ingress interfaces on which forwarded packets that are not DNATed to a process are
     /// dropped.
     pub async fn ensure(setup: Setup, guarded: &[String]) -> io::Result<Forwarder> {
-        let f = Forwarder { setup };
-        let script = f.layout(guarded);
+        let f = Forwarder {
+            setup,
+            guarded: guarded.to_vec(),
+        };
+        f.rebuild().await?;
+        Ok(f)
+    }
+
+    /// Create the table, or rewrite its rules keeping its maps, sets and counters.
+    pub async fn rebuild(&self) -> io::Result<()> {
+        let f = self;
+        let script = f.layout(&f.guarded);
         if let Err(first) = nft(&script).await {
             // A table of an older layout: replace it whole, in one transaction. Established
             // flows keep their translation; live processes are installed again by adoption.
@@ -165,7 +181,7 @@ impl Forwarder {
                 io::Error::other(format!("cannot set up nftables table {t}: {first}; {e}"))
             })?;
         }
-        Ok(f)
+        Ok(())
     }
 
     pub fn table(&self) -> &str {
@@ -185,7 +201,7 @@ impl Forwarder {
         let limit = match self.setup.source_packet_rate {
             0 => String::new(),
             r => format!(
-                "add rule ip {t} guard meta l4proto . th dport @public ct direction original \
+                "add rule ip {t} guard meta l4proto . th dport @public ct direction original {to_us} \
                  update @sources {{ ip saddr limit rate over {r}/second burst {b} packets }} \
                  counter name flood_dropped drop\n",
                 b = r.saturating_mul(2)
@@ -212,13 +228,14 @@ impl Forwarder {
              flush chain ip {t} dnat_out\n\
              flush chain ip {t} masquerade_local\n\
              flush chain ip {t} forward_guard\n\
+             add rule ip {t} guard iifname \"{br}\" ip daddr 127.0.0.0/8 drop\n\
              {limit}\
-             add rule ip {t} guard meta l4proto . th dport @public ct direction original counter name meta l4proto . th dport map @bytes_in\n\
-             add rule ip {t} guard meta l4proto . th dport @public ct state new counter name meta l4proto . th dport map @flows\n\
+             add rule ip {t} guard meta l4proto . th dport @public ct direction original {to_us} counter name meta l4proto . th dport map @bytes_in\n\
              add rule ip {t} guard iifname \"{br}\" ct direction reply ct status dnat counter name meta l4proto . ip saddr . th sport map @bytes_out\n\
              add rule ip {t} local_out meta l4proto . th dport @public ct direction original {to_us} counter name meta l4proto . th dport map @bytes_in\n\
-             add rule ip {t} local_out meta l4proto . th dport @public ct state new {to_us} counter name meta l4proto . th dport map @flows\n\
+             add rule ip {t} dnat_in {to_us} meta l4proto . th dport @public counter name meta l4proto . th dport map @flows\n\
              add rule ip {t} dnat_in {to_us} dnat ip to meta l4proto . th dport map @ports\n\
+             add rule ip {t} dnat_out {to_us} meta l4proto . th dport @public counter name meta l4proto . th dport map @flows\n\
              add rule ip {t} dnat_out {to_us} dnat ip to meta l4proto . th dport map @ports\n\
              add rule ip {t} masquerade_local oifname \"{br}\" ip saddr 127.0.0.0/8 masquerade\n\
              add rule ip {t} masquerade_local iifname \"{br}\" oifname \"{br}\" ct status dnat masquerade\n\
@@ -268,10 +285,14 @@ impl Forwarder {
             .installed()
             .await?
             .into_iter()
+            // The same public port forwarded elsewhere, or the same address and port inside
+            // a namespace counted under another public port: both are left from before.
             .filter(|i| {
-                entries
-                    .iter()
-                    .any(|e| e.public_port == i.public_port && e != i)
+                entries.iter().any(|e| {
+                    e != i
+                        && (e.public_port == i.public_port
+                            || (e.protocol == i.protocol && e.target == i.target))
+                })
             })
             .collect();
         self.remove(&stale).await?;
@@ -330,7 +351,7 @@ impl Forwarder {
         }
         nft(&s).await?;
         for e in entries {
-            conntrack::forget(e.protocol, e.public_port, *e.target.ip()).await;
+            conntrack::forget(e.protocol, e.public_port, e.target).await;
         }
         Ok(())
     }
@@ -367,7 +388,7 @@ impl Forwarder {
                 PortCounts {
                     bytes_in: payload(i),
                     bytes_out: payload(o),
-                    // One packet of each new flow is counted.
+                    // The nat chains see the first packet of each flow only.
                     flows: n.0,
                     active: active.get(&(e.protocol, e.target)).copied().unwrap_or(0),
                 },
@@ -448,10 +469,15 @@ async fn nft_json(args: &[&str]) -> io::Result<serde_json::Value> {
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "nft did not answer in 10 s"))??;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(io::Error::other(format!(
-            "nft: {}",
-            err.lines().next().unwrap_or("").trim()
-        )));
+        let kind = if err.contains("No such file or directory") {
+            io::ErrorKind::NotFound
+        } else {
+            io::ErrorKind::Other
+        };
+        return Err(io::Error::new(
+            kind,
+            format!("nft: {}", err.lines().next().unwrap_or("").trim()),
+        ));
     }
     serde_json::from_slice(&out.stdout).map_err(io::Error::other)
 }

@@ -229,7 +229,9 @@ pub enum PublicPort {
     Kernel {
         entry: kernel::Entry,
         forwarder: Arc<kernel::Forwarder>,
-        hold: kernel::Placeholder,
+        /// `None` when another program took the port while Lodge was down (the kernel still
+        /// forwards it, ahead of that program's socket).
+        hold: Option<kernel::Placeholder>,
     },
 }
 
@@ -246,11 +248,8 @@ impl PublicPort {
 /// routes close every flow; kernel ports are removed in one transaction per table, with their
 /// tracked flows.
 pub async fn close_all(ports: Vec<PublicPort>) {
-    let mut kernel: Vec<(
-        Arc<kernel::Forwarder>,
-        Vec<kernel::Entry>,
-        Vec<kernel::Placeholder>,
-    )> = Vec::new();
+    type Held = Vec<Option<kernel::Placeholder>>;
+    let mut kernel: Vec<(Arc<kernel::Forwarder>, Vec<kernel::Entry>, Held)> = Vec::new();
     for p in ports {
         match p {
             PublicPort::Userspace(r) => r.close().await,
