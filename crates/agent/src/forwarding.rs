@@ -271,22 +271,10 @@ impl Agent {
         };
         // Adoption runs in each process's own task: a live process's ports may not be reserved
         // yet, so its record on disk counts too.
-        let mut live = BTreeSet::new();
-        if let Ok(entries) = std::fs::read_dir(self.processes_dir()) {
-            for e in entries.flatten() {
-                let dir = e.path();
-                let Some(mut state) = std::fs::read(dir.join("state.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
-                else {
-                    continue;
-                };
-                recover_pids(&dir, &mut state);
-                if sys::alive(state.shim_pid, state.shim_start) {
-                    live.extend(state.targets.iter().map(|t| t.public_port));
-                }
-            }
-        }
+        let live: BTreeSet<u16> = live_records(&self.processes_dir())
+            .iter()
+            .flat_map(|st| st.targets.iter().map(|t| t.public_port))
+            .collect();
         let stale: Vec<kernel::Entry> = {
             let r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
             installed

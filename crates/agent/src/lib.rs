@@ -404,20 +404,7 @@ impl Agent {
         if self.running_count() > 0 {
             return false;
         }
-        let Ok(entries) = std::fs::read_dir(self.processes_dir()) else {
-            return true;
-        };
-        !entries.flatten().any(|e| {
-            let dir = e.path();
-            let Some(mut state) = std::fs::read(dir.join("state.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
-            else {
-                return false;
-            };
-            recover_pids(&dir, &mut state);
-            sys::alive(state.shim_pid, state.shim_start)
-        })
+        live_records(&self.processes_dir()).is_empty()
     }
 
     /// Remove the bridge and the cgroup parents (tests, uninstall; a node normally keeps them

@@ -194,9 +194,7 @@ pub(crate) async fn remove_unclaimed(processes: &Path, instance: &str) -> Vec<u3
     let mut claimed = BTreeSet::new();
     if let Ok(entries) = std::fs::read_dir(processes) {
         for e in entries.flatten() {
-            let state = std::fs::read(e.path().join("state.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok());
+            let state = read_state(&e.path());
             // Ended processes keep their directory (logs) but not their namespace.
             if let Some(ns) = state
                 .and_then(|s| s.netns)

@@ -84,6 +84,29 @@ pub(crate) fn recover_pids(dir: &Path, state: &mut LocalState) {
     }
 }
 
+/// The record of the process in `dir`, if it has a readable one.
+pub(crate) fn read_state(dir: &Path) -> Option<LocalState> {
+    std::fs::read(dir.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// The records of the processes under `processes` whose shim is alive (supervised or not).
+pub(crate) fn live_records(processes: &Path) -> Vec<LocalState> {
+    let Ok(entries) = std::fs::read_dir(processes) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let mut state = read_state(&dir)?;
+            recover_pids(&dir, &mut state);
+            sys::alive(state.shim_pid, state.shim_start).then_some(state)
+        })
+        .collect()
+}
+
 pub(crate) fn write_state(dir: &Path, state: &LocalState) -> std::io::Result<()> {
     let tmp = dir.join("state.json.tmp");
     std::fs::write(
