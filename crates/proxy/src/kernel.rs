@@ -549,21 +549,10 @@ pub struct Placeholder {
 
 impl Placeholder {
     pub fn bind(public: SocketAddr) -> io::Result<Placeholder> {
-        use std::os::fd::AsRawFd;
         // Both protocols are held: a TCP port and a UDP port of one number are one public port.
         let socket = std::net::UdpSocket::bind(public)?;
-        let small: libc::c_int = 1;
-        // SAFETY: setsockopt reads one c_int from the pointer we pass, on a socket we own; the
-        // kernel raises the value to its minimum, so stray datagrams cannot pile up memory.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&small as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // The kernel raises 1 to its minimum, so stray datagrams cannot pile up memory.
+        crate::set_socket_int(&socket, libc::SO_RCVBUF, 1);
         Ok(Placeholder {
             _socket: socket,
             _listener: bind_tcp_unlistened(public)?,

@@ -335,27 +335,32 @@ async fn open_with(
 pub const UDP_RECV_BUFFER: usize = 4 << 20;
 
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    use std::os::fd::AsRawFd;
     let std = std::net::UdpSocket::bind(addr)?;
+    // SO_RCVBUFFORCE (root) may exceed net.core.rmem_max; SO_RCVBUF is capped by it.
     let size = UDP_RECV_BUFFER as libc::c_int;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt reads one c_int from the pointer we pass, on a socket we own.
-        // SO_RCVBUFFORCE (root) may exceed net.core.rmem_max; SO_RCVBUF is capped by it.
-        let r = unsafe {
-            libc::setsockopt(
-                std.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            break;
-        }
+    if !set_socket_int(&std, libc::SO_RCVBUFFORCE, size) {
+        set_socket_int(&std, libc::SO_RCVBUF, size);
     }
     std.set_nonblocking(true)?;
     UdpSocket::from_std(std)
+}
+
+/// Set an integer `SOL_SOCKET` option; false if the kernel refused it.
+pub(crate) fn set_socket_int(
+    socket: &impl std::os::fd::AsRawFd,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> bool {
+    // SAFETY: setsockopt reads one c_int from the pointer we pass, on a socket the caller owns.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
 }
 
 async fn tcp_accept_loop(
