@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod source;
 pub mod spec;
 pub mod validate;
+pub mod warm;
 pub mod wire;
 
 pub use clock::{Clock, ManualClock, Millis, SystemClock};

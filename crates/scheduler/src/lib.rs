@@ -2,6 +2,8 @@
 //! Nothing here does I/O, so every rule can be tested exhaustively; the store applies a
 //! decision atomically and the allocator retries when the snapshot turned out stale.
 
+pub mod warm;
+
 use lodge_model::{Millis, Node, ProcessStatus, Region};
 
 /// A process that could take a room.
