@@ -22,16 +22,36 @@ fn check_auth_config(v: &Value) -> Result<()> {
     Ok(())
 }
 
-fn check_service_config(v: &Option<Value>) -> Result<()> {
-    match v {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Object(o)) => match o.get("staticProcessAllocation") {
-            Some(Value::Array(_)) => Ok(()),
-            _ => Err(Error::Invalid(
-                "serviceConfig.staticProcessAllocation must be a list".into(),
-            )),
-        },
-        Some(_) => Err(Error::Invalid("serviceConfig must be an object".into())),
+impl Control {
+    fn check_service_config(&self, v: &Option<Value>) -> Result<()> {
+        let Some(v) = v else {
+            return Ok(());
+        };
+        let cfg = lodge_model::warm::ServiceConfig::parse(v).map_err(Error::Invalid)?;
+        let system = self.cfg.max_processes_per_app;
+        for r in &cfg.regions {
+            let most = u64::from(r.min.max(r.target.unwrap_or(0)));
+            if most > system {
+                return Err(Error::Invalid(format!(
+                    "serviceConfig.staticProcessAllocation ({}): {most} processes is more than \
+                     one app may have on this instance (--max-processes-per-app {system})",
+                    r.region
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// An app as GetApp shows it: `serviceConfig` with each region's target and maximum.
+    pub(crate) fn app_out(&self, app: &App) -> ApplicationOut {
+        let mut out = ApplicationOut::from(app);
+        if let Some(v) = &out.service_config {
+            let system = self.cfg.max_processes_per_app.min(u64::from(u32::MAX)) as u32;
+            out.service_config = Some(lodge_model::warm::echo(v, system, |r| {
+                self.warm_target(&app.app_id, r)
+            }));
+        }
+        out
     }
 }
 
@@ -45,7 +65,7 @@ impl Control {
         let org = self.org_of(caller, org_id)?;
         validate::app_name(&p.app_name).map_err(Error::Invalid)?;
         check_auth_config(&p.auth_configuration)?;
-        check_service_config(&p.service_config)?;
+        self.check_service_config(&p.service_config)?;
         let app = App {
             app_id: id::app_id(),
             app_name: p.app_name,
@@ -59,7 +79,8 @@ impl Control {
             service_config: p.service_config.filter(|v| !v.is_null()),
         };
         self.store.insert_app(&app).await?;
-        Ok((&app).into())
+        self.nudge_warm();
+        Ok(self.app_out(&app))
     }
 
     pub async fn get_apps(
@@ -70,7 +91,7 @@ impl Control {
         let org = self.org_of(caller, org_id)?;
         let mut applications = Vec::new();
         for app in self.store.apps(&org).await? {
-            let mut out = ApplicationOut::from(&app);
+            let mut out = self.app_out(&app);
             if let Some(d) = self
                 .store
                 .deployments(&app.app_id)
@@ -91,7 +112,7 @@ impl Control {
     }
 
     pub async fn get_app(&self, caller: &Caller, app_id: &str) -> Result<ApplicationOut> {
-        Ok((&self.app_of(caller, app_id).await?).into())
+        Ok(self.app_out(&self.app_of(caller, app_id).await?))
     }
 
     /// UpdateApp replaces every field; PatchApp only those given.
@@ -116,12 +137,13 @@ impl Control {
             check_auth_config(&auth)?;
             app.auth_configuration = auth;
         }
-        check_service_config(&p.service_config)?;
+        self.check_service_config(&p.service_config)?;
         if replace || p.service_config.is_some() {
             app.service_config = p.service_config.filter(|v| !v.is_null());
         }
         self.store.update_app(&app).await?;
-        Ok((&app).into())
+        self.nudge_warm();
+        Ok(self.app_out(&app))
     }
 
     pub async fn delete_app(&self, caller: &Caller, app_id: &str) -> Result<()> {
@@ -129,6 +151,7 @@ impl Control {
         app.deleted_at = Some(self.now());
         app.deleted_by = Some(caller.name.clone());
         self.store.update_app(&app).await?;
+        self.nudge_warm();
         Ok(())
     }
 }

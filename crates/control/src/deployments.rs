@@ -130,6 +130,7 @@ impl Control {
             fleet_id: c.fleet_id,
         };
         self.store.insert_deployment(&d).await?;
+        self.nudge_warm();
         self.prefetch_build(&d.build_id, crate::rooms::need(&d))
             .await;
         Ok((&d).into())

@@ -24,6 +24,7 @@ mod rooms;
 mod session;
 mod shared;
 mod tokens;
+mod warm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -138,6 +139,8 @@ pub struct ControlConfig {
     pub max_org_build_bytes: u64,
     /// A joined node silent this long is lost: its processes end (`--node-lost-after`).
     pub node_lost_after: Duration,
+    /// How long warm capacity beyond the target stays (`--scale-down-delay`).
+    pub scale_down_delay: Duration,
 }
 
 impl ControlConfig {
@@ -162,6 +165,7 @@ impl ControlConfig {
             max_builds_per_org: 1000,
             max_org_build_bytes: 50 << 30,
             node_lost_after: Duration::from_secs(300),
+            scale_down_delay: Duration::from_secs(120),
         }
     }
 }
@@ -188,6 +192,8 @@ pub struct Control {
     lobby_windows: ratelimit::Windows,
     /// This control plane as one replica of several on a shared store.
     replica: replica::ReplicaState,
+    /// The warm controller's autoscaled targets, and its wake-up.
+    warm: warm::WarmState,
 }
 
 /// Counters for `/metrics`.
@@ -219,6 +225,7 @@ impl Control {
             metrics: Metrics::default(),
             lobby_windows: ratelimit::Windows::default(),
             replica: replica::ReplicaState::new(),
+            warm: warm::WarmState::default(),
         })
     }
 

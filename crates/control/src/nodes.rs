@@ -165,6 +165,7 @@ impl Control {
                     .await?
                 {
                     self.note_ended(&process_id, ended.destroyed_rooms.len());
+                    self.nudge_warm();
                     tracing::info!(
                         %process_id,
                         status = %status,
@@ -207,7 +208,18 @@ impl Control {
             ..Default::default()
         };
         let mut live = Vec::new();
+        let mut apps = std::collections::HashMap::new();
         for p in self.store.processes(&q).await? {
+            // Warm capacity is the warm controller's to keep or stop.
+            if !apps.contains_key(&p.app_id) {
+                let app = self.store.app(&p.app_id).await?;
+                apps.insert(p.app_id.clone(), app);
+            }
+            if let Some(Some(app)) = apps.get(&p.app_id) {
+                if Self::keeps_warm(app, p.region) {
+                    continue;
+                }
+            }
             let Some(d) = self.store.deployment(&p.deployment_id).await? else {
                 continue;
             };
@@ -238,6 +250,7 @@ impl Control {
     /// Run the reconcile loop until the control plane is dropped.
     pub fn spawn_reconciler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         self.spawn_lease();
+        self.spawn_warm();
         let weak = Arc::downgrade(self);
         let interval = self.cfg.reap_interval;
         tokio::spawn(async move {

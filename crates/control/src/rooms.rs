@@ -160,6 +160,7 @@ impl Control {
                     (process_id.clone(), PlaceTarget::Existing(process_id), None)
                 }
                 Placement::NewProcess { node_id } => {
+                    self.check_region_max(d, region).await?;
                     let p = self.new_process(d, region, node_id, Some(&room));
                     (
                         p.process_id.clone(),
@@ -182,6 +183,8 @@ impl Control {
                                 .processes_started
                                 .fetch_add(1, Ordering::Relaxed);
                             self.wake_node(&p.node_id, &p.process_id);
+                            // A cold start: the autoscaler may want more headroom now.
+                            self.nudge_warm();
                             p
                         }
                         // The process as read before taking the slot: its ports and status
@@ -213,6 +216,30 @@ impl Control {
         Err(Error::Internal(
             "could not place the room: too much contention, try again".into(),
         ))
+    }
+
+    /// A region's `maxProcesses` (the app's `serviceConfig`) holds for cold starts too: 402
+    /// once the app's live processes there reach it.
+    async fn check_region_max(&self, d: &Deployment, region: Region) -> Result<()> {
+        let Some(app) = self.store.app(&d.app_id).await? else {
+            return Ok(());
+        };
+        let Some(max) = self.configured_max(&app, region) else {
+            return Ok(());
+        };
+        let q = ProcessQuery {
+            app_id: Some(app.app_id.clone()),
+            regions: vec![region],
+            statuses: ProcessStatus::PLACEABLE.to_vec(),
+            ..Default::default()
+        };
+        if self.store.count_processes(&q).await? >= u64::from(max) {
+            return Err(Error::NoCapacity(format!(
+                "no capacity in {region}: the app's {max} processes there (maxProcesses in its \
+                 serviceConfig) have no free room slot"
+            )));
+        }
+        Ok(())
     }
 
     async fn deployment_for(
@@ -491,10 +518,15 @@ impl Control {
     ) -> Result<ProcessV3> {
         let app = self.app_of(caller, app_id).await?;
         let d = self.deployment_for(&app.app_id, None).await?;
+        Ok((&self.start_process(&d, region).await?).into())
+    }
+
+    /// Start a process of `d` in `region` without a room, on the node placement chooses.
+    pub(crate) async fn start_process(&self, d: &Deployment, region: Region) -> Result<Process> {
         let nodes = self.node_loads().await?;
         let node_id =
-            lodge_scheduler::place_process(region, need(&d), &nodes).map_err(placement_error)?;
-        let p = self.new_process(&d, region, node_id, None);
+            lodge_scheduler::place_process(region, need(d), &nodes).map_err(placement_error)?;
+        let p = self.new_process(d, region, node_id, None);
         self.store
             .insert_process(&p, Some(self.cfg.max_processes_per_app))
             .await
@@ -503,7 +535,7 @@ impl Control {
             .processes_started
             .fetch_add(1, Ordering::Relaxed);
         self.wake_node(&p.node_id, &p.process_id);
-        Ok((&p).into())
+        Ok(p)
     }
 
     /// StopProcess: SIGTERM now, SIGKILL after the grace period; its rooms are destroyed when

@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// `summaryExitReason` saying so) and their rooms are destroyed. `90s`, `5m`, `1h`.
     #[arg(long, env = "LODGE_NODE_LOST_AFTER", default_value = "5m", value_parser = crate::cli::nodes::parse_duration)]
     pub node_lost_after: Duration,
+    /// How long warm capacity beyond an app's target (`serviceConfig`) stays before it is
+    /// stopped: an idle process beyond the target, and an autoscaled target above demand.
+    #[arg(long, env = "LODGE_SCALE_DOWN_DELAY", default_value = "2m", value_parser = crate::cli::nodes::parse_duration)]
+    pub scale_down_delay: Duration,
     /// The URL the other control-plane replicas on this store reach this one's API at (they
     /// forward calls to the nodes attached here). Default: `http://` and the API address.
     #[arg(long, env = "LODGE_ADVERTISE_URL")]
@@ -214,6 +218,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     cfg.retention = secs(args.retention_hours * 3600.0, "retention-hours")?;
     cfg.egress = lodge_control::egress::EgressPolicy::new(args.registry_allow.clone());
     cfg.node_lost_after = args.node_lost_after;
+    cfg.scale_down_delay = args.scale_down_delay;
     let control = Control::new(store, Arc::new(SystemClock), cfg);
     let org = control.bootstrap().await.map_err(|e| e.to_string())?;
     control

@@ -52,28 +52,29 @@ impl ServiceConfig {
             Value::Object(o) => o,
             _ => return Err("serviceConfig must be an object".into()),
         };
-        let rooms_per_process_target = match o.get("processAutoscalerConfig") {
-            None | Some(Value::Null) => None,
-            Some(c) => {
-                let m = c.get("targetMetric");
-                let name = m.and_then(|m| m.get("metricName")).and_then(Value::as_str);
-                if name != Some("concurrent-requests") {
-                    return Err("serviceConfig.processAutoscalerConfig.targetMetric.metricName \
-                                must be \"concurrent-requests\""
-                        .into());
-                }
-                match m.and_then(|m| m.get("metricValue")).and_then(Value::as_f64) {
-                    Some(x) if x > 0.0 && x <= 10_000.0 => Some(x),
-                    _ => {
+        let rooms_per_process_target =
+            match o.get("processAutoscalerConfig") {
+                None | Some(Value::Null) => None,
+                Some(c) => {
+                    let m = c.get("targetMetric");
+                    let name = m.and_then(|m| m.get("metricName")).and_then(Value::as_str);
+                    if name != Some("concurrent-requests") {
                         return Err(
+                            "serviceConfig.processAutoscalerConfig.targetMetric.metricName \
+                                must be \"concurrent-requests\""
+                                .into(),
+                        );
+                    }
+                    match m.and_then(|m| m.get("metricValue")).and_then(Value::as_f64) {
+                        Some(x) if x > 0.0 && x <= 10_000.0 => Some(x),
+                        _ => return Err(
                             "serviceConfig.processAutoscalerConfig.targetMetric.metricValue must \
                              be a number above 0 and at most 10000 (rooms per process to aim at)"
                                 .into(),
-                        )
+                        ),
                     }
                 }
-            }
-        };
+            };
         let list = match o.get("staticProcessAllocation") {
             Some(Value::Array(a)) => a,
             _ => return Err("serviceConfig.staticProcessAllocation must be a list".into()),
@@ -141,7 +142,10 @@ impl ServiceConfig {
 
 impl RegionAllocation {
     fn check(&self, at: usize, has_autoscaler: bool) -> Result<(), String> {
-        let here = format!("serviceConfig.staticProcessAllocation[{at}] ({})", self.region);
+        let here = format!(
+            "serviceConfig.staticProcessAllocation[{at}] ({})",
+            self.region
+        );
         if self.autoscaling {
             if self.target.is_some() {
                 return Err(format!(

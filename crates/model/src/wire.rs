@@ -415,7 +415,9 @@ impl From<&Process> for ProcessV3 {
 
 /// Exposed ports are shown only while the process is running (reachable).
 fn split_ports(p: &Process) -> (Option<ExposedPort>, Vec<ExposedPort>) {
-    if p.status != ProcessStatus::Running || p.exposed_ports.is_empty() {
+    if !matches!(p.status, ProcessStatus::Running | ProcessStatus::Draining)
+        || p.exposed_ports.is_empty()
+    {
         return (None, Vec::new());
     }
     (

@@ -51,7 +51,11 @@ pub struct WarmPlan {
 pub fn plan(spec: WarmSpec, procs: &[WarmProcess], now: Millis, idle_for_ms: i64) -> WarmPlan {
     let mut out = WarmPlan::default();
     let placeable = |p: &&WarmProcess| ProcessStatus::PLACEABLE.contains(&p.status);
-    let latest: Vec<&WarmProcess> = procs.iter().filter(|p| p.latest).filter(placeable).collect();
+    let latest: Vec<&WarmProcess> = procs
+        .iter()
+        .filter(|p| p.latest)
+        .filter(placeable)
+        .collect();
     let target = spec.target.min(spec.max);
     out.start = target.saturating_sub(latest.len() as u32);
     let mut ready = procs
@@ -112,7 +116,9 @@ pub fn plan(spec: WarmSpec, procs: &[WarmProcess], now: Millis, idle_for_ms: i64
 /// (the autoscaler's target metric, at most `rooms_per_process`; the rest of each process is
 /// headroom for bursts), within `min..=max`.
 pub fn desired(rooms: u32, rooms_per_process: u32, per_process: f64, min: u32, max: u32) -> u32 {
-    let per = per_process.min(f64::from(rooms_per_process.max(1))).max(1e-3);
+    let per = per_process
+        .min(f64::from(rooms_per_process.max(1)))
+        .max(1e-3);
     let want = (f64::from(rooms) / per).ceil();
     let want = if want >= f64::from(u32::MAX) {
         u32::MAX
