@@ -4,6 +4,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 
 import {
   useLodge,
@@ -11,20 +13,22 @@ import {
   expectHttpError,
   waitActive,
   waitFor,
+  LODGE_BIN,
   REPLICAS,
 } from '../lib/lodge.js';
+
+const run = promisify(execFile);
 
 const REGION = 'Chicago';
 let sdk;
 let appId;
-let app;
 let build;
 let deployment;
 
 const lodge = useLodge({
   args: ['--scale-down-delay', '3s'],
   setup: async (server) => {
-    ({ sdk, appId, app, build, deployment } = await server.echoApp({ roomsPerProcess: 2 }));
+    ({ sdk, appId, build, deployment } = await server.echoApp({ roomsPerProcess: 2 }));
   },
 });
 
@@ -159,8 +163,19 @@ test('autoscaling follows demand with headroom, and scales to zero without it', 
   });
 });
 
-test('a deleted app keeps nothing warm', async () => {
-  await patch(alloc({ minProcesses: 1, targetProcesses: 1, maxProcesses: 1 }));
+test('lodge apps scale sets a region\'s allocation; a deleted app keeps nothing warm', async () => {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('LODGE_')));
+  const { stdout } = await run(
+    LODGE_BIN,
+    ['apps', 'scale', REGION, '--min', '1', '--target', '1', '--max', '1', '--app-id', appId],
+    { env: { ...env, LODGE_API_URL: lodge.url, LODGE_TOKEN: lodge.adminToken }, timeout: 60_000 },
+  );
+  assert.match(stdout, /Chicago\s+1\s+1\s+1\s+false/);
+  const shown = (await sdk.appsV2.getApp(appId)).serviceConfig.staticProcessAllocation;
+  assert.deepEqual(
+    shown.map((e) => [e.region, e.minProcesses, e.targetProcesses, e.maxProcesses]),
+    [[REGION, 1, 1, 1]],
+  );
   await waitFor(async () => (await live()).some((p) => p.status === 'running'), {
     timeoutMs: 30_000,
     what: 'one warm process',
@@ -173,5 +188,4 @@ test('a deleted app keeps nothing warm', async () => {
       (await lodge.sdk().processesV3.getLatestProcesses(appId, ['starting', 'running'], [REGION]).catch(() => [])).length === 0,
     { timeoutMs: 30_000, what: 'the warm process stopped with its app' },
   );
-  void app;
 });

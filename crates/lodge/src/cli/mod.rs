@@ -122,6 +122,30 @@ pub enum AppsCmd {
     Info { app_id: Option<String> },
     /// Delete an application.
     Delete { app_id: String },
+    /// Keep warm processes of the current app's latest deployment in a region (its
+    /// `serviceConfig.staticProcessAllocation`): `--target` processes, or with `--autoscale`
+    /// as many as demand asks for, between `--min` and `--max`.
+    Scale {
+        region: String,
+        #[arg(long, default_value_t = 0)]
+        min: u32,
+        /// Processes to keep (not with --autoscale).
+        #[arg(long, conflicts_with = "autoscale")]
+        target: Option<u32>,
+        /// At most this many (default: the instance's maximum per app).
+        #[arg(long)]
+        max: Option<u32>,
+        /// Follow demand instead of a fixed target.
+        #[arg(long)]
+        autoscale: bool,
+        /// With --autoscale: rooms per process to aim at; the rest of each process's
+        /// roomsPerProcess is headroom for bursts.
+        #[arg(long, default_value_t = 1.0)]
+        rooms_per_process: f64,
+        /// Remove the region's allocation instead.
+        #[arg(long, conflicts_with_all = ["target", "autoscale"])]
+        off: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -296,6 +320,56 @@ pub async fn apps(ctx: &Ctx, cmd: AppsCmd) -> Result<()> {
                     ("created", &v["createdAt"]),
                 ])
             });
+            let warm = v["serviceConfig"]["staticProcessAllocation"].as_array();
+            if !ctx.json && warm.is_some_and(|w| !w.is_empty()) {
+                println!();
+                warm_table(&v).print();
+            }
+        }
+        AppsCmd::Scale {
+            region,
+            min,
+            target,
+            max,
+            autoscale,
+            rooms_per_process,
+            off,
+        } => {
+            let id = ctx.app().await?;
+            let path = format!("/apps/v2/apps/{}", enc(&id));
+            let app = ctx.api.get(&path).await?;
+            let mut cfg = match &app["serviceConfig"] {
+                Value::Object(o) => Value::Object(o.clone()),
+                _ => json!({"staticProcessAllocation": []}),
+            };
+            let mut list: Vec<Value> = cfg["staticProcessAllocation"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e["region"].as_str() != Some(region.as_str()))
+                .collect();
+            if !off {
+                let mut e = json!({"region": region, "minProcesses": min, "maxProcesses": max});
+                if autoscale {
+                    e["autoscalingEnabled"] = json!(true);
+                    cfg["processAutoscalerConfig"] = json!({"targetMetric": {
+                        "metricName": "concurrent-requests", "metricValue": rooms_per_process}});
+                } else {
+                    e["targetProcesses"] = json!(target.unwrap_or(min));
+                }
+                list.push(e);
+            }
+            cfg["staticProcessAllocation"] = Value::Array(list);
+            let v = ctx
+                .api
+                .json(
+                    reqwest::Method::PATCH,
+                    &path,
+                    Some(json!({"serviceConfig": cfg})),
+                )
+                .await?;
+            ctx.print(&v, warm_table);
         }
         AppsCmd::Delete { app_id } => {
             ctx.api
@@ -309,6 +383,25 @@ pub async fn apps(ctx: &Ctx, cmd: AppsCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An app's warm capacity per region, as GetApp shows it.
+fn warm_table(v: &Value) -> Table {
+    Table::new(&["REGION", "MIN", "TARGET", "MAX", "AUTOSCALE"]).rows(
+        v["serviceConfig"]["staticProcessAllocation"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                vec![
+                    s(&e["region"]),
+                    s(&e["minProcesses"]),
+                    s(&e["targetProcesses"]),
+                    s(&e["maxProcesses"]),
+                    s(&e["autoscalingEnabled"]),
+                ]
+            }),
+    )
 }
 
 fn build_row(b: &Value) -> Vec<String> {

@@ -271,7 +271,7 @@ fn api_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("POST", "/tokens/v1/orgs/{org}/create", br#"{"name":"t","scopes":["builds:read"]}"#.to_vec()),
         ("POST", "/apps/v1/create", br#"{"appName":"legacy","authConfiguration":{}}"#.to_vec()),
         ("POST", "/lodge/v1/orgs", br#"{"name":"o"}"#.to_vec()),
-        ("PATCH", "/apps/v2/apps/{app}", br#"{"serviceConfig":{"staticProcessAllocation":[{"region":"London","minProcesses":0,"maxProcesses":1}]}}"#.to_vec()),
+        ("PATCH", "/apps/v2/apps/{app}", br#"{"serviceConfig":{"staticProcessAllocation":[{"region":"London","minProcesses":0,"targetProcesses":0,"maxProcesses":1}]}}"#.to_vec()),
         ("POST", "/lobby/v2/{app}/setState/r", br#"{"state":{"a":1}}"#.to_vec()),
     ]
 }
